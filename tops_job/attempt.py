@@ -1,0 +1,94 @@
+"""One attempt: nonce → inputs → product → commitment → openings → receipt → signature."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from opentelemetry import trace
+
+from .backends.base import Backend, Shape
+from .canonical import digest_of
+from .commitment import make_openings
+from .errors import SignatureError
+from .inputs import attempt_seed, matrix_key, nonce_from_challenge
+from .receipt import build_body
+from .signing import Signer
+
+tracer = trace.get_tracer("tops_job.attempt")
+STAGES = ("inputs", "product", "commitment", "signing")
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who signs: the DID the receipts speak for and the signer holding its key."""
+
+    did: str
+    signer: Signer
+
+
+@dataclass
+class AttemptResult:
+    receipt: dict[str, Any]
+    digest: bytes
+    elapsed_ns: int  # product alone, as measured on the device
+    wall_ns: int  # the whole attempt
+    stages_ns: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ops(self) -> int:
+        return self.receipt["ops"]
+
+
+def run_attempt(backend: Backend, shape: Shape, identity: Identity, *, run_id: str, attempt: int,
+                tile: int, opens: int, challenge: bytes | None = None) -> AttemptResult:
+    """Compute and sign one receipt. Raises DeviceError or SignatureError (classified)."""
+    wall_start = time.perf_counter_ns()
+    started_ms = time.time_ns() // 1_000_000
+    nonce = nonce_from_challenge(challenge, attempt) if challenge else os.urandom(32)
+    stages: dict[str, int] = {}
+    with tracer.start_as_current_span("attempt", attributes={"tops_job.attempt": attempt}) as span:
+        mark = time.perf_counter_ns()
+        with tracer.start_as_current_span("inputs"):
+            backend.prepare(shape)
+            seed = attempt_seed(identity.did, nonce)
+            backend.generate_inputs(matrix_key(seed, "A"), matrix_key(seed, "B"))
+        mark = _lap(stages, "inputs", mark)
+        with tracer.start_as_current_span("product"):
+            elapsed_ns = backend.multiply()
+        mark = _lap(stages, "product", mark)
+        with tracer.start_as_current_span("commitment"):
+            commitment = backend.commit(tile)
+            openings = make_openings(commitment, nonce, opens)
+        mark = _lap(stages, "commitment", mark)
+        with tracer.start_as_current_span("signing"):
+            body = build_body(
+                did=identity.did, pubkey=identity.signer.public_key, run_id=run_id, attempt=attempt,
+                nonce=nonce, challenge=challenge, m=shape.m, n=shape.n, k=shape.k, tile=tile,
+                opens=opens, dtype=backend.dtype, backend=backend.name, device=backend.device_model,
+                elapsed_ns=elapsed_ns, started_ms=started_ms, root=commitment.root,
+                telemetry=backend.telemetry(),
+            )
+            digest = digest_of(body)
+            try:
+                sig = identity.signer.sign_digest(digest)
+            except SignatureError:
+                raise
+            except Exception as exc:  # a plugin signer's own failure is still a signature error
+                raise SignatureError(f"signer {getattr(identity.signer, 'name', '?')} failed: {exc}") from exc
+            if len(sig) != 65:
+                raise SignatureError(f"signer returned {len(sig)} bytes, expected 65")
+        _lap(stages, "signing", mark)
+        span.set_attribute("tops_job.digest", digest.hex())
+        span.set_attribute("tops_job.elapsed_ns", elapsed_ns)
+    receipt = dict(body, openings=openings, sig=sig.hex())
+    return AttemptResult(receipt=receipt, digest=digest, elapsed_ns=elapsed_ns,
+                         wall_ns=time.perf_counter_ns() - wall_start, stages_ns=stages)
+
+
+def _lap(stages: dict[str, int], name: str, since: int) -> int:
+    now = time.perf_counter_ns()
+    stages[name] = now - since
+    return now

@@ -1,0 +1,1 @@
+"""Built-in behaviour, written as ordinary plugins (see plugins.DEFAULT_PLUGINS)."""

@@ -1,0 +1,326 @@
+"""The `tops-job` command line: parse, build a Config, call the library, map errors to exits."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+import click
+
+from . import __version__
+from .errors import ConfigError, ExitCode, TopsJobError
+
+log = logging.getLogger("tops_job.cli")
+
+
+class JobFailed(click.ClickException):
+    """A library error as a CLI error: message on stderr, the error's exit code."""
+
+    def __init__(self, error: TopsJobError):
+        super().__init__(str(error))
+        self.exit_code = int(error.exit_code)
+        if isinstance(error, ConfigError):
+            self.message = f"configuration error: {error}"
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"tops-job: {self.format_message()}", err=True)
+
+
+def _config(flags: dict[str, Any], need_key: bool = True):
+    from .config import load_config
+
+    try:
+        return load_config(flags, need_key=need_key)
+    except TopsJobError as exc:
+        raise JobFailed(exc) from None
+
+
+class SizeType(click.ParamType):
+    name = "N|M,N,K"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> tuple[int, int, int]:
+        from .config import parse_size
+
+        if isinstance(value, tuple):
+            return value
+        try:
+            return parse_size("--size", value)
+        except ConfigError as exc:
+            self.fail(exc.problem, param, ctx)
+
+
+def _install_plugin_commands(group: click.Group) -> None:
+    """Let plugins add commands (tops_job_register_commands); a failure is only logged."""
+    try:
+        from .plugins import get_plugin_manager
+
+        get_plugin_manager().hook.tops_job_register_commands(cli=group)
+    except Exception as exc:  # the CLI must work even with a broken plugin installed
+        log.warning("plugins could not add commands: %s", exc)
+
+
+class TopsJobGroup(click.Group):
+    _plugins_loaded = False
+
+    def _ensure_plugins(self) -> None:
+        if not TopsJobGroup._plugins_loaded:
+            TopsJobGroup._plugins_loaded = True
+            _install_plugin_commands(self)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        command = super().get_command(ctx, name)
+        if command is None:
+            self._ensure_plugins()
+            command = super().get_command(ctx, name)
+        return command
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._ensure_plugins()
+        return super().list_commands(ctx)
+
+
+@click.group(cls=TopsJobGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="tops-job")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def cli(verbose: bool) -> None:
+    """Proof-of-compute batch worker: timed GEMM attempts, signed receipts, delivered once.
+
+    Settings come from flags, then environment variables, then defaults; see the README.
+    """
+    from .logs import setup_logging
+
+    setup_logging(os.environ, verbose=verbose)
+
+
+# ---------------------------------------------------------------- run
+
+@cli.command()
+@click.option("-n", "--attempts", type=click.IntRange(1), help="Attempts to run (TOPS_JOB_ATTEMPTS, default 10).")
+@click.option("--backend", type=click.Choice(["auto", "numpy", "cupy"]), help="Compute backend (TOPS_JOB_BACKEND, default auto).")
+@click.option("--dtype", type=click.Choice(["float32", "float64", "tf32", "float16", "bfloat16"]), help="Inputs type (TOPS_JOB_DTYPE; float32).")
+@click.option("--size", type=SizeType(), help="Skip autotune: N or M,N,K (TOPS_JOB_SIZE).")
+@click.option("--target-ms", type=click.IntRange(1, 600_000), help="Autotune target per product (AUTOTUNE_TARGET_MS, default 300).")
+@click.option("--retune", is_flag=True, default=None, help="Ignore the cached profile and tune again.")
+@click.option("--tile", type=click.IntRange(1), help="Leaf width in columns (TOPS_JOB_TILE; backend default).")
+@click.option("--opens", type=click.IntRange(1, 256), help="Openings per receipt (TOPS_JOB_OPENS, default 16).")
+@click.option("--aggregator-url", help="Aggregator verify URL (AGGREGATOR_URL); unset: local ledger.")
+@click.option("--did", "device_did", help="Device DID (DEVICE_DID; default did:peaq:<key address>).")
+@click.option("--submitter", "submitter_name", envvar="TOPS_JOB_SUBMITTER", help="Submitter by name (TOPS_JOB_SUBMITTER).")
+@click.option("--ledger", "ledger_path", type=click.Path(path_type=Path), help="Local ledger file (TOPS_JOB_LEDGER).")
+@click.option("--outbox", "outbox_dir", type=click.Path(path_type=Path), help="Outbox directory (TOPS_JOB_OUTBOX_DIR).")
+@click.option("--summary", "summary_path", type=click.Path(path_type=Path), help="Summary JSON path (TOPS_JOB_SUMMARY).")
+@click.option("--receipts-out", type=click.Path(path_type=Path), help="Append every signed receipt here as JSON lines.")
+@click.option("--drain-timeout", type=click.FloatRange(0), help="Seconds to keep sending at the end (TOPS_JOB_DRAIN_TIMEOUT, 30).")
+@click.option("--health-port", type=click.IntRange(0, 65535), help="Serve /health, /metrics, dashboard (METRICS_ENABLED=1: 8082).")
+@click.option("--metrics-textfile", type=click.Path(path_type=Path), help="Write final metrics here for node_exporter.")
+def run(submitter_name: str | None, **flags: Any) -> None:
+    """Run a batch of attempts and deliver their receipts."""
+    from .app import ReceiptsFile, build_job
+    from .plugins import get_plugin_manager
+    from .runner import StopSignal
+    from .summary import human_lines
+
+    if flags.get("health_port") is not None:
+        flags["metrics_enabled"] = True
+    config = _config(flags)
+    stop = StopSignal()
+    _install_stop_handlers(stop)
+    sinks = []
+    receipts_file = None
+    try:
+        pm = get_plugin_manager()
+        if config.receipts_out:
+            receipts_file = ReceiptsFile(config.receipts_out)
+            sinks.append(receipts_file)
+        if config.debug_receipt:
+            sinks.append(_debug_receipt)
+        job = build_job(config, pm, stop=stop, receipt_sinks=sinks, submitter_name=submitter_name)
+        for line in config.describe(job.identity.did, job.identity.signer.public_key.hex()):
+            log.info(line)
+        if config.key is not None and config.key.generated:
+            log.info("[keys] generated a new worker key at %s; back it up, it is this worker's identity",
+                     config.key.origin.removeprefix("generated (").rstrip(")"))
+        if not config.aggregator_url and not submitter_name:
+            log.info("[ledger] no AGGREGATOR_URL: receipts are verified in-process and appended to %s", config.ledger)
+        result = job.run()
+    except TopsJobError as exc:
+        raise JobFailed(exc) from None
+    finally:
+        if receipts_file is not None:
+            receipts_file.close()
+    for line in human_lines(result.summary):
+        click.echo(line, err=True)
+    click.echo(f"[summary] written to {result.summary_path}", err=True)
+    if result.error is not None and not stop.stopped:
+        click.echo(f"tops-job: {result.error}", err=True)
+    sys.exit(int(result.exit_code))
+
+
+def _debug_receipt(receipt: dict[str, Any]) -> None:
+    from .canonical import receipt_line
+
+    click.echo(receipt_line(receipt), err=True)
+
+
+def _install_stop_handlers(stop: Any) -> None:
+    """TERM and INT stop new attempts; a second INT exits at once (the outbox is durable)."""
+
+    def on_signal(signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if stop.stopped and signum == signal.SIGINT:
+            os._exit(int(ExitCode.INTERRUPTED))
+        log.warning("[run] %s received: finishing the current attempt, then stopping", name)
+        stop.stop(name)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, on_signal)
+
+
+# ---------------------------------------------------------------- autotune
+
+@cli.command()
+@click.option("--target-ms", type=click.IntRange(1, 600_000), help="Target product time (AUTOTUNE_TARGET_MS, 300).")
+@click.option("--backend", type=click.Choice(["auto", "numpy", "cupy"]), help="Compute backend (TOPS_JOB_BACKEND).")
+@click.option("--dtype", type=click.Choice(["float32", "float64", "tf32", "float16", "bfloat16"]), help="Inputs type.")
+@click.option("--force", is_flag=True, help="Tune even when a matching profile is cached.")
+def autotune(target_ms: int | None, backend: str | None, dtype: str | None, force: bool) -> None:
+    """Find the matrix size whose product takes the target time, and cache it."""
+    from .autotune import resolve_profile
+    from .backends import create_backend
+    from .plugins import get_plugin_manager
+
+    config = _config({"target_ms": target_ms, "backend": backend, "dtype": dtype}, need_key=False)
+    try:
+        engine = create_backend(config.backend, config.dtype)
+        store = get_plugin_manager().hook.tops_job_profile_store(config=config)
+        profile, _cached = resolve_profile(engine, config.target_ms, store, retune=force)
+    except TopsJobError as exc:
+        raise JobFailed(exc) from None
+    click.echo(json.dumps({"m": profile.m, "n": profile.n, "k": profile.k, "measured_ms": profile.measured_ms,
+                           "backend": profile.backend, "device": profile.device, "dtype": profile.dtype,
+                           "target_ms": profile.target_ms, "path": str(store.path_for(profile.key))}))
+
+
+# ---------------------------------------------------------------- verify
+
+@cli.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, allow_dash=True))
+@click.option("--min-opens", type=click.IntRange(1, 256), default=16, show_default=True, help="Minimum openings.")
+@click.option("--full", is_flag=True, help="Recompute every revealed value, not a random sample of columns.")
+def verify(files: tuple[str, ...], min_opens: int, full: bool) -> None:
+    """Verify receipts (a JSON object, or JSON lines) per spec §8; exit 0 only if all are valid."""
+    from .errors import ReceiptInvalid
+    from .receipt import parse_json
+    from .verify import verify_receipt
+
+    total = bad = 0
+    for name, line_no, text in _receipt_texts(files):
+        total += 1
+        where = f"{name}:{line_no}"
+        try:
+            value = parse_json(text)
+            if isinstance(value, dict) and set(value) == {"receipt", "reason"}:
+                value = value["receipt"]  # the spec's invalid-vector wrapper
+            verified = verify_receipt(value, min_opens=min_opens, full=full)
+        except ReceiptInvalid as exc:
+            bad += 1
+            click.echo(f"{where}: invalid: {exc.code}: {exc.detail}")
+            continue
+        click.echo(f"{where}: ok digest={verified.digest.hex()} did={verified.did} attempt={verified.attempt}")
+    click.echo(f"{total - bad} valid, {bad} invalid", err=True)
+    sys.exit(0 if bad == 0 and total > 0 else 1)
+
+
+def _receipt_texts(files: tuple[str, ...]) -> Iterator[tuple[str, int, str]]:
+    for name in files:
+        handle = click.open_file(name, "r", encoding="utf-8", errors="replace")
+        with handle:
+            text = handle.read()
+        stripped = text.strip()
+        if not stripped:
+            continue
+        if "\n" not in stripped:
+            yield name, 1, stripped
+            continue
+        try:  # one pretty-printed object
+            json.loads(stripped)
+            yield name, 1, stripped
+            continue
+        except ValueError:
+            pass
+        for line_no, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                yield name, line_no, line
+
+
+# ---------------------------------------------------------------- keys
+
+@cli.group()
+def keys() -> None:
+    """Show or generate the worker key."""
+
+
+@keys.command("show")
+def keys_show() -> None:
+    """Print the public key, address and DID of the configured key (never the secret)."""
+    from .keys import default_did, eth_address
+    from .signing import LocalKeySigner
+
+    config = _config({})
+    public = LocalKeySigner(config.key.secret).public_key
+    click.echo(json.dumps({"pubkey": public.hex(), "address": eth_address(public),
+                           "did": config.device_did or default_did(public), "key_origin": config.key.origin}, indent=2))
+
+
+@keys.command("generate")
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+def keys_generate(path: Path) -> None:
+    """Write a new secret key to PATH (mode 0600; an existing file is never overwritten)."""
+    import coincurve
+
+    from .keys import default_did, write_key_file
+
+    try:
+        secret = write_key_file(path)
+    except FileExistsError:
+        raise JobFailed(ConfigError("PATH", f"{path} exists; refusing to overwrite a key")) from None
+    except OSError as exc:
+        raise JobFailed(ConfigError("PATH", f"cannot write {path}: {exc.strerror}")) from None
+    public = coincurve.PrivateKey(secret).public_key.format(compressed=True)
+    click.echo(json.dumps({"path": str(path), "pubkey": public.hex(), "did": default_did(public)}, indent=2))
+
+
+class _LazyGroup(click.Group):
+    """A command group defined in another module, imported only when it is used."""
+
+    def __init__(self, name: str, import_path: str, help: str):
+        super().__init__(name=name, help=help)
+        self.import_path = import_path
+
+    def _target(self) -> click.Group:
+        import importlib
+
+        module_name, attribute = self.import_path.split(":")
+        return getattr(importlib.import_module(module_name), attribute)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        return self._target().get_command(ctx, name)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return self._target().list_commands(ctx)
+
+
+cli.add_command(_LazyGroup("aggregator", "tops_job.aggregator.cli:aggregator", "Run the reference aggregator (spec §9)."))
+
+
+def main() -> None:
+    cli(prog_name="tops-job")
+
+
+if __name__ == "__main__":
+    main()

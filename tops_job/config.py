@@ -1,0 +1,241 @@
+"""Configuration: flags, then environment, then defaults, validated once at start-up.
+
+Every error names the flag or variable that is wrong; secrets are never echoed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+from urllib.parse import urlsplit
+
+import platformdirs
+
+from .backends import BACKEND_NAMES
+from .errors import ConfigError
+from .keys import KeySource
+from .receipt import MAX_K, MAX_OPENS
+
+APP = "tops-job"
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+_RUN_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+DTYPES = ("float32", "float64", "tf32", "float16", "bfloat16")
+
+
+@dataclass
+class Config:
+    attempts: int = 10
+    backend: str = "auto"
+    dtype: str | None = None
+    size: tuple[int, int, int] | None = None
+    target_ms: int = 300
+    tile: int | None = None
+    opens: int = 16
+    aggregator_url: str | None = None
+    device_did: str | None = None
+    max_retries: int = 3
+    rate_limit_per_second: float = 10.0
+    metrics_enabled: bool = False
+    health_port: int = 8082
+    debug_receipt: bool = False
+    drain_timeout: float = 30.0
+    retune: bool = False
+    run_id: str = ""
+    data_dir: Path = field(default_factory=lambda: Path(platformdirs.user_data_dir(APP)))
+    cache_dir: Path = field(default_factory=lambda: Path(platformdirs.user_cache_dir(APP)))
+    config_dir: Path = field(default_factory=lambda: Path(platformdirs.user_config_dir(APP)))
+    ledger_path: Path | None = None
+    outbox_dir: Path | None = None
+    summary_path: Path | None = None
+    receipts_out: Path | None = None
+    key: KeySource | None = field(default=None, repr=False)
+
+    @property
+    def ledger(self) -> Path:
+        return self.ledger_path or self.data_dir / "ledger.jsonl"
+
+    @property
+    def outbox(self) -> Path:
+        return self.outbox_dir or self.data_dir / "outbox"
+
+    @property
+    def summary(self) -> Path:
+        return self.summary_path or self.data_dir / "summaries" / f"{self.run_id}.json"
+
+    def public_dict(self) -> dict[str, Any]:
+        """The configuration for the summary and logs: no secrets, paths as strings."""
+        data = asdict(self)
+        data.pop("key", None)
+        data["key_origin"] = self.key.origin if self.key else None
+        for name, value in data.items():
+            if isinstance(value, Path):
+                data[name] = str(value)
+        data["size"] = list(self.size) if self.size else None
+        return data
+
+    def describe(self, did: str, pubkey_hex: str) -> list[str]:
+        """The seed worker's start-up lines, extended."""
+        sink = self.aggregator_url or f"none (in-process verification, ledger {self.ledger})"
+        return [
+            "[config] Loaded configuration:",
+            f"  - Device DID: {did}",
+            f"  - Public key: {pubkey_hex} ({self.key.origin if self.key else 'plugin signer'})",
+            f"  - Aggregator URL: {sink}",
+            f"  - Autotune target: {self.target_ms}ms",
+            f"  - Max retries: {self.max_retries}",
+            f"  - Rate limit: {self.rate_limit_per_second:g}/s",
+            f"  - Backend: {self.backend}" + (f" ({self.dtype})" if self.dtype else ""),
+            f"  - Attempts: {self.attempts}, run id {self.run_id}",
+        ]
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(4)
+
+
+# ---- parsers: each takes (name, text) and raises ConfigError(name, …) ----
+
+def parse_int(lo: int, hi: int) -> Callable[[str, str], int]:
+    def parse(name: str, text: str) -> int:
+        try:
+            value = int(text.strip())
+        except ValueError:
+            raise ConfigError(name, f"{text!r} is not an integer") from None
+        if not lo <= value <= hi:
+            raise ConfigError(name, f"{value} is outside {lo}..{hi}")
+        return value
+    return parse
+
+
+def parse_float(lo: float, hi: float) -> Callable[[str, str], float]:
+    def parse(name: str, text: str) -> float:
+        try:
+            value = float(text.strip())
+        except ValueError:
+            raise ConfigError(name, f"{text!r} is not a number") from None
+        if not lo < value <= hi or value != value:
+            raise ConfigError(name, f"{value:g} is outside ({lo:g}, {hi:g}]")
+        return value
+    return parse
+
+
+def parse_bool(name: str, text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ConfigError(name, f"{text!r} is not a boolean (use 1/0, true/false)")
+
+
+def parse_choice(choices: tuple[str, ...]) -> Callable[[str, str], str]:
+    def parse(name: str, text: str) -> str:
+        if text not in choices:
+            raise ConfigError(name, f"{text!r} is not one of {', '.join(choices)}")
+        return text
+    return parse
+
+
+def parse_size(name: str, text: str) -> tuple[int, int, int]:
+    """N (a cube) or M,N,K."""
+    parts = [p.strip() for p in text.replace("x", ",").split(",")]
+    try:
+        dims = [int(p) for p in parts]
+    except ValueError:
+        raise ConfigError(name, f"{text!r} is not N or M,N,K") from None
+    if len(dims) == 1:
+        dims *= 3
+    if len(dims) != 3 or min(dims) < 1 or max(dims[:2]) > 1 << 20 or dims[2] > MAX_K:
+        raise ConfigError(name, f"{text!r} must be N or M,N,K with positive sides (k ≤ {MAX_K})")
+    return dims[0], dims[1], dims[2]
+
+
+def parse_url(name: str, text: str) -> str:
+    parts = urlsplit(text.strip())
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(name, f"{text!r} is not an http(s) URL with a host (e.g. http://aggregator:8081/verify)")
+    return text.strip()
+
+
+def parse_did(name: str, text: str) -> str:
+    if not text or not all(" " < c <= "~" for c in text) or len(text) > 256:
+        raise ConfigError(name, "must be printable ASCII without spaces, 1..256 characters")
+    return text
+
+
+def parse_run_id(name: str, text: str) -> str:
+    if not _RUN_ID.fullmatch(text):
+        raise ConfigError(name, "must be 1..64 characters of [A-Za-z0-9._-]")
+    return text
+
+
+def parse_path(name: str, text: str) -> Path:
+    if not text.strip():
+        raise ConfigError(name, "is empty")
+    return Path(text).expanduser()
+
+
+# field -> (environment variables in precedence order, parser)
+SETTINGS: dict[str, tuple[tuple[str, ...], Callable[[str, str], Any]]] = {
+    "attempts": (("TOPS_JOB_ATTEMPTS",), parse_int(1, 10_000_000)),
+    "backend": (("TOPS_JOB_BACKEND",), parse_choice(BACKEND_NAMES)),
+    "dtype": (("TOPS_JOB_DTYPE",), parse_choice(DTYPES)),
+    "size": (("TOPS_JOB_SIZE",), parse_size),
+    "target_ms": (("AUTOTUNE_TARGET_MS",), parse_int(1, 600_000)),
+    "tile": (("TOPS_JOB_TILE",), parse_int(1, 1 << 20)),
+    "opens": (("TOPS_JOB_OPENS",), parse_int(1, MAX_OPENS)),
+    "aggregator_url": (("AGGREGATOR_URL",), parse_url),
+    "device_did": (("DEVICE_DID",), parse_did),
+    "max_retries": (("MAX_RETRIES",), parse_int(0, 1000)),
+    "rate_limit_per_second": (("RATE_LIMIT_PER_SECOND",), parse_float(0.0, 1e6)),
+    "metrics_enabled": (("METRICS_ENABLED",), parse_bool),
+    "health_port": (("TOPS_JOB_HEALTH_PORT",), parse_int(0, 65535)),
+    "debug_receipt": (("WORKER_DEBUG_RECEIPT",), parse_bool),
+    "drain_timeout": (("TOPS_JOB_DRAIN_TIMEOUT",), parse_float(-1e-9, 86400.0)),
+    "run_id": (("TOPS_JOB_RUN_ID",), parse_run_id),
+    "data_dir": (("TOPS_JOB_DATA_DIR",), parse_path),
+    "cache_dir": (("TOPS_JOB_CACHE_DIR",), parse_path),
+    "config_dir": (("TOPS_JOB_CONFIG_DIR",), parse_path),
+    "ledger_path": (("TOPS_JOB_LEDGER",), parse_path),
+    "outbox_dir": (("TOPS_JOB_OUTBOX_DIR",), parse_path),
+    "summary_path": (("TOPS_JOB_SUMMARY",), parse_path),
+    "receipts_out": (("TOPS_JOB_RECEIPTS_OUT",), parse_path),
+}
+
+
+def load_config(flags: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None,
+                *, need_key: bool = True) -> Config:
+    """Build the Config: a flag given on the command line (not None) wins over the
+    environment, which wins over the default. Flags arrive already typed by click."""
+    environ = os.environ if environ is None else environ
+    flags = {name: value for name, value in (flags or {}).items() if value is not None}
+    config = Config()
+    for name, (variables, parse) in SETTINGS.items():
+        if name in flags:
+            value = flags[name]
+            if isinstance(value, str) and name not in ("backend", "dtype"):
+                value = parse(f"--{name.replace('_', '-')}", value)
+            setattr(config, name, value)
+            continue
+        for variable in variables:
+            text = environ.get(variable)
+            if text is not None and (text != "" or name in ("metrics_enabled", "debug_receipt")):
+                setattr(config, name, parse(variable, text))
+                break
+    for name in set(flags) - set(SETTINGS):
+        setattr(config, name, flags[name])
+    if not config.run_id:
+        config.run_id = new_run_id()
+    if config.tile is not None and config.size and config.tile > config.size[1]:
+        raise ConfigError("TOPS_JOB_TILE", f"tile {config.tile} is wider than n={config.size[1]}")
+    if need_key:
+        from .keys import resolve_key
+
+        config.key = resolve_key(dict(environ), config.config_dir)
+    return config

@@ -1,0 +1,128 @@
+"""Attempt seed and input matrices (spec §1, §2).
+
+Every element is a nibble of a SplitMix64 word, so any row can be generated on its own:
+the worker fills whole matrices, the verifier only the rows an opening needs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from concurrent.futures import Executor
+
+import numpy as np
+
+SEED_TAG = b"tops-receipt/1:seed"
+GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+MIX2 = np.uint64(0x94D049BB133111EB)
+ELEMENTS_PER_WORD = 16
+
+
+def attempt_seed(did: str, nonce: bytes) -> bytes:
+    """seed = H("tops-receipt/1:seed" || 0x00 || did || 0x00 || nonce)."""
+    return hashlib.sha256(SEED_TAG + b"\x00" + did.encode("ascii") + b"\x00" + nonce).digest()
+
+
+def matrix_key(seed: bytes, tag: str) -> int:
+    """key_X = u64le⁻¹(H(seed || X)[0:8]) for X in "A", "B"."""
+    return struct.unpack("<Q", hashlib.sha256(seed + tag.encode("ascii")).digest()[:8])[0]
+
+
+def nonce_from_challenge(challenge: bytes, attempt: int) -> bytes:
+    """nonce = H(challenge || u64le(attempt)) for runs with an aggregator challenge."""
+    return hashlib.sha256(challenge + struct.pack("<Q", attempt)).digest()
+
+
+def splitmix64_words(key: int, word_index: np.ndarray) -> np.ndarray:
+    """word_X[w] for each w in `word_index` (uint64), computed in place on a fresh array."""
+    z = word_index + np.uint64(1)
+    z *= GOLDEN
+    z += np.uint64(key)
+    z ^= z >> np.uint64(30)
+    z *= MIX1
+    z ^= z >> np.uint64(27)
+    z *= MIX2
+    z ^= z >> np.uint64(31)
+    return z
+
+
+def splitmix64(key: int, index: int) -> int:
+    """One SplitMix64 output in pure Python; the reference the vectorised code is tested against."""
+    mask = (1 << 64) - 1
+    z = (key + (index + 1) * 0x9E3779B97F4A7C15) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return z ^ (z >> 31)
+
+
+_NIBBLE_SHIFTS = (np.arange(8, dtype=np.uint32) * 4)[None, :]
+# float32 bits 0x4B400000 | x are the number 1.5·2²³ + x for x < 2²³, so OR-ing a nibble into
+# those bits and subtracting 1.5·2²³ + 8 gives nibble − 8 exactly, with no conversion pass.
+_F32_MAGIC_BITS = np.uint32(0x4B400000)
+_F32_MAGIC_OFFSET = np.float32(1.5 * 2**23 + 8)
+_WORDS_PER_SLICE = 1 << 14  # 256 K elements: a slice's passes stay in the L2 cache
+
+
+def padded_size(elements: int) -> int:
+    """Elements a fill buffer needs: whole words, so the last word expands in place."""
+    return -(-elements // ELEMENTS_PER_WORD) * ELEMENTS_PER_WORD
+
+
+def _expand_slice(key: int, out: np.ndarray, lo: int, hi: int) -> None:
+    """Elements of words lo..hi-1 into out[16·lo : 16·hi]."""
+    words = splitmix64_words(key, np.arange(lo, hi, dtype=np.uint64))
+    # A little-endian uint64 is two uint32 halves; half h holds elements 8h .. 8h+7.
+    halves = words.view(np.uint32)[:, None]
+    dst = out[lo * 16 : hi * 16]
+    if dst.dtype == np.float32:
+        bits = dst.view(np.uint32).reshape(-1, 8)
+        np.right_shift(halves, _NIBBLE_SHIFTS, out=bits)
+        np.bitwise_and(bits, np.uint32(15), out=bits)
+        np.bitwise_or(bits, _F32_MAGIC_BITS, out=bits)
+        np.subtract(dst, _F32_MAGIC_OFFSET, out=dst)
+        return
+    nibbles = (halves >> _NIBBLE_SHIFTS) & np.uint32(15)
+    np.subtract(nibbles.reshape(-1).astype(np.int16), 8, out=dst, casting="unsafe")
+
+
+def fill_elements(key: int, out: np.ndarray, executor: Executor | None = None, chunks: int = 1) -> None:
+    """Write elements 0..len(out)-1 of the matrix keyed `key` into the flat buffer `out`.
+
+    `out` must be contiguous, with a length that is a multiple of 16 (see `padded_size`).
+    The work is split in `chunks` pieces run on `executor`: NumPy releases the GIL inside
+    these loops, so two threads fill about twice as fast on two cores.
+    """
+    if out.ndim != 1 or out.size % ELEMENTS_PER_WORD or not out.flags.c_contiguous:
+        raise ValueError("fill buffer must be flat and contiguous with a multiple of 16 elements")
+    words_total = out.size // ELEMENTS_PER_WORD
+
+    def fill(word_lo: int, word_hi: int) -> None:
+        for lo in range(word_lo, word_hi, _WORDS_PER_SLICE):
+            _expand_slice(key, out, lo, min(word_hi, lo + _WORDS_PER_SLICE))
+
+    if executor is None or chunks <= 1 or words_total < 4 * _WORDS_PER_SLICE:
+        fill(0, words_total)
+        return
+    bounds = np.linspace(0, words_total, chunks + 1).astype(int)
+    futures = [executor.submit(fill, int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+    for future in futures:
+        future.result()
+
+
+def element_rows(key: int, starts: np.ndarray, length: int) -> np.ndarray:
+    """Rows of elements: row r is elements starts[r] .. starts[r]+length-1, as int32.
+
+    Used by the verifier: O(length) per row, independent of the matrix size.
+    """
+    starts = np.asarray(starts, dtype=np.uint64)
+    first_word = starts >> np.uint64(4)
+    offset = (starts & np.uint64(15)).astype(np.int64)
+    words_per_row = (length + 15) // 16 + 1
+    word_index = first_word[:, None] + np.arange(words_per_row, dtype=np.uint64)[None, :]
+    words = splitmix64_words(key, word_index)
+    halves = words.reshape(-1).view(np.uint32)[:, None]
+    nibbles = ((halves >> _NIBBLE_SHIFTS) & np.uint32(15)).astype(np.int32) - 8
+    nibbles = nibbles.reshape(len(starts), words_per_row * 16)
+    columns = offset[:, None] + np.arange(length)[None, :]
+    return np.take_along_axis(nibbles, columns, axis=1)

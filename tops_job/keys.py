@@ -1,0 +1,101 @@
+"""Worker keys: where the secret comes from, key files, and the did:peaq address."""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+import coincurve
+from Crypto.Hash import keccak
+
+from .errors import ConfigError
+
+_SECRET_HEX = re.compile(r"(0x)?[0-9a-fA-F]{64}")
+KEY_FILE_NAME = "worker.key"
+
+
+@dataclass(frozen=True)
+class KeySource:
+    """A secret key and where it came from (the source is logged; the key never is)."""
+
+    secret: bytes
+    origin: str  # "WORKER_SK_HEX", "TOPS_JOB_KEY_FILE (path)", "generated (path)", …
+    generated: bool = False
+
+    def __repr__(self) -> str:  # keep the secret out of tracebacks and logs
+        return f"KeySource(origin={self.origin!r}, generated={self.generated})"
+
+
+def parse_secret_hex(text: str, variable: str) -> bytes:
+    """A 32-byte secret from hex; errors name the variable and never echo the value."""
+    text = text.strip()
+    if not _SECRET_HEX.fullmatch(text):
+        raise ConfigError(variable, "must be 64 hexadecimal characters (32 bytes), optionally 0x-prefixed")
+    secret = bytes.fromhex(text[2:] if text.startswith("0x") else text)
+    try:
+        coincurve.PrivateKey(secret)
+    except Exception:
+        raise ConfigError(variable, "is not a valid secp256k1 secret key (zero or not below the curve order)") from None
+    return secret
+
+
+def read_key_file(path: Path, variable: str) -> bytes:
+    """A key file holds the secret as hex. Refused when group or world can read it, like ssh."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise ConfigError(variable, f"cannot read key file {path}: {exc.strerror}") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(variable, f"key file {path} is accessible by group or others (mode {stat.S_IMODE(mode):04o}); run chmod 600 {path}")
+    try:
+        text = path.read_text(encoding="ascii")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(variable, f"cannot read key file {path}: {exc}") from None
+    return parse_secret_hex(text, f"{variable} ({path})")
+
+
+def write_key_file(path: Path, secret: bytes | None = None) -> bytes:
+    """Write a new (or given) secret to `path` with mode 0600, never overwriting a file."""
+    secret = secret or coincurve.PrivateKey().secret
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as handle:
+        handle.write(secret.hex() + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    return secret
+
+
+def resolve_key(environ: dict[str, str], config_dir: Path) -> KeySource:
+    """WORKER_SK_HEX, else TOPS_JOB_KEY_FILE, else the key generated once into the config dir."""
+    if environ.get("WORKER_SK_HEX"):
+        return KeySource(parse_secret_hex(environ["WORKER_SK_HEX"], "WORKER_SK_HEX"), "WORKER_SK_HEX")
+    if environ.get("TOPS_JOB_KEY_FILE"):
+        path = Path(environ["TOPS_JOB_KEY_FILE"]).expanduser()
+        return KeySource(read_key_file(path, "TOPS_JOB_KEY_FILE"), f"TOPS_JOB_KEY_FILE ({path})")
+    path = config_dir / KEY_FILE_NAME
+    if path.exists():
+        return KeySource(read_key_file(path, "key file"), f"key file ({path})")
+    try:
+        secret = write_key_file(path)
+    except FileExistsError:  # another process generated it first
+        return KeySource(read_key_file(path, "key file"), f"key file ({path})")
+    except OSError as exc:
+        raise ConfigError("TOPS_JOB_CONFIG_DIR", f"cannot create key file {path}: {exc.strerror}") from None
+    return KeySource(secret, f"generated ({path})", generated=True)
+
+
+def eth_address(public_key: bytes) -> str:
+    """EIP-55 checksummed address: the last 20 bytes of keccak-256 of the uncompressed key."""
+    point = coincurve.PublicKey(public_key).format(compressed=False)[1:]
+    address = keccak.new(data=point, digest_bits=256).hexdigest()[-40:]
+    checksum = keccak.new(data=address.encode("ascii"), digest_bits=256).hexdigest()
+    return "0x" + "".join(c.upper() if int(checksum[i], 16) >= 8 else c for i, c in enumerate(address))
+
+
+def default_did(public_key: bytes) -> str:
+    """did:peaq:<address>, the identity peaq derives for an EVM key."""
+    return f"did:peaq:{eth_address(public_key)}"
