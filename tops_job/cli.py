@@ -129,7 +129,7 @@ def run(submitter_name: str | None, **flags: Any) -> None:
         flags["metrics_enabled"] = True
     config = _config(flags)
     stop = StopSignal()
-    _install_stop_handlers(stop)
+    previous_handlers = _install_stop_handlers(stop)
     sinks = []
     receipts_file = None
     try:
@@ -153,6 +153,8 @@ def run(submitter_name: str | None, **flags: Any) -> None:
     finally:
         if receipts_file is not None:
             receipts_file.close()
+        for signum, handler in previous_handlers.items():
+            signal.signal(signum, handler)
     for line in human_lines(result.summary):
         click.echo(line, err=True)
     click.echo(f"[summary] written to {result.summary_path}", err=True)
@@ -167,7 +169,7 @@ def _debug_receipt(receipt: dict[str, Any]) -> None:
     click.echo(receipt_line(receipt), err=True)
 
 
-def _install_stop_handlers(stop: Any) -> None:
+def _install_stop_handlers(stop: Any) -> dict[int, Any]:
     """TERM and INT stop new attempts; a second INT exits at once (the outbox is durable)."""
 
     def on_signal(signum: int, frame: Any) -> None:
@@ -177,8 +179,7 @@ def _install_stop_handlers(stop: Any) -> None:
         log.warning("[run] %s received: finishing the current attempt, then stopping", name)
         stop.stop(name)
 
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, on_signal)
+    return {signum: signal.signal(signum, on_signal) for signum in (signal.SIGTERM, signal.SIGINT)}
 
 
 # ---------------------------------------------------------------- autotune

@@ -1,0 +1,102 @@
+"""Receipts made by this worker: canonical bytes, signatures, and end-to-end verification."""
+
+from __future__ import annotations
+
+import json
+import string
+
+import coincurve
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from tops_job.attempt import Identity, run_attempt
+from tops_job.backends.base import Shape
+from tops_job.backends.numpy_backend import NumpyBackend
+from tops_job.canonical import canonical_bytes, digest_of
+from tops_job.errors import ReceiptInvalid, SignatureError
+from tops_job.receipt import check_fields, parse_json
+from tops_job.signing import (CURVE_ORDER, HALF_ORDER, LocalKeySigner, is_low_s, recover_public_key,
+                              recoverable_from_rs)
+from tops_job.verify import verify_receipt
+from tests.conftest import TEST_KEY
+
+printable = st.text(alphabet=string.printable[:-5] + " ", max_size=20)
+body_values = st.one_of(st.integers(0, 2**53 - 1), printable)
+
+
+def _spec_canonical(value) -> str:
+    """Spec §7 written out independently: sorted keys, no whitespace, strings with only
+    '"' and '\\' escaped, integers in plain decimal."""
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{_spec_canonical(k)}:{_spec_canonical(v)}" for k, v in sorted(value.items())) + "}"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return str(value)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(printable, st.one_of(body_values, st.dictionaries(printable, st.integers(0, 2**53 - 1), max_size=3)),
+                       max_size=12))
+def test_canonical_bytes_follow_spec_and_round_trip(body):
+    data = canonical_bytes(body)
+    assert data == _spec_canonical(body).encode("ascii")
+    assert json.loads(data) == body
+    assert canonical_bytes(dict(reversed(list(body.items())))) == data
+
+
+def test_signer_matches_spec_key():
+    signer = LocalKeySigner(bytes.fromhex(TEST_KEY["secret_key_hex"]))
+    assert signer.public_key.hex() == TEST_KEY["pubkey_hex"]
+    digest = bytes(range(32))
+    sig = signer.sign_digest(digest)
+    assert len(sig) == 65 and sig[64] in (0, 1) and is_low_s(sig)
+    assert recover_public_key(digest, sig) == signer.public_key
+    assert sig == signer.sign_digest(digest), "RFC 6979 signatures are deterministic"
+
+
+def test_recoverable_from_rs_normalises_high_s_and_finds_v():
+    key = coincurve.PrivateKey(bytes.fromhex(TEST_KEY["secret_key_hex"]))
+    digest = b"\x07" * 32
+    sig = key.sign_recoverable(digest, hasher=None)
+    r, s = int.from_bytes(sig[:32], "big"), int.from_bytes(sig[32:64], "big")
+    high = CURVE_ORDER - s
+    assert high > HALF_ORDER
+    assert recoverable_from_rs(r, high, digest, key.public_key.format()) == sig
+    with pytest.raises(SignatureError):
+        recoverable_from_rs(r, s, b"\x08" * 32, key.public_key.format())
+
+
+def _attempt(shape: Shape, *, tile: int = 4, opens: int = 16, did: str = "did:peaq:test"):
+    backend = NumpyBackend("float32")
+    identity = Identity(did=did, signer=LocalKeySigner(bytes.fromhex(TEST_KEY["secret_key_hex"])))
+    try:
+        return run_attempt(backend, shape, identity, run_id="run-1", attempt=3, tile=tile, opens=opens)
+    finally:
+        backend.close()
+
+
+@pytest.mark.parametrize("shape,tile", [(Shape(1, 1, 1), 1), (Shape(5, 7, 3), 3), (Shape(64, 48, 96), 16),
+                                        (Shape(33, 100, 260), 100)])
+def test_worker_receipts_verify_fully(shape, tile):
+    result = _attempt(shape, tile=tile)
+    verified = verify_receipt(result.receipt, full=True)
+    assert verified.digest == result.digest == digest_of(result.receipt)
+    r = result.receipt
+    assert (r["m"], r["n"], r["k"], r["tile"], r["ops"]) == (shape.m, shape.n, shape.k, tile, shape.ops)
+    assert r["backend"] == "numpy" and r["dtype"] == "float32" and r["elapsed_ns"] >= 1
+    check_fields(parse_json(json.dumps(r)))
+
+
+def test_any_tampering_is_rejected():
+    receipt = _attempt(Shape(16, 16, 16)).receipt
+    for field, value in [("elapsed_ns", receipt["elapsed_ns"] + 1), ("did", "did:peaq:other"),
+                         ("attempt", 4), ("root", "00" * 32)]:
+        with pytest.raises(ReceiptInvalid):
+            verify_receipt(dict(receipt, **{field: value}))
+
+
+def test_strict_json_rejects_duplicates_and_constants():
+    for text in ['{"a":1,"a":2}', '{"a":NaN}', '[' * 100000, "{"]:
+        with pytest.raises(ReceiptInvalid) as info:
+            parse_json(text)
+        assert info.value.code == "malformed_json"
