@@ -21,12 +21,15 @@ class RunStats:
     wall_ns: list[int] = field(default_factory=list)
     stage_ns: Counter = field(default_factory=Counter)
     ops: int = 0
+    throttled: int = 0  # attempts whose device reported throttling during the product
     completed_at: list[float] = field(default_factory=list)  # time of each successful attempt
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def record_attempt(self, product_ns: int, wall_ns: int, stages: dict[str, int], ops: int) -> None:
+    def record_attempt(self, product_ns: int, wall_ns: int, stages: dict[str, int], ops: int,
+                       throttled: bool = False) -> None:
         with self._lock:
             self.attempts_ok += 1
+            self.throttled += int(throttled)
             self.product_ns.append(product_ns)
             self.wall_ns.append(wall_ns)
             self.stage_ns.update(stages)

@@ -38,6 +38,7 @@ def build_summary(*, run_id: str, config: dict[str, Any], identity: dict[str, st
             "total": stats.attempts,
             "ok": stats.attempts_ok,
             "failed": stats.attempts_failed,
+            "throttled": stats.throttled,  # GPU reported clock throttling during the product
             "by_error_class": dict(stats.attempts_by_error),
         },
         "receipts": {name: stats.receipts.get(name, 0) for name in ("accepted", "duplicate", "rejected", "pending")},
@@ -79,6 +80,8 @@ def human_lines(summary: dict[str, Any]) -> list[str]:
         f"  - receipts: {receipts['accepted']} accepted, {receipts['duplicate']} duplicate, "
         f"{receipts['rejected']} rejected, {receipts['pending']} pending",
     ]
+    if attempts.get("throttled"):
+        lines.append(f"  - warning: {attempts['throttled']} attempts ran while the GPU was throttled")
     if t["product_ms"]:
         p = t["product_ms"]
         lines.append(f"  - product time: mean {p['mean']:.1f} ms, p50 {p['p50']:.1f} ms, p95 {p['p95']:.1f} ms")

@@ -6,6 +6,8 @@ from ..errors import ConfigError, DeviceError
 from .base import Backend, Shape
 
 BACKEND_NAMES = ("auto", "numpy", "cupy")
+# Inputs types across backends (spec §3); each backend accepts its own subset.
+DTYPES = ("float32", "float64", "tf32", "float16", "bfloat16", "int8")
 
 
 def gpu_available() -> bool:
@@ -37,4 +39,4 @@ def create_backend(name: str, dtype: str | None = None, device_index: int = 0) -
     return NumpyBackend(dtype or "float32")
 
 
-__all__ = ["Backend", "Shape", "BACKEND_NAMES", "create_backend", "gpu_available"]
+__all__ = ["Backend", "Shape", "BACKEND_NAMES", "DTYPES", "create_backend", "gpu_available"]

@@ -1,0 +1,306 @@
+"""Device check for the CuPy backend, in one call of at most 8 minutes on one GPU.
+
+1. Correctness: for every GPU dtype and a few small shapes, device inputs, product, root and
+   openings equal the CPU implementation's (inputs.py, HostCommitment).
+2. Speed: for every dtype, at the shape whose product takes about --target-ms, raw cuBLAS
+   (cupy.matmul where CuPy can express the dtype, and back-to-back gemmEx calls) against
+   tops-job's product (elapsed_ns) and whole attempt (inputs → product → commitment →
+   openings → receipt → signature), per-stage costs, receipts/s and NVML telemetry.
+
+    python3 benchmarks/gpu_check.py [--dtypes float32,tf32,float16,bfloat16,int8]
+                                    [--target-ms 300] [--attempts 6] [--out DIR]
+
+Prints a table; with --out (default $OUT when set) also writes gpu_check.json and
+gpu_check.md there. Exits 2 with a clear message where CuPy or a CUDA device is missing, 1
+when a correctness check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+DEADLINE_S = 7 * 60  # leave a minute of the 8 for start-up and the transfers
+SMALL_SHAPES = [(1, 1, 4), (37, 52, 20), (128, 256, 64), (300, 260, 1028), (512, 1024, 4096)]
+
+
+def fail(message: str, code: int = 2) -> None:
+    print(f"gpu_check: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(code)
+
+
+def need_gpu():
+    try:
+        import cupy as cp
+    except Exception as exc:  # ImportError, or a CuPy built for another CUDA
+        fail(f"CuPy is not importable ({exc}); this check needs a CUDA GPU and CuPy "
+             "(pip install 'tops-job[gpu]')")
+    try:
+        count = cp.cuda.runtime.getDeviceCount()
+    except Exception as exc:
+        fail(f"no CUDA GPU present ({exc})")
+    if count < 1:
+        fail("no CUDA GPU present")
+    return cp
+
+
+def attempt_runner():
+    """run_attempt (the path `tops-job run` takes) when its dependencies import; else a
+    stand-in with the same stages that skips only the signature, and says so."""
+    try:
+        from tops_job.attempt import Identity, run_attempt
+        from tops_job.signing import LocalKeySigner
+
+        identity = Identity(did="did:peaq:0xgpucheck", signer=LocalKeySigner(bytes(range(1, 33))))
+
+        def run(backend, shape, attempt, tile, opens):
+            return run_attempt(backend, shape, identity, run_id="gpu-check", attempt=attempt, tile=tile, opens=opens)
+        return run, "run_attempt"
+    except ImportError as exc:
+        missing = str(exc)
+
+    from types import SimpleNamespace as Result
+
+    from tops_job.canonical import digest_of
+    from tops_job.commitment import make_openings
+    from tops_job.inputs import attempt_seed, matrix_key
+    from tops_job.receipt import build_body
+
+    def run(backend, shape, attempt, tile, opens):
+        t0 = time.perf_counter_ns()
+        nonce = os.urandom(32)
+        backend.prepare(shape)
+        seed = attempt_seed("did:peaq:0xgpucheck", nonce)
+        backend.generate_inputs(matrix_key(seed, "A"), matrix_key(seed, "B"))
+        t1 = time.perf_counter_ns()
+        elapsed = backend.multiply()
+        t2 = time.perf_counter_ns()
+        commitment = backend.commit(tile)
+        openings = make_openings(commitment, nonce, opens)
+        t3 = time.perf_counter_ns()
+        body = build_body(did="did:peaq:0xgpucheck", pubkey=b"\x02" + bytes(32), run_id="gpu-check",
+                          attempt=attempt, nonce=nonce, challenge=None, m=shape.m, n=shape.n, k=shape.k,
+                          tile=tile, opens=opens, dtype=backend.dtype, backend=backend.name,
+                          device=backend.device_model, elapsed_ns=elapsed, started_ms=int(time.time() * 1000),
+                          root=commitment.root, telemetry=backend.telemetry())
+        digest_of(body)
+        t4 = time.perf_counter_ns()
+        return Result(receipt=dict(body, openings=openings), elapsed_ns=elapsed, wall_ns=t4 - t0,
+                      stages_ns={"inputs": t1 - t0, "product": t2 - t1, "commitment": t3 - t2, "signing": t4 - t3})
+    return run, f"stand-in without signature ({missing})"
+
+
+# ---- 1. correctness --------------------------------------------------------------------------
+
+def check_roots(cp, dtypes, log) -> int:
+    import numpy as np
+
+    from tops_job.backends.base import Shape
+    from tops_job.backends.cuda_kernels import bf16_to_float32
+    from tops_job.backends.cupy_backend import CupyBackend
+    from tops_job.commitment import HostCommitment, make_openings
+    from tops_job.inputs import fill_elements, padded_size
+
+    def cpu_matrix(key, rows, cols):
+        out = np.empty(padded_size(rows * cols), np.float32)
+        fill_elements(key, out)
+        return out[: rows * cols].reshape(rows, cols)
+
+    failures = 0
+    for dtype in dtypes:
+        backend = CupyBackend(dtype)
+        try:
+            for m, n, k in SMALL_SHAPES:
+                shape = Shape(m, n, k)
+                if dtype == "int8" and (k % 4 or n % 4):
+                    continue
+                backend.prepare(shape)
+                key_a, key_b = int.from_bytes(os.urandom(8), "little"), int.from_bytes(os.urandom(8), "little")
+                backend.generate_inputs(key_a, key_b)
+                backend.multiply()
+                a, bt = cpu_matrix(key_a, m, k), cpu_matrix(key_b, n, k)
+                get = (lambda x: bf16_to_float32(x.get())) if dtype == "bfloat16" else (lambda x: x.get().astype(np.float32))
+                inputs_ok = np.array_equal(get(backend.a), a) and np.array_equal(get(backend.bt), bt)
+                c = (a.astype(np.float64) @ bt.T.astype(np.float64)).astype(np.float32)
+                product_ok = np.array_equal(backend.c.get().astype(np.float32), c)
+                tiles_ok = True
+                for tile in sorted({1, min(7, n), n, min(256, n)}):
+                    host = HostCommitment(c, tile, np.empty((m, n), np.int32))
+                    device = backend.commit(tile)
+                    nonce = os.urandom(32)
+                    tiles_ok &= device.root == host.root and make_openings(device, nonce, 16) == make_openings(host, nonce, 16)
+                ok = inputs_ok and product_ok and tiles_ok
+                failures += not ok
+                log(f"  {dtype:9s} {str(shape):22s} inputs {'ok' if inputs_ok else 'DIFFER'}  "
+                    f"product {'ok' if product_ok else 'DIFFERS'}  roots+openings {'ok' if tiles_ok else 'DIFFER'}")
+        finally:
+            backend.close()
+    return failures
+
+
+# ---- 2. speed ----------------------------------------------------------------------------------
+
+def pick_shape(backend, target_ms: float):
+    """Square side, a multiple of 256, whose product takes about target_ms (two probes)."""
+    from tops_job.backends.base import Shape
+
+    side, ms = 4096, 0.0
+    for _ in range(3):
+        backend.prepare(Shape(side, side, side))
+        backend.generate_inputs(1, 2)
+        backend.multiply()
+        ms = min(backend.multiply() for _ in range(2)) / 1e6
+        budget = int((backend.memory_budget_bytes / 16) ** 0.5) // 256 * 256
+        nxt = max(256, min(budget, int(round(side * (target_ms / max(ms, 1e-3)) ** (1 / 3) / 256)) * 256))
+        if abs(nxt - side) <= 256:
+            break
+        side = nxt
+    return Shape(side, side, side)
+
+
+def raw_rates(cp, backend, reps: int = 4) -> dict:
+    """TFLOP/s of back-to-back gemmEx calls on the backend's buffers and, where CuPy has the
+    dtype, of cupy.matmul (float32 and float16; CuPy picks its own compute type)."""
+    shape = backend.shape
+    ops = 2 * shape.m * shape.n * shape.k
+    out = {}
+    start, end = cp.cuda.Event(), cp.cuda.Event()
+    stream = backend._stream
+    backend._gemm_call()
+    start.record(stream)
+    for _ in range(reps):
+        backend._gemm_call()
+    end.record(stream)
+    end.synchronize()
+    out["gemmex_tflops"] = ops * reps / (cp.cuda.get_elapsed_time(start, end) * 1e-3) / 1e12
+    if backend.dtype in ("float32", "float16"):
+        a, bt = backend.a, backend.bt
+        c = cp.matmul(a, bt.T)
+        cp.cuda.Device().synchronize()
+        start.record()
+        for _ in range(reps):
+            cp.matmul(a, bt.T, out=c)
+        end.record()
+        end.synchronize()
+        out["matmul_tflops"] = ops * reps / (cp.cuda.get_elapsed_time(start, end) * 1e-3) / 1e12
+        del c
+    return out
+
+
+def measure_dtype(cp, dtype, target_ms, attempts, run, log) -> dict:
+    from tops_job.backends.cupy_backend import CupyBackend
+
+    backend = CupyBackend(dtype)
+    try:
+        shape = pick_shape(backend, target_ms)
+        backend.prepare(shape)
+        backend.generate_inputs(3, 4)
+        backend.multiply()
+        raw = raw_rates(cp, backend)
+        tile = backend.default_tile
+        run(backend, shape, 0, tile, 16)  # warm-up: kernels compiled, tree buffer allocated
+        results, device_stages, telemetry = [], [], []
+        t0 = time.perf_counter()
+        for attempt in range(1, attempts + 1):
+            results.append(run(backend, shape, attempt, tile, 16))
+            device_stages.append(backend.device_stages_ns())
+            telemetry.append(backend.telemetry())
+        span_s = time.perf_counter() - t0
+        ops = shape.ops
+        elapsed = [r.elapsed_ns for r in results]
+        wall = [r.wall_ns for r in results]
+        product_tflops = ops / (statistics.median(elapsed) * 1e-9) / 1e12
+        row = {
+            "dtype": dtype, "shape": [shape.m, shape.n, shape.k], "tile": tile,
+            **{k: round(v, 1) for k, v in raw.items()},
+            "product_tflops": round(product_tflops, 1),
+            "attempt_tflops": round(ops / (statistics.median(wall) * 1e-9) / 1e12, 1),
+            "product_vs_raw": round(product_tflops / raw["gemmex_tflops"], 3),
+            "duty": round(sum(elapsed) / sum(wall), 3),
+            "receipts_per_s": round(attempts / span_s, 2),
+            "product_ms": round(statistics.median(elapsed) / 1e6, 1),
+            "stages_ms": {s: round(statistics.median(r.stages_ns[s] for r in results) / 1e6, 2) for s in results[0].stages_ns},
+            "device_stages_ms": {s: round(statistics.median(d[s] for d in device_stages) / 1e6, 2) for s in device_stages[0]},
+            "receipt_bytes": len(json.dumps(results[-1].receipt)),
+            "telemetry": telemetry[-1],
+            "throttled_attempts": sum(t.get("throttled", 0) for t in telemetry),
+        }
+        log(f"  {dtype:9s} {shape} product {row['product_ms']} ms, {row['product_tflops']} TFLOP/s "
+            f"({row['product_vs_raw']:.3f} of raw gemmEx), duty {row['duty']}")
+        return row
+    finally:
+        backend.close()
+
+
+def table(rows) -> str:
+    head = ("| dtype | m=n=k | raw cupy.matmul TFLOP/s | raw gemmEx TFLOP/s | tops-job product TFLOP/s | product/raw "
+            "| whole attempt TFLOP/s | duty | receipts/s | inputs / product / commit+open / sign ms (host) "
+            "| inputs / product / commit ms (device) | throttled |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        s, d = r["stages_ms"], r["device_stages_ms"]
+        lines.append(
+            f"| {r['dtype']} | {r['shape'][0]} | {r.get('matmul_tflops', '–')} | {r['gemmex_tflops']} | {r['product_tflops']} "
+            f"| {r['product_vs_raw']} | {r['attempt_tflops']} | {r['duty']} | {r['receipts_per_s']} "
+            f"| {s.get('inputs')} / {s.get('product')} / {s.get('commitment')} / {s.get('signing')} "
+            f"| {d['inputs']} / {d['product']} / {d['commitment']} | {r['throttled_attempts']} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    from tops_job.backends.cuda_kernels import GPU_DTYPES
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dtypes", default=",".join(GPU_DTYPES))
+    parser.add_argument("--target-ms", type=float, default=300.0)
+    parser.add_argument("--attempts", type=int, default=6)
+    parser.add_argument("--out", default=os.environ.get("OUT"))
+    parser.add_argument("--skip-correctness", action="store_true")
+    args = parser.parse_args(argv)
+    dtypes = [d for d in args.dtypes.split(",") if d]
+    unknown = set(dtypes) - set(GPU_DTYPES)
+    if unknown:
+        fail(f"unknown dtypes {sorted(unknown)}; choose from {', '.join(GPU_DTYPES)}")
+    cp = need_gpu()
+    began = time.monotonic()
+    props = cp.cuda.runtime.getDeviceProperties(0)
+    device = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+    log = lambda text: print(text, flush=True)  # noqa: E731
+    log(f"gpu_check: {device}, CuPy {cp.__version__}, CUDA runtime {cp.cuda.runtime.runtimeGetVersion()}, "
+        f"Python {platform.python_version()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    failures = 0
+    if not args.skip_correctness:
+        log("1. roots, openings and inputs against the CPU implementation")
+        failures = check_roots(cp, dtypes, log)
+        log(f"   {'all equal' if not failures else f'{failures} MISMATCHES'} ({time.monotonic() - began:.0f} s)")
+    run, how = attempt_runner()
+    log(f"2. speed at about {args.target_ms:g} ms per product; whole attempt via {how}")
+    rows = []
+    for dtype in dtypes:
+        if time.monotonic() - began > DEADLINE_S:
+            log(f"  {dtype}: skipped, past the {DEADLINE_S} s budget")
+            continue
+        try:
+            rows.append(measure_dtype(cp, dtype, args.target_ms, args.attempts, run, log))
+        except Exception as exc:  # report and go on with the next dtype
+            log(f"  {dtype}: FAILED: {type(exc).__name__}: {exc}")
+            failures += 1
+    text = table(rows)
+    print("\n" + text, flush=True)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        meta = {"device": device, "cupy": cp.__version__, "date_utc": time.strftime("%Y-%m-%d"), "attempt_path": how}
+        (out / "gpu_check.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+        (out / "gpu_check.md").write_text(f"{meta['date_utc']}, {device}, CuPy {cp.__version__}\n\n{text}\n")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
