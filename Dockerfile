@@ -21,18 +21,18 @@ ARG PYTHON_VERSION=3.11
 # ---------------------------------------------------------------------------
 FROM python:${PYTHON_VERSION}-slim-bookworm AS build
 
-# Space-separated project directories (relative to the build context) to build.
-# The AWS plugin is opt-in:  --build-arg TOPS_JOB_PROJECTS=". plugins/tops-job-aws"
-ARG TOPS_JOB_PROJECTS="."
 # Extras of tops-job to install, e.g. --build-arg TOPS_JOB_EXTRAS="[gpu]".
 ARG TOPS_JOB_EXTRAS=""
+# More projects from the build context, space-separated; the AWS plugin is opt-in:
+#   --build-arg TOPS_JOB_PROJECTS=plugins/tops-job-aws --build-arg TOPS_JOB_PLUGINS=tops-job-aws
+ARG TOPS_JOB_PROJECTS=""
 
 WORKDIR /src
 # .dockerignore is an allow-list: only the package, its metadata and plugins/ arrive.
 COPY . .
-RUN python -m pip wheel --no-cache-dir --wheel-dir /wheels ${TOPS_JOB_PROJECTS} \
- && python -m pip wheel --no-cache-dir --wheel-dir /wheels --find-links /wheels \
-        "tops-job${TOPS_JOB_EXTRAS}"
+# Built from the local paths, never resolved by name: a package called tops-job on an
+# index cannot end up in the image.
+RUN python -m pip wheel --no-cache-dir --wheel-dir /wheels ".${TOPS_JOB_EXTRAS}" ${TOPS_JOB_PROJECTS}
 
 # ---------------------------------------------------------------------------
 # Stage 2: a venv at its final path, installed from the wheels only (--no-index), without

@@ -4,14 +4,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# System tools the tests drive for real: promtool, headless Chromium, a one-node Slurm,
-# kubectl for kustomize. Installed only when missing, so a developer's second run is fast.
+# System tools the tests drive for real: promtool, headless Chromium, a one-node Slurm.
+# (kubectl, hadolint and shellcheck come from PyPI with the test extra.) Installed only when missing, so a developer's second run is fast.
 need=()
 command -v promtool >/dev/null || need+=(prometheus)
 command -v chromium >/dev/null || need+=(chromium)
 command -v slurmctld >/dev/null || need+=(slurm-wlm)
 command -v munged >/dev/null || need+=(munge)
-command -v kubectl >/dev/null || need+=(kubernetes-client)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     export DEBIAN_FRONTEND=noninteractive

@@ -17,7 +17,7 @@ import yaml
 
 from tops_job.errors import ExitCode
 
-from .conftest import INFRA, REPO, require_tool
+from infra_helpers import INFRA, REPO, require_tool
 
 OVERLAYS = ["cpu", "gpu", "gpu-kms"]
 KUBERNETES_VERSIONS = ["1.33.0", "latest"]
