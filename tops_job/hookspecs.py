@@ -1,8 +1,15 @@
 """Hook specifications: the ways a plugin changes what `tops-job` does.
 
 Every hook is called with keyword arguments. Plugins implement them with
-`@tops_job.hookimpl` and declare an entry point in the group `tops_job`.
-See docs/plugins.md for each hook with an example.
+`@tops_job.hookimpl` and declare an entry point in the group `tops_job`; the built-ins
+(tops_job.builtins, listed in plugins.DEFAULT_PLUGINS) implement the same hooks.
+docs/plugins.md describes each hook with an example; tests/plugins/test_docs.py fails
+when a hook here is missing from that page or has no `test_hook_<name>` test.
+
+Failures: a hook that raises during a run is logged and counted in the summary's
+`plugin_failures` and the run goes on, except that a plugin raising a
+`tops_job.errors.TopsJobError` (e.g. ConfigError for a malformed setting) stops the run
+with that error's exit code, and the signer hook, whose failure always stops the run.
 """
 
 from __future__ import annotations
@@ -14,11 +21,10 @@ import pluggy
 if TYPE_CHECKING:  # imports for annotations only: keep plugin loading light
     import click
 
-    from .autotune import ProfileStore
+    from .autotune import ProfileCache
     from .config import Config
     from .reporting import Reporter
     from .signing import Signer
-    from .submission import Submitter
 
 hookspec = pluggy.HookspecMarker("tops_job")
 
@@ -27,9 +33,13 @@ hookspec = pluggy.HookspecMarker("tops_job")
 def tops_job_signer(config: "Config") -> "Signer | None":
     """Return the signer for this run, or None to leave the choice to others.
 
-    Called once per run, after configuration is loaded. The first non-None result wins;
-    the built-in local-key signer is registered `trylast`, so any installed signer that
-    answers (e.g. a KMS signer when its key id is configured) takes precedence.
+    Called once per run (`tops-job run`), after configuration is loaded and before the
+    first attempt. The first non-None result wins; the built-in local-key signer is
+    registered `trylast`, so an installed signer that answers (e.g. the KMS signer when
+    TOPS_JOB_KMS_KEY_ID is set) takes precedence. Return None when your settings are
+    absent. With `--signer NAME` (TOPS_JOB_SIGNER) the run stops unless the chosen
+    signer's `name` is NAME. An exception here stops the run (a Signature-class error,
+    or the TopsJobError raised).
     """
 
 
@@ -37,8 +47,11 @@ def tops_job_signer(config: "Config") -> "Signer | None":
 def tops_job_register_submitters(register: Callable[..., None]) -> None:
     """Offer submitters: call `register(name, factory, schemes=())` for each.
 
-    `factory(config)` returns a Submitter. The run picks one by `TOPS_JOB_SUBMITTER=name`,
-    else by the URL scheme of AGGREGATOR_URL, else the local ledger. Called once per run.
+    `factory(config)` returns a `tops_job.submission.Submitter`; it is called only for
+    the submitter the run picks: `--submitter NAME` (TOPS_JOB_SUBMITTER), else the one
+    whose `schemes` include the scheme of AGGREGATOR_URL, else "ledger". Called once per
+    run before the first attempt; a later registration of the same name replaces an
+    earlier one.
     """
 
 
@@ -46,24 +59,32 @@ def tops_job_register_submitters(register: Callable[..., None]) -> None:
 def tops_job_register_reporters(register: Callable[["Reporter"], None], config: "Config") -> None:
     """Offer health reporters: call `register(reporter)` for each.
 
-    A reporter receives run start, each attempt outcome, each receipt outcome and run end
-    (see tops_job.reporting.Reporter). Called once per run, before the first attempt.
+    A reporter (subclass `tops_job.reporting.Reporter`) receives run start, the profile,
+    each attempt outcome, each receipt outcome and run end. Called once per run, before
+    the first attempt. A reporter method that raises is counted and the run goes on.
     """
 
 
 @hookspec(firstresult=True)
-def tops_job_profile_store(config: "Config") -> "ProfileStore | None":
-    """Return where autotune profiles are cached (first non-None wins; built-in: the
-    user cache directory). A fleet can share one, e.g. in S3."""
+def tops_job_profile_store(config: "Config") -> "ProfileCache | None":
+    """Return where autotune profiles are cached, or None (first non-None wins).
+
+    Called once per run and by `tops-job autotune`. The built-in (trylast) is the user
+    cache directory; a fleet can share one, e.g. in S3. The result must offer
+    `load(key, expect)`, `save(profile)` and `path_for(key)` (see
+    `tops_job.autotune.ProfileCache`).
+    """
 
 
 @hookspec
 def tops_job_register_commands(cli: "click.Group") -> None:
-    """Add commands or command groups to the `tops-job` CLI (e.g. a plugin's own settings).
-    Called once when the CLI starts."""
+    """Add commands or command groups to the `tops-job` CLI with `cli.add_command(...)`,
+    e.g. a plugin's own settings check. Called once, when the CLI is asked for a command
+    it does not define itself or for its command list (`tops-job --help`)."""
 
 
 @hookspec
 def tops_job_run_finished(summary: dict[str, Any], config: "Config") -> None:
-    """Called once after the run summary is written, with the summary as written.
-    For plugins that publish it (e.g. upload to S3). Failures are logged and counted."""
+    """Called once at the end of `tops-job run`, after the summary file is written, with
+    the summary as written. For plugins that publish it (e.g. upload to S3). A failure
+    is logged, counted in `plugin_failures`, and the summary file is written again."""

@@ -1,7 +1,17 @@
 """The plugin manager: built-ins first, then entry points in the group `tops_job`.
 
-TOPS_JOB_DISABLE_PLUGINS=name,… blocks plugins by name (entry-point or module name);
-TOPS_JOB_TRACE_PLUGINS=1 logs every hook call.
+Environment:
+  TOPS_JOB_DISABLE_PLUGINS=name,…  block plugins by the name `tops-job plugins` shows
+                                  (entry-point name, or module name for a built-in)
+  TOPS_JOB_LOAD_PLUGINS=name,…     load only these entry-point plugins ("" loads none;
+                                  unset loads all); built-ins are not affected
+  TOPS_JOB_TRACE_PLUGINS=1         log every hook call with its arguments and result
+
+A plugin that raises while loading (import error, bad hook signature, a hook that is not
+in hookspecs.py) is left out and recorded in `pm.load_report`; the run goes on, unless
+that plugin was the configured signer or submitter (see app.py). A hook that raises
+during a run is counted in `pm.hook_failures` (plugin.hook -> count), which the run
+summary reports as `plugin_failures`.
 """
 
 from __future__ import annotations
@@ -9,20 +19,24 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Mapping
+from typing import Any, Mapping
 
 import pluggy
 
-from . import hookspecs
+from . import __version__, hookspecs
+from .errors import TopsJobError
 
 log = logging.getLogger("tops_job.plugins")
 
 DEFAULT_PLUGINS = (
     "tops_job.builtins.local_signer",
     "tops_job.builtins.ledger_submitter",
+    "tops_job.builtins.http_submitter",
     "tops_job.builtins.profile_store",
+    "tops_job.builtins.observability",
 )
 ENTRY_POINT_GROUP = "tops_job"
 
@@ -33,42 +47,145 @@ class PluginLoad:
 
     loaded: list[str] = field(default_factory=list)
     blocked: list[str] = field(default_factory=list)
-    failed: dict[str, str] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)  # name -> "ExceptionType: message"
+    versions: dict[str, tuple[str, str]] = field(default_factory=dict)  # name -> (distribution, version)
+
+    def failures_text(self) -> str:
+        """For error messages: '; plugins that failed to load: aws (ImportError: …)' or ''."""
+        if not self.failed:
+            return ""
+        return "; plugins that failed to load: " + ", ".join(f"{name} ({error})" for name, error in self.failed.items())
 
 
-def _blocked(environ: Mapping[str, str]) -> set[str]:
-    return {name.strip() for name in environ.get("TOPS_JOB_DISABLE_PLUGINS", "").split(",") if name.strip()}
+class PluginManager(pluggy.PluginManager):
+    """pluggy's manager plus what loading found and the hook failures of this run."""
+
+    def __init__(self) -> None:
+        super().__init__("tops_job")
+        self.load_report = PluginLoad()
+        self.hook_failures: Counter[str] = Counter()
+
+    def record_failure(self, plugin_name: str, hook_name: str, exc: BaseException) -> None:
+        self.hook_failures[f"{plugin_name}.{hook_name}"] += 1
+        log.warning("[plugins] %s: hook %s failed: %s: %s", plugin_name, hook_name, type(exc).__name__, exc)
 
 
-def get_plugin_manager(environ: Mapping[str, str] | None = None, *, load_entry_points: bool = True) -> pluggy.PluginManager:
+def _names(text: str | None) -> set[str]:
+    return {name.strip() for name in (text or "").split(",") if name.strip()}
+
+
+def get_plugin_manager(environ: Mapping[str, str] | None = None, *, load_entry_points: bool = True) -> PluginManager:
     """A new manager with the built-ins and the installed plugins registered."""
     environ = os.environ if environ is None else environ
-    pm = pluggy.PluginManager("tops_job")
+    pm = PluginManager()
     pm.add_hookspecs(hookspecs)
-    report = PluginLoad()
-    pm.load_report = report  # type: ignore[attr-defined]
-    blocked = _blocked(environ)
+    report = pm.load_report
+    blocked = _names(environ.get("TOPS_JOB_DISABLE_PLUGINS"))
+    only = _names(environ.get("TOPS_JOB_LOAD_PLUGINS")) if "TOPS_JOB_LOAD_PLUGINS" in environ else None
     for module_name in DEFAULT_PLUGINS:
         if module_name in blocked:
             report.blocked.append(module_name)
             continue
-        pm.register(importlib.import_module(module_name), name=module_name)
-        report.loaded.append(module_name)
+        _register(pm, module_name, lambda name=module_name: importlib.import_module(name), ("tops-job", __version__))
     if load_entry_points:
         for entry_point in entry_points(group=ENTRY_POINT_GROUP):
-            if entry_point.name in blocked or pm.has_plugin(entry_point.name):
-                report.blocked.append(entry_point.name)
+            name = entry_point.name
+            if name in blocked or (only is not None and name not in only):
+                report.blocked.append(name)
                 continue
-            try:
-                plugin = entry_point.load()
-                pm.register(plugin, name=entry_point.name)
-            except Exception as exc:  # a broken plugin is reported, not fatal by itself
-                report.failed[entry_point.name] = f"{type(exc).__name__}: {exc}"
-                log.warning("plugin %s failed to load: %s", entry_point.name, exc)
+            if pm.has_plugin(name) or name in report.failed:
+                report.failed.setdefault(name, f"DuplicateName: another plugin is already named {name!r} "
+                                               f"({entry_point.value} left out)")
                 continue
-            report.loaded.append(entry_point.name)
-    pm.check_pending()
+            dist = entry_point.dist
+            version = (dist.metadata["Name"], dist.version) if dist is not None else ("?", "?")
+            _register(pm, name, entry_point.load, version)
+    pm.check_pending()  # every loaded plugin passed it alone; this only guards the invariant
     if environ.get("TOPS_JOB_TRACE_PLUGINS", "") not in ("", "0"):
         pm.trace.root.setwriter(lambda message: log.info("[plugins] %s", message.rstrip()))
         pm.enable_tracing()
     return pm
+
+
+def _register(pm: PluginManager, name: str, load: Any, version: tuple[str, str]) -> None:
+    """Import and register one plugin; on any failure leave it out and record why."""
+    report = pm.load_report
+    try:
+        plugin = load()
+        pm.register(plugin, name=name)
+    except Exception as exc:
+        report.failed[name] = f"{type(exc).__name__}: {exc}"
+        log.warning("[plugins] plugin %s failed to load and is left out: %s", name, report.failed[name])
+        return
+    try:
+        pm.check_pending()  # a hook not in hookspecs.py (a typo, a newer tops-job) fails here
+    except pluggy.PluginValidationError as exc:
+        pm.unregister(name=name)
+        report.failed[name] = f"PluginValidationError: {exc}"
+        log.warning("[plugins] plugin %s failed to load and is left out: %s", name, exc)
+        return
+    report.loaded.append(name)
+    report.versions[name] = version
+
+
+# ---------------------------------------------------------------- calling hooks safely
+
+def _impls_in_call_order(pm: pluggy.PluginManager, hook_name: str) -> list[Any]:
+    # pluggy calls the last-registered implementation first (tryfirst/trylast aside) and
+    # get_hookimpls() lists them in the reverse order.
+    return list(reversed(getattr(pm.hook, hook_name).get_hookimpls()))
+
+
+def _call_one(pm: pluggy.PluginManager, hook_name: str, impl: Any, kwargs: dict[str, Any]) -> Any:
+    """Call one plugin's implementation through pluggy (so tracing still sees it)."""
+    others = [other.plugin for other in getattr(pm.hook, hook_name).get_hookimpls() if other.plugin is not impl.plugin]
+    return pm.subset_hook_caller(hook_name, remove_plugins=others)(**kwargs)
+
+
+def call_each(pm: PluginManager, hook_name: str, *, fatal: tuple[type[BaseException], ...] = (TopsJobError,),
+              **kwargs: Any) -> list[Any]:
+    """Call every implementation of `hook_name`; one that raises is counted in
+    `pm.hook_failures` and logged, and the others still run. Exceptions of the `fatal`
+    types propagate (a plugin raising ConfigError means the user's settings are wrong)."""
+    results: list[Any] = []
+    for impl in _impls_in_call_order(pm, hook_name):
+        try:
+            results.extend(_call_one(pm, hook_name, impl, kwargs))
+        except fatal:
+            raise
+        except Exception as exc:
+            pm.record_failure(impl.plugin_name, hook_name, exc)
+    return results
+
+
+def first_result(pm: PluginManager, hook_name: str, **kwargs: Any) -> Any:
+    """A firstresult hook where a failing plugin is counted and skipped (the next one
+    answers). TopsJobError propagates. Not for the signer: a configured signer that fails
+    must stop the run, not give way to the local key."""
+    for impl in _impls_in_call_order(pm, hook_name):
+        try:
+            result = _call_one(pm, hook_name, impl, kwargs)
+        except TopsJobError:
+            raise
+        except Exception as exc:
+            pm.record_failure(impl.plugin_name, hook_name, exc)
+            continue
+        if result is not None:
+            return result
+    return None
+
+
+def describe_plugins(pm: PluginManager) -> list[dict[str, Any]]:
+    """What `tops-job plugins` prints: each plugin with its status, version and hooks."""
+    report = pm.load_report
+    rows: list[dict[str, Any]] = []
+    for name in report.loaded:
+        plugin = pm.get_plugin(name)
+        if plugin is None:
+            continue
+        dist, version = report.versions.get(name, ("?", "?"))
+        rows.append({"name": name, "status": "loaded", "builtin": name in DEFAULT_PLUGINS, "package": dist,
+                     "version": version, "hooks": sorted(caller.name for caller in pm.get_hookcallers(plugin) or [])})
+    rows += [{"name": name, "status": "blocked"} for name in report.blocked]
+    rows += [{"name": name, "status": "failed", "error": error} for name, error in report.failed.items()]
+    return rows

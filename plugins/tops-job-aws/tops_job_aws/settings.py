@@ -1,0 +1,41 @@
+"""The plugin's settings (environment variables) and its AWS clients."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+from urllib.parse import urlsplit
+
+from tops_job.errors import ConfigError
+
+KMS_KEY_ID = "TOPS_JOB_KMS_KEY_ID"
+S3_PROFILE_URL = "TOPS_JOB_S3_PROFILE_URL"
+S3_SUMMARY_URL = "TOPS_JOB_S3_SUMMARY_URL"
+DEFAULT_MAX_ATTEMPTS = 5
+
+
+def parse_s3_url(variable: str, text: str) -> tuple[str, str]:
+    """s3://bucket[/prefix] -> (bucket, prefix without surrounding slashes)."""
+    parts = urlsplit(text.strip())
+    if parts.scheme != "s3" or not parts.netloc or parts.query or parts.fragment:
+        raise ConfigError(variable, f"{text!r} is not an s3://bucket/prefix URL")
+    return parts.netloc, parts.path.strip("/")
+
+
+def client(service: str, region_hint: str | None = None) -> Any:
+    """A boto3 client with the SDK's `standard` retry mode (throttling and transient
+    errors retried with backoff) and bounded timeouts. Region, credentials and endpoint
+    (AWS_ENDPOINT_URL, AWS_ENDPOINT_URL_KMS, …) come from the usual SDK sources."""
+    import boto3
+    from botocore.config import Config
+
+    max_attempts = int(os.environ.get("AWS_MAX_ATTEMPTS") or DEFAULT_MAX_ATTEMPTS)
+    session = boto3.session.Session()
+    # boto3 reads AWS_DEFAULT_REGION (and profiles); AWS_REGION is what the other SDKs and
+    # the container platforms set; a KMS key ARN names its own region.
+    region = session.region_name or os.environ.get("AWS_REGION") or region_hint
+    if region is None:
+        raise ConfigError("AWS_REGION", f"no AWS region is configured for {service}; set AWS_REGION or AWS_DEFAULT_REGION")
+    config = Config(retries={"mode": "standard", "max_attempts": max_attempts},
+                    connect_timeout=5, read_timeout=20, user_agent_extra="tops-job-aws")
+    return session.client(service, region_name=region, config=config)
