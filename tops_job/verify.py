@@ -115,6 +115,9 @@ def _decode_values(values: Any, j: int, width: int) -> bytes:
         data = base64.b64decode(values, validate=True)
     except (binascii.Error, ValueError):
         raise ReceiptInvalid("bad_values", f"opening {j}: values are not standard padded base64") from None
+    if base64.b64encode(data).decode("ascii") != values:
+        # validate=True still ignores the unused low bits before '=': one canonical form only.
+        raise ReceiptInvalid("bad_values", f"opening {j}: values are not in canonical padded base64")
     if len(data) != 4 * width:
         raise ReceiptInvalid("bad_values", f"opening {j}: {len(data)} bytes of values for a tile of width {width}")
     return data

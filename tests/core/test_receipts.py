@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import string
 
@@ -100,3 +101,22 @@ def test_strict_json_rejects_duplicates_and_constants():
         with pytest.raises(ReceiptInvalid) as info:
             parse_json(text)
         assert info.value.code == "malformed_json"
+
+
+def test_non_canonical_base64_is_rejected():
+    """b64decode ignores the unused bits before '='; the verifier must not."""
+    receipt = _attempt(Shape(4, 5, 5), tile=5).receipt  # 20-byte leaves: 27 characters and one '='
+    opening = receipt["openings"][0]
+    text = opening["values"]
+    assert text.endswith("=") and not text.endswith("==")
+    last = text[-2]
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    twin = alphabet[alphabet.index(last) ^ 1]  # flips an unused low bit only
+    assert base64.b64decode(text[:-2] + twin + "=") == base64.b64decode(text)
+    tampered = json.loads(json.dumps(receipt))
+    for entry in tampered["openings"]:
+        if entry["leaf"] == opening["leaf"]:
+            entry["values"] = text[:-2] + twin + "="
+    with pytest.raises(ReceiptInvalid) as info:
+        verify_receipt(tampered, full=True)
+    assert info.value.code == "bad_values"

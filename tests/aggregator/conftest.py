@@ -1,0 +1,12 @@
+from __future__ import annotations
+
+import pytest
+
+from tests.delivery.delivery_helpers import Aggregator
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    aggregator = Aggregator(tmp_path_factory.mktemp("aggregator") / "agg.sqlite3", "--max-body", "262144")
+    yield aggregator
+    aggregator.stop()

@@ -1,0 +1,216 @@
+"""The delivery building blocks in-process: retry policy, budget, breaker, token bucket,
+outbox, and the HTTP answer classification."""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import os
+import random
+
+import pytest
+
+from tops_job.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
+from tops_job.canonical import digest_of
+from tops_job.outbox import Outbox
+from tops_job.ratelimit import TokenBucket
+from tops_job.retry import RetryBudget, RetryPolicy, parse_retry_after
+from tops_job.submission import Outcome
+from tops_job.submit_http import classify, sibling_url, verify_url
+from tests.conftest import SPEC_DIR
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _vector(index: int = 0) -> dict:
+    return json.loads((SPEC_DIR / "vectors" / "valid.jsonl").read_text().splitlines()[index])
+
+
+# ---- retry
+
+def test_retry_after_seconds_and_http_date():
+    assert parse_retry_after("7") == 7.0
+    now = 1_700_000_000.0
+    assert parse_retry_after(email.utils.formatdate(now + 30, usegmt=True), now=now) == pytest.approx(30, abs=1)
+    assert parse_retry_after(email.utils.formatdate(now - 30, usegmt=True), now=now) == 0.0
+    for junk in (None, "", "soon", "-5", "1.5e3", "Wed, 99 Foo 2024"):
+        assert parse_retry_after(junk) is None
+
+
+def test_backoff_is_full_jitter_under_the_cap():
+    policy = RetryPolicy(base_s=0.5, cap_s=4.0, rng=random.Random(1))
+    for retry in range(12):
+        waits = [policy.backoff(retry) for _ in range(300)]
+        ceiling = min(4.0, 0.5 * 2 ** retry)
+        assert 0 <= min(waits) and max(waits) <= ceiling
+        assert max(waits) > 0.8 * ceiling and min(waits) < 0.2 * ceiling  # spread over [0, ceiling]
+
+
+def test_retry_after_wins_and_is_capped():
+    policy = RetryPolicy(retry_after_cap_s=60.0)
+    assert policy.delay(0, retry_after=12.0) == 12.0
+    assert policy.delay(5, retry_after=86400.0) == 60.0
+    assert RetryPolicy(max_retries=2).may_retry(1) and not RetryPolicy(max_retries=2).may_retry(2)
+
+
+def test_retry_budget_is_a_floor_plus_a_share_of_first_sends():
+    budget = RetryBudget(floor=3, ratio=0.5)
+    assert [budget.try_spend() for _ in range(4)] == [True, True, True, False]
+    for _ in range(4):
+        budget.record_first_send()
+    assert budget.try_spend() and budget.try_spend() and not budget.try_spend()
+    assert budget.state()["retries_refused"] == 2
+
+
+# ---- breaker
+
+def test_breaker_opens_after_threshold_and_probes_once_after_cooldown():
+    clock = FakeClock()
+    breaker = CircuitBreaker(threshold=3, cooldown_s=10, clock=clock)
+    for _ in range(2):
+        assert breaker.allow()
+        breaker.record_failure()
+    assert breaker.state == CLOSED
+    breaker.record_failure()
+    assert breaker.state == OPEN and not breaker.allow() and breaker.opened_count == 1
+    clock.now += 10
+    assert breaker.state == HALF_OPEN
+    assert breaker.allow() and not breaker.allow()  # exactly one probe
+    breaker.record_failure()
+    assert breaker.state == OPEN and breaker.opened_count == 2
+    clock.now += 10
+    assert breaker.allow()
+    breaker.record_success()
+    assert breaker.state == CLOSED and breaker.allow() and breaker.allow()
+
+
+def test_success_resets_the_consecutive_count():
+    breaker = CircuitBreaker(threshold=2, cooldown_s=1)
+    breaker.record_failure()
+    breaker.record_success()
+    breaker.record_failure()
+    assert breaker.state == CLOSED
+
+
+# ---- token bucket
+
+def test_token_bucket_holds_the_rate():
+    clock = FakeClock()
+    bucket = TokenBucket(rate=5, burst=2, clock=clock)
+    assert bucket.try_take() == 0 and bucket.try_take() == 0
+    assert bucket.try_take() == pytest.approx(0.2)
+    clock.now += 0.2
+    assert bucket.try_take() == 0
+    taken = 0
+    slept = []
+
+    def sleep(seconds):
+        slept.append(seconds)
+        clock.now += seconds
+        return False
+
+    start = clock.now
+    while clock.now - start < 10:
+        bucket.take(sleep)
+        taken += 1
+    assert 49 <= taken <= 52
+
+
+def test_token_bucket_take_gives_up_when_interrupted():
+    bucket = TokenBucket(rate=1, burst=1, clock=FakeClock())
+    assert bucket.take(lambda s: True)  # a token is there: no sleep
+    assert not bucket.take(lambda s: True)
+
+
+# ---- outbox
+
+def test_outbox_put_is_durable_and_recover_lists_oldest_first(tmp_path):
+    outbox = Outbox(tmp_path / "outbox")
+    receipts = [_vector(i) for i in range(3)]
+    for receipt in receipts:
+        outbox.put(receipt, digest_of(receipt))
+    assert outbox.acquire()
+    assert outbox.recover() == [digest_of(r).hex() for r in receipts]
+    assert outbox.load(digest_of(receipts[1]).hex()) == receipts[1]
+    outbox.remove(digest_of(receipts[1]).hex())
+    assert sorted(outbox.pending()) == sorted(digest_of(r).hex() for r in (receipts[0], receipts[2]))
+    outbox.release()
+
+
+def test_outbox_lock_is_exclusive(tmp_path):
+    first, second = Outbox(tmp_path / "o"), Outbox(tmp_path / "o")
+    assert first.acquire()
+    assert not second.acquire()
+    first.release()
+    assert second.acquire()
+
+
+def test_outbox_quarantines_corrupt_entries_and_recovers_interrupted_writes(tmp_path, caplog):
+    outbox = Outbox(tmp_path / "outbox")
+    good, other = _vector(0), _vector(1)
+    (outbox.path / ("a" * 64 + ".json")).write_text("{not json")
+    (outbox.path / (digest_of(other).hex() + ".json")).write_text(json.dumps(good))  # wrong name for its content
+    (outbox.path / "stray.txt").write_text("hello")
+    (outbox.path / ".tmp-x.part").write_text(json.dumps(other))  # complete, never renamed
+    (outbox.path / ".tmp-y.part").write_text('{"sig": "ab')  # cut short
+    assert outbox.acquire()
+    waiting = outbox.recover()
+    assert "stray.txt" in os.listdir(outbox.quarantine_dir)
+    assert not list(outbox.path.glob(".tmp-*"))
+    loaded = {d: outbox.load(d) for d in waiting}
+    assert loaded[digest_of(other).hex()] is None or loaded[digest_of(other).hex()] == other
+    assert loaded["a" * 64] is None
+    assert sorted(os.listdir(outbox.quarantine_dir)) == sorted(["a" * 64 + ".json", "stray.txt"]) or \
+        len(os.listdir(outbox.quarantine_dir)) == 3
+    assert "quarantined" in caplog.text
+
+
+def test_outbox_reject_keeps_receipt_and_answer(tmp_path):
+    outbox = Outbox(tmp_path / "outbox")
+    receipt = _vector(2)
+    digest = digest_of(receipt).hex()
+    outbox.put(receipt, bytes.fromhex(digest))
+    outbox.reject(digest, {"status": 422, "error": "wrong_product"})
+    assert not (outbox.path / f"{digest}.json").exists()
+    assert json.loads((outbox.rejected_dir / f"{digest}.json").read_text()) == receipt
+    assert json.loads((outbox.rejected_dir / f"{digest}.answer.json").read_text())["error"] == "wrong_product"
+
+
+# ---- HTTP answers
+
+DIGEST = bytes(32)
+
+
+@pytest.mark.parametrize("status,outcome", [
+    (400, Outcome.REJECTED), (409, Outcome.REJECTED), (413, Outcome.REJECTED), (422, Outcome.REJECTED),
+    (408, Outcome.TRANSIENT), (429, Outcome.TRANSIENT), (500, Outcome.TRANSIENT), (502, Outcome.TRANSIENT),
+    (503, Outcome.TRANSIENT), (504, Outcome.TRANSIENT), (404, Outcome.TRANSIENT), (403, Outcome.TRANSIENT),
+])
+def test_classify_final_and_transient(status, outcome):
+    result = classify(status, b'{"ok": false, "error": "x"}', "3", DIGEST)
+    assert result.outcome is outcome
+    if status in (429, 503):
+        assert result.retry_after == 3.0
+
+
+def test_classify_200():
+    ok = json.dumps({"ok": True, "digest_hex": DIGEST.hex(), "duplicate": False}).encode()
+    assert classify(200, ok, None, DIGEST).outcome is Outcome.ACCEPTED
+    dup = json.dumps({"ok": True, "digest_hex": DIGEST.hex(), "duplicate": True}).encode()
+    assert classify(200, dup, None, DIGEST).outcome is Outcome.DUPLICATE
+    other = json.dumps({"ok": True, "digest_hex": "11" * 32}).encode()
+    assert classify(200, other, None, DIGEST).outcome is Outcome.TRANSIENT  # not our receipt: keep it
+    assert classify(200, b"<html>", None, DIGEST).outcome is Outcome.TRANSIENT
+
+
+def test_urls():
+    assert verify_url("http://agg:8081") == "http://agg:8081/verify"
+    assert verify_url("http://agg:8081/api/verify") == "http://agg:8081/api/verify"
+    assert sibling_url("http://agg:8081/api/verify", "challenge") == "http://agg:8081/api/challenge"
+    assert sibling_url("http://agg:8081", "challenge") == "http://agg:8081/challenge"

@@ -1,0 +1,157 @@
+"""The aggregator's WSGI application (spec §9).
+
+POST /verify       full §8 verification (tops_job.verify, the library `tops-job verify` uses),
+                   then policy: allow list, known challenge, duplicate, replay
+GET  /challenge    ?did=… a run challenge, remembered with the time it was issued
+GET  /runs/<id>    accepted receipts, total ops, and the rate floor of challenged runs
+GET  /health       liveness and the number of receipts held
+
+Bad input never gets a 5xx: every failure of the request is a 4xx with a stable `error`
+code. The only 5xx is 503 (with Retry-After) when the database itself fails.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sqlite3
+import time
+from typing import Any, Callable, Iterable
+from urllib.parse import parse_qs
+
+from ..canonical import receipt_line
+from ..errors import ReceiptInvalid
+from ..receipt import DEFAULT_MIN_OPENS, parse_json
+from ..verify import verify_receipt
+from .store import ACCEPTED, DUPLICATE, Store
+
+log = logging.getLogger("tops_job.aggregator")
+
+DEFAULT_MAX_BODY = 4 * 1024 * 1024
+CHALLENGE_TTL_MS = 24 * 3600 * 1000
+_RUN_PATH = re.compile(r"/runs/([A-Za-z0-9._-]{1,64})")
+_DID = re.compile(r"[\x21-\x7e]{1,256}")
+
+Response = tuple[int, dict[str, Any], dict[str, str]]
+REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
+           409: "Conflict", 411: "Length Required", 413: "Content Too Large", 415: "Unsupported Media Type",
+           422: "Unprocessable Content", 500: "Internal Server Error", 503: "Service Unavailable"}
+
+
+def _error(status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> Response:
+    return status, {"ok": False, "error": code, "detail": detail}, headers or {}
+
+
+class AggregatorApp:
+    def __init__(self, store: Store, *, max_body: int = DEFAULT_MAX_BODY, min_opens: int = DEFAULT_MIN_OPENS,
+                 allow: set[str] | None = None, full: bool = False, clock: Callable[[], float] = time.time):
+        self.store = store
+        self.max_body = max_body
+        self.min_opens = min_opens
+        self.allow = allow
+        self.full = full
+        self.clock = clock
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        try:
+            status, body, headers = self.route(environ)
+        except sqlite3.Error as exc:
+            log.error("database failure: %s", exc)
+            status, body, headers = _error(503, "storage_unavailable", "the database failed; retry later",
+                                           {"Retry-After": "1"})
+        except Exception:  # a bug: logged; still a well-formed answer
+            log.exception("unexpected failure handling %s %s", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"))
+            status, body, headers = _error(500, "internal_error", "unexpected server failure")
+        data = json.dumps(body, separators=(",", ":")).encode("utf-8")
+        start_response(f"{status} {REASONS.get(status, 'Unknown')}",
+                       [("Content-Type", "application/json"), ("Content-Length", str(len(data))), *headers.items()])
+        return [data]
+
+    def route(self, environ: dict[str, Any]) -> Response:
+        method = environ.get("REQUEST_METHOD", "GET")
+        path = environ.get("PATH_INFO", "") or "/"
+        if path == "/verify":
+            if method != "POST":
+                return _error(405, "method_not_allowed", "POST a receipt to /verify", {"Allow": "POST"})
+            return self.verify(environ)
+        if method not in ("GET", "HEAD"):
+            if path in ("/health", "/challenge") or _RUN_PATH.fullmatch(path):
+                return _error(405, "method_not_allowed", f"{path} answers GET", {"Allow": "GET"})
+            return _error(404, "not_found", f"no endpoint {path}")
+        if path == "/health":
+            return 200, {"status": "healthy", "receipts": self.store.count(), "min_opens": self.min_opens,
+                         "max_body": self.max_body, "challenges": True}, {}
+        if path == "/challenge":
+            return self.challenge(environ)
+        match = _RUN_PATH.fullmatch(path)
+        if match:
+            did = _query(environ).get("did")
+            report = self.store.run_report(match.group(1), did)
+            if report is None:
+                return _error(404, "unknown_run", "no accepted receipts for this run")
+            return 200, report, {}
+        return _error(404, "not_found", f"no endpoint {path}")
+
+    # ---- POST /verify
+
+    def verify(self, environ: dict[str, Any]) -> Response:
+        media = str(environ.get("CONTENT_TYPE", "")).split(";", 1)[0].strip().lower()
+        if media != "application/json":
+            return _error(415, "unsupported_media_type", "send the receipt as Content-Type: application/json")
+        length_text = str(environ.get("CONTENT_LENGTH", "") or "").strip()
+        if length_text:
+            if not length_text.isdigit():
+                return _error(400, "bad_content_length", "Content-Length is not a number")
+            if int(length_text) > self.max_body:
+                return _error(413, "too_large", f"the body is over {self.max_body} bytes")
+        stream = environ.get("wsgi.input")
+        try:
+            data = stream.read(self.max_body + 1) if stream is not None else b""
+        except (OSError, ValueError):
+            return _error(400, "unreadable_body", "the request body could not be read")
+        if len(data) > self.max_body:
+            return _error(413, "too_large", f"the body is over {self.max_body} bytes")
+        try:
+            receipt = parse_json(data)
+        except ReceiptInvalid as exc:
+            return _error(400, exc.code, exc.detail)
+        if self.allow is not None:
+            pubkey = receipt.get("pubkey") if isinstance(receipt, dict) else None
+            if pubkey not in self.allow:
+                return _error(403, "pubkey_not_allowed", "this pubkey may not submit here")
+        try:
+            verified = verify_receipt(receipt, min_opens=self.min_opens, full=self.full)
+        except ReceiptInvalid as exc:
+            return _error(422, exc.code, exc.detail)
+        except Exception as exc:  # input the verifier did not foresee: still a rejection, never a 5xx
+            log.warning("verifier failed on a receipt (%s: %s); rejected", type(exc).__name__, exc)
+            return _error(422, "unverifiable", "the receipt could not be verified")
+        challenge = receipt.get("challenge")
+        if challenge is not None:
+            issued = self.store.challenge(challenge)
+            if issued is None or issued["did"] != verified.did:
+                return _error(422, "unknown_challenge", "this aggregator did not issue that challenge to this did")
+        outcome = self.store.add_receipt(
+            digest=verified.digest.hex(), did=verified.did, nonce=verified.nonce, pubkey=verified.pubkey.hex(),
+            run_id=verified.run_id, attempt=verified.attempt, ops=verified.ops, started_ms=verified.started_ms,
+            challenge=challenge, accepted_ms=int(self.clock() * 1000), receipt=receipt_line(receipt))
+        if outcome in (ACCEPTED, DUPLICATE):
+            return 200, verified.response(duplicate=outcome == DUPLICATE), {}
+        return _error(409, "replayed_nonce", "this (did, nonce) was accepted with another digest")
+
+    # ---- GET /challenge
+
+    def challenge(self, environ: dict[str, Any]) -> Response:
+        did = _query(environ).get("did")
+        if not did or not _DID.fullmatch(did):
+            return _error(400, "bad_did", "give ?did= (printable ASCII, no spaces, up to 256 characters)")
+        return 200, self.store.issue_challenge(did, int(self.clock() * 1000), CHALLENGE_TTL_MS), {}
+
+
+def _query(environ: dict[str, Any]) -> dict[str, str]:
+    try:
+        parsed = parse_qs(str(environ.get("QUERY_STRING", "")), keep_blank_values=True, max_num_fields=20)
+    except ValueError:
+        return {}
+    return {name: values[0] for name, values in parsed.items() if values}

@@ -1,0 +1,209 @@
+"""The outbox: signed receipts on disk until the aggregator has answered for them.
+
+Layout (one directory, default `<user data dir>/outbox`):
+
+    <digest hex>.json          a receipt waiting to be delivered (one JSON line)
+    rejected/<digest>.json     a receipt the aggregator rejected (final 4xx) ...
+    rejected/<digest>.answer.json  ... and its answer
+    quarantine/<name>          an entry that could not be read back (with a warning)
+    .lock                      held (flock) by the run that drains this outbox
+
+A write is durable before `put` returns: temp file, fsync, rename, fsync the directory.
+An entry leaves only after a 200 (`remove`) or a final answer (`reject`).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import re
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any, Iterator
+
+from .canonical import digest_of, receipt_line
+from .errors import StorageError
+
+log = logging.getLogger("tops_job.outbox")
+
+_ENTRY = re.compile(r"[0-9a-f]{64}\.json")
+_TMP_PREFIX = ".tmp-"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durably(directory: Path, name: str, data: bytes) -> Path:
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=_TMP_PREFIX, suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        final = directory / name
+        os.replace(tmp, final)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(directory)
+    return final
+
+
+class Outbox:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.rejected_dir = self.path / "rejected"
+        self.quarantine_dir = self.path / "quarantine"
+        self._lock_handle: Any = None
+        self._mutex = threading.Lock()
+        self.quarantined = 0
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot create outbox {self.path}: {exc.strerror or exc}") from None
+
+    # ---- ownership of earlier runs' entries
+
+    def acquire(self) -> bool:
+        """Take the outbox's lock (non-blocking). Only the holder drains earlier entries, so
+        two workers sharing a directory never send the same leftovers at once."""
+        try:
+            handle = open(self.path / ".lock", "a+")
+        except OSError as exc:
+            raise StorageError(f"cannot open outbox lock in {self.path}: {exc.strerror or exc}") from None
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            handle.close()
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                return False
+            raise
+        self._lock_handle = handle
+        return True
+
+    def release(self) -> None:
+        if self._lock_handle is not None:
+            self._lock_handle.close()
+            self._lock_handle = None
+
+    def recover(self) -> list[str]:
+        """Promote complete temp files a crash left behind between fsync and rename, delete
+        incomplete ones, and return the digests waiting, oldest first. Call with the lock."""
+        for tmp in self.path.glob(_TMP_PREFIX + "*"):
+            receipt = self._read(tmp)
+            if receipt is not None:
+                digest = digest_of(receipt).hex()
+                final = self.path / f"{digest}.json"
+                if not final.exists():
+                    os.replace(tmp, final)
+                    log.info("[outbox] recovered %s from an interrupted write", digest)
+                    continue
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+        _fsync_dir(self.path)
+        entries = []
+        for item in self.path.iterdir():
+            if item.is_file() and _ENTRY.fullmatch(item.name):
+                try:
+                    entries.append((item.stat().st_mtime_ns, item.name))
+                except OSError:
+                    continue
+            elif item.is_file() and item.name != ".lock" and not item.name.startswith(_TMP_PREFIX):
+                self.quarantine(item, "not an outbox entry name")
+        return [name[:-5] for _, name in sorted(entries)]
+
+    # ---- entries
+
+    def put(self, receipt: dict[str, Any], digest: bytes) -> Path:
+        """Durably store `receipt`; when this returns it survives kill -9 and power loss."""
+        data = (receipt_line(receipt) + "\n").encode("ascii")
+        try:
+            return _write_durably(self.path, f"{digest.hex()}.json", data)
+        except OSError as exc:
+            raise StorageError(f"cannot write to outbox {self.path}: {exc.strerror or exc}") from None
+
+    def load(self, digest: str) -> dict[str, Any] | None:
+        """The receipt stored under `digest`, or None when it is gone or was quarantined."""
+        path = self.path / f"{digest}.json"
+        if not path.exists():
+            return None
+        receipt = self._read(path)
+        if receipt is None:
+            self.quarantine(path, "unreadable or not a receipt")
+            return None
+        if digest_of(receipt).hex() != digest:
+            self.quarantine(path, "content does not hash to its name")
+            return None
+        return receipt
+
+    def remove(self, digest: str) -> None:
+        """Delivered (200): the entry goes."""
+        try:
+            (self.path / f"{digest}.json").unlink()
+        except FileNotFoundError:
+            return
+        _fsync_dir(self.path)
+
+    def reject(self, digest: str, answer: dict[str, Any]) -> None:
+        """A final answer: the receipt and the answer move to rejected/."""
+        with self._mutex:
+            self.rejected_dir.mkdir(exist_ok=True)
+        text = json.dumps(answer, sort_keys=True, indent=2) + "\n"
+        _write_durably(self.rejected_dir, f"{digest}.answer.json", text.encode("utf-8"))
+        try:
+            os.replace(self.path / f"{digest}.json", self.rejected_dir / f"{digest}.json")
+        except FileNotFoundError:
+            return
+        _fsync_dir(self.rejected_dir)
+        _fsync_dir(self.path)
+
+    def quarantine(self, path: Path, why: str) -> None:
+        with self._mutex:
+            self.quarantine_dir.mkdir(exist_ok=True)
+            self.quarantined += 1
+        target = self.quarantine_dir / path.name
+        try:
+            os.replace(path, target)
+            _fsync_dir(self.path)
+        except OSError as exc:
+            log.warning("[outbox] cannot quarantine %s (%s): %s", path, why, exc)
+            return
+        log.warning("[outbox] quarantined %s: %s; it is kept in %s for inspection", path.name, why, self.quarantine_dir)
+
+    def pending(self) -> Iterator[str]:
+        for item in self.path.glob("*.json"):
+            if _ENTRY.fullmatch(item.name):
+                yield item.name[:-5]
+
+    def depth(self) -> int:
+        return sum(1 for _ in self.pending())
+
+    @staticmethod
+    def _read(path: Path) -> dict[str, Any] | None:
+        from .receipt import parse_json
+
+        try:
+            receipt = parse_json(path.read_bytes())
+        except Exception:
+            return None
+        if not isinstance(receipt, dict) or "sig" not in receipt or "nonce" not in receipt:
+            return None
+        try:
+            digest_of(receipt)
+        except (TypeError, ValueError):
+            return None
+        return receipt
