@@ -16,10 +16,12 @@ from .backends import create_backend
 from .canonical import receipt_line
 from .config import Config
 from .delivery import InlineDelivery
-from .errors import ConfigError, SignatureError, StorageError
+from .errors import ConfigError, SignatureError, StorageError, TopsJobError
 from .keys import default_did
+from .plugins import call_each, first_result
 from .reporting import Reporter, Reporters
 from .runner import JobRun, StopSignal
+from .summary import write_summary
 from .submission import Submitter
 
 log = logging.getLogger("tops_job.app")
@@ -27,10 +29,28 @@ log = logging.getLogger("tops_job.app")
 SubmitterFactory = Callable[[Config], Submitter]
 
 
-def build_identity(config: Config, pm: pluggy.PluginManager) -> Identity:
-    signer = pm.hook.tops_job_signer(config=config)
+def _load_failures(pm: pluggy.PluginManager) -> str:
+    report = getattr(pm, "load_report", None)
+    return report.failures_text() if report is not None else ""
+
+
+def build_identity(config: Config, pm: pluggy.PluginManager, signer_name: str | None = None) -> Identity:
+    """The signer the `tops_job_signer` hook chooses. A signer plugin that raises stops
+    the run (never a silent fall-back to the local key); so does `signer_name`
+    (--signer, TOPS_JOB_SIGNER) when the chosen signer has another name, e.g. because
+    the plugin that should have answered failed to load."""
+    try:
+        signer = pm.hook.tops_job_signer(config=config)
+    except TopsJobError:
+        raise
+    except Exception as exc:
+        raise SignatureError(f"the signer plugin failed: {type(exc).__name__}: {exc}") from exc
     if signer is None:
-        raise ConfigError("WORKER_SK_HEX", "no signer is configured: set WORKER_SK_HEX or TOPS_JOB_KEY_FILE, or configure a signer plugin")
+        raise ConfigError("WORKER_SK_HEX", "no signer is configured: set WORKER_SK_HEX or TOPS_JOB_KEY_FILE, "
+                          "or configure a signer plugin" + _load_failures(pm))
+    if signer_name and getattr(signer, "name", None) != signer_name:
+        raise ConfigError("TOPS_JOB_SIGNER", f"signer {signer_name!r} was asked for but {getattr(signer, 'name', '?')!r} "
+                          "answered; is its plugin installed and configured?" + _load_failures(pm))
     try:
         public_key = signer.public_key
     except Exception as exc:
@@ -45,7 +65,7 @@ def submitter_registry(pm: pluggy.PluginManager) -> dict[str, tuple[SubmitterFac
     def register(name: str, factory: SubmitterFactory, schemes: tuple[str, ...] = ()) -> None:
         registry[name] = (factory, tuple(schemes))
 
-    pm.hook.tops_job_register_submitters(register=register)
+    call_each(pm, "tops_job_register_submitters", register=register)
     return registry
 
 
@@ -54,32 +74,44 @@ def choose_submitter(config: Config, pm: pluggy.PluginManager, name: str | None 
     registry = submitter_registry(pm)
     if name:
         if name not in registry:
-            raise ConfigError("TOPS_JOB_SUBMITTER", f"no submitter named {name!r}; available: {', '.join(sorted(registry))}")
+            raise ConfigError("TOPS_JOB_SUBMITTER", f"no submitter named {name!r}; available: "
+                              f"{', '.join(sorted(registry))}" + _load_failures(pm))
         return name, registry[name][0]
     if config.aggregator_url:
         scheme = urlsplit(config.aggregator_url).scheme
         for candidate, (factory, schemes) in registry.items():
             if scheme in schemes:
                 return candidate, factory
-        raise ConfigError("AGGREGATOR_URL", f"no submitter handles {scheme!r} URLs")
+        raise ConfigError("AGGREGATOR_URL", f"no submitter handles {scheme!r} URLs" + _load_failures(pm))
     if "ledger" not in registry:
         raise ConfigError("TOPS_JOB_SUBMITTER", "no AGGREGATOR_URL and the ledger submitter is disabled")
     return "ledger", registry["ledger"][0]
 
 
-def make_delivery_factory(config: Config, pm: pluggy.PluginManager, submitter_name: str | None = None):
+def make_delivery_factory(config: Config, pm: pluggy.PluginManager, submitter_name: str | None = None,
+                          stop: StopSignal | None = None):
     name, factory = choose_submitter(config, pm, submitter_name)
     submitter = factory(config)
     if name == "ledger":
         return lambda on_receipt: InlineDelivery(submitter, on_receipt)
     from .sender import OutboxDelivery  # network submitters: durable outbox + background sender
 
-    return lambda on_receipt: OutboxDelivery.from_config(config, submitter, on_receipt)
+    return lambda on_receipt: OutboxDelivery.from_config(config, submitter, on_receipt, stop=stop)
+
+
+def challenge_source(config: Config, did: str) -> Callable[[], bytes | None] | None:
+    """--challenge: with an AGGREGATOR_URL, ask it for a run challenge (spec §1) unless
+    TOPS_JOB_CHALLENGE=0; an aggregator without one (404) means random nonces."""
+    if not config.aggregator_url or config.challenge is False:
+        return None
+    from .submit_http import fetch_challenge
+
+    return lambda: fetch_challenge(config.aggregator_url, did, timeout=(config.connect_timeout, config.read_timeout))
 
 
 def collect_reporters(config: Config, pm: pluggy.PluginManager) -> Reporters:
     reporters: list[Reporter] = []
-    pm.hook.tops_job_register_reporters(register=reporters.append, config=config)
+    call_each(pm, "tops_job_register_reporters", register=reporters.append, config=config)
     return Reporters(reporters)
 
 
@@ -104,22 +136,34 @@ class ReceiptsFile:
 
 
 def build_job(config: Config, pm: pluggy.PluginManager, *, stop: StopSignal,
-              receipt_sinks: list[Callable[[dict[str, Any]], None]], submitter_name: str | None = None) -> JobRun:
-    identity = build_identity(config, pm)
+              receipt_sinks: list[Callable[[dict[str, Any]], None]], submitter_name: str | None = None,
+              signer_name: str | None = None) -> JobRun:
+    identity = build_identity(config, pm, signer_name)
     backend = create_backend(config.backend, config.dtype)
-    profile_store = pm.hook.tops_job_profile_store(config=config)
+    profile_store = first_result(pm, "tops_job_profile_store", config=config)
+    if profile_store is None and not config.size:
+        raise ConfigError("TOPS_JOB_SIZE", "no profile store plugin answered (blocked?): give --size or enable one"
+                          + _load_failures(pm))
     reporters = collect_reporters(config, pm)
+    # One count of plugin trouble for the summary's `plugin_failures`: plugins that failed
+    # to load ("name.load"), hooks that raised ("name.hook"), reporter calls (reporter name).
+    failures = pm.hook_failures
+    for name in pm.load_report.failed:
+        failures[f"{name}.load"] = 1
+    failures.update(reporters.failures)
+    reporters.failures = failures
 
     def run_finished(summary: dict[str, Any]) -> None:
-        try:
-            pm.hook.tops_job_run_finished(summary=summary, config=config)
-        except Exception as exc:
-            log.warning("a tops_job_run_finished hook failed: %s", exc)
-            summary.setdefault("plugin_failures", {})["tops_job_run_finished"] = 1
+        before = sum(failures.values())
+        call_each(pm, "tops_job_run_finished", fatal=(), summary=summary, config=config)
+        summary["plugin_failures"] = dict(failures)
+        if sum(failures.values()) != before:  # keep the written summary in step with the count
+            write_summary(summary, config.summary)
 
     return JobRun(config, backend=backend, identity=identity,
-                  make_delivery=make_delivery_factory(config, pm, submitter_name), reporters=reporters,
-                  profile_store=profile_store, stop=stop, receipt_sinks=receipt_sinks, run_finished=run_finished)
+                  make_delivery=make_delivery_factory(config, pm, submitter_name, stop), reporters=reporters,
+                  profile_store=profile_store, stop=stop, receipt_sinks=receipt_sinks, run_finished=run_finished,
+                  challenge=challenge_source(config, identity.did))
 
 
 def dumps(data: Any) -> str:

@@ -10,6 +10,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from .backends.base import Backend, Shape
 
@@ -31,6 +32,7 @@ class Profile:
     probes: list[dict] = field(default_factory=list)
     created_ms: int = 0
     version: int = PROFILE_VERSION
+    device_uuid: str = ""  # the GPU that was tuned (informational: same-model cards share a profile)
 
     @property
     def shape(self) -> Shape:
@@ -45,6 +47,38 @@ def profile_key(backend: str, device: str, dtype: str, target_ms: int) -> str:
     """Cache key: backend, device model, dtype and target (file-name safe)."""
     slug = re.sub(r"[^A-Za-z0-9]+", "-", device).strip("-").lower()[:60] or "device"
     return f"{backend}-{slug}-{dtype}-{target_ms}ms"
+
+
+class ProfileCache(Protocol):
+    """Where profiles are cached: what the `tops_job_profile_store` hook returns.
+    ProfileStore (a directory) is the built-in; a plugin may keep them elsewhere (S3)."""
+
+    def path_for(self, key: str) -> "Path | str":
+        """Where the profile for `key` lives, for logs (a path or a URL)."""
+
+    def load(self, key: str, expect: dict) -> "Profile | None":
+        """The cached profile, or None when missing, unreadable or not matching `expect`
+        (check it with `profile_from_json`); never raises for a cache problem."""
+
+    def save(self, profile: "Profile") -> "Path | str":
+        """Cache `profile` (a failure is a warning, not an error); returns `path_for`."""
+
+
+def profile_from_json(text: str, expect: dict, where: object) -> Profile | None:
+    """A cached profile parsed and checked against `expect`, or None with a warning
+    (the caller tunes again) when it is corrupt, of another version or another device."""
+    try:
+        profile = Profile(**json.loads(text))
+        if profile.version != PROFILE_VERSION or min(profile.m, profile.n, profile.k) < 1:
+            raise ValueError("unsupported profile version or shape")
+    except (ValueError, TypeError) as exc:
+        log.warning("[autotune] cached profile %s is unreadable (%s); rebuilding it", where, exc)
+        return None
+    mismatched = {name: getattr(profile, name) for name, value in expect.items() if getattr(profile, name) != value}
+    if mismatched:
+        log.warning("[autotune] cached profile %s was made for %s; rebuilding it", where, mismatched)
+        return None
+    return profile
 
 
 class ProfileStore:
@@ -63,18 +97,11 @@ class ProfileStore:
         if not path.exists():
             return None
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            profile = Profile(**data)
-            if profile.version != PROFILE_VERSION or min(profile.m, profile.n, profile.k) < 1:
-                raise ValueError("unsupported profile version or shape")
-        except (OSError, ValueError, TypeError) as exc:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, ValueError) as exc:
             log.warning("[autotune] cached profile %s is unreadable (%s); rebuilding it", path, exc)
             return None
-        mismatched = {name: getattr(profile, name) for name, value in expect.items() if getattr(profile, name) != value}
-        if mismatched:
-            log.warning("[autotune] cached profile %s was made for %s; rebuilding it", path, mismatched)
-            return None
-        return profile
+        return profile_from_json(text, expect, path)
 
     def save(self, profile: Profile) -> Path:
         path = self.path_for(profile.key)
@@ -136,10 +163,10 @@ def autotune(backend: Backend, target_ms: int, *, start: int = 512, step: int = 
     return Profile(backend=backend.name, device=backend.device_model, dtype=backend.dtype,
                    target_ms=target_ms, m=best, n=best, k=best, measured_ms=round(probes[best], 3),
                    probes=[{"side": s, "ms": round(t, 3)} for s, t in sorted(probes.items())],
-                   created_ms=int(time.time() * 1000))
+                   created_ms=int(time.time() * 1000), device_uuid=getattr(backend, "device_uuid", ""))
 
 
-def resolve_profile(backend: Backend, target_ms: int, store: ProfileStore, *, retune: bool = False) -> tuple[Profile, bool]:
+def resolve_profile(backend: Backend, target_ms: int, store: ProfileCache, *, retune: bool = False) -> tuple[Profile, bool]:
     """(profile, from_cache): the cached profile when its key matches, else a new one."""
     key = profile_key(backend.name, backend.device_model, backend.dtype, target_ms)
     expect = {"backend": backend.name, "device": backend.device_model, "dtype": backend.dtype, "target_ms": target_ms}
@@ -161,4 +188,5 @@ def _search_limits(backend: Backend) -> dict:
         except (ValueError, OSError, AttributeError):
             available = 8 << 30
         return {"start": 512, "step": 64, "max_bytes": available // 2}
-    return {"start": 4096, "step": 256}
+    # Multiples of 256 (cuBLAS's tile sizes); sides whose buffers fit the device's free memory.
+    return {"start": 4096, "step": 256, "max_bytes": getattr(backend, "memory_budget_bytes", None)}

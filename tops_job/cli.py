@@ -13,6 +13,7 @@ from typing import Any, Iterator
 import click
 
 from . import __version__
+from .backends import DTYPES
 from .errors import ConfigError, ExitCode, TopsJobError
 
 log = logging.getLogger("tops_job.cli")
@@ -57,9 +58,9 @@ class SizeType(click.ParamType):
 def _install_plugin_commands(group: click.Group) -> None:
     """Let plugins add commands (tops_job_register_commands); a failure is only logged."""
     try:
-        from .plugins import get_plugin_manager
+        from .plugins import call_each, get_plugin_manager
 
-        get_plugin_manager().hook.tops_job_register_commands(cli=group)
+        call_each(get_plugin_manager(), "tops_job_register_commands", fatal=(), cli=group)
     except Exception as exc:  # the CLI must work even with a broken plugin installed
         log.warning("plugins could not add commands: %s", exc)
 
@@ -102,7 +103,7 @@ def cli(verbose: bool) -> None:
 @cli.command()
 @click.option("-n", "--attempts", type=click.IntRange(1), help="Attempts to run (TOPS_JOB_ATTEMPTS, default 10).")
 @click.option("--backend", type=click.Choice(["auto", "numpy", "cupy"]), help="Compute backend (TOPS_JOB_BACKEND, default auto).")
-@click.option("--dtype", type=click.Choice(["float32", "float64", "tf32", "float16", "bfloat16"]), help="Inputs type (TOPS_JOB_DTYPE; float32).")
+@click.option("--dtype", type=click.Choice(list(DTYPES)), help="Inputs type (TOPS_JOB_DTYPE; float32).")
 @click.option("--size", type=SizeType(), help="Skip autotune: N or M,N,K (TOPS_JOB_SIZE).")
 @click.option("--target-ms", type=click.IntRange(1, 600_000), help="Autotune target per product (AUTOTUNE_TARGET_MS, default 300).")
 @click.option("--retune", is_flag=True, default=None, help="Ignore the cached profile and tune again.")
@@ -111,27 +112,35 @@ def cli(verbose: bool) -> None:
 @click.option("--aggregator-url", help="Aggregator verify URL (AGGREGATOR_URL); unset: local ledger.")
 @click.option("--did", "device_did", help="Device DID (DEVICE_DID; default did:peaq:<key address>).")
 @click.option("--submitter", "submitter_name", envvar="TOPS_JOB_SUBMITTER", help="Submitter by name (TOPS_JOB_SUBMITTER).")
+@click.option("--signer", "signer_name", envvar="TOPS_JOB_SIGNER",
+              help="Require this signer, e.g. kms (TOPS_JOB_SIGNER; default: the first plugin that answers, else the local key).")
 @click.option("--ledger", "ledger_path", type=click.Path(path_type=Path), help="Local ledger file (TOPS_JOB_LEDGER).")
 @click.option("--outbox", "outbox_dir", type=click.Path(path_type=Path), help="Outbox directory (TOPS_JOB_OUTBOX_DIR).")
 @click.option("--summary", "summary_path", type=click.Path(path_type=Path), help="Summary JSON path (TOPS_JOB_SUMMARY).")
 @click.option("--receipts-out", type=click.Path(path_type=Path), help="Append every signed receipt here as JSON lines.")
 @click.option("--drain-timeout", type=click.FloatRange(0), help="Seconds to keep sending at the end (TOPS_JOB_DRAIN_TIMEOUT, 30).")
+@click.option("--challenge/--no-challenge", default=None,
+              help="Ask the aggregator for a run challenge (TOPS_JOB_CHALLENGE; default: when it offers one).")
 @click.option("--health-port", type=click.IntRange(0, 65535), help="Serve /health, /metrics, dashboard (METRICS_ENABLED=1: 8082).")
 @click.option("--metrics-textfile", type=click.Path(path_type=Path), help="Write final metrics here for node_exporter.")
-def run(submitter_name: str | None, **flags: Any) -> None:
+def run(submitter_name: str | None, signer_name: str | None, **flags: Any) -> None:
     """Run a batch of attempts and deliver their receipts."""
     from .app import ReceiptsFile, build_job
+    from .logs import set_run_id
     from .plugins import get_plugin_manager
     from .runner import StopSignal
+    from .telemetry import setup_for_job
     from .summary import human_lines
 
     if flags.get("health_port") is not None:
         flags["metrics_enabled"] = True
-    config = _config(flags)
+    config = _config(flags, need_key=False)  # the local signer resolves the key if it is the one used
+    set_run_id(config.run_id)
     stop = StopSignal()
     previous_handlers = _install_stop_handlers(stop)
     sinks = []
     receipts_file = None
+    telemetry = None
     try:
         pm = get_plugin_manager()
         if config.receipts_out:
@@ -139,7 +148,9 @@ def run(submitter_name: str | None, **flags: Any) -> None:
             sinks.append(receipts_file)
         if config.debug_receipt:
             sinks.append(_debug_receipt)
-        job = build_job(config, pm, stop=stop, receipt_sinks=sinks, submitter_name=submitter_name)
+        job = build_job(config, pm, stop=stop, receipt_sinks=sinks, submitter_name=submitter_name,
+                        signer_name=signer_name)
+        telemetry = setup_for_job(config, job)  # flushed below, bounded, on every way out (SIGTERM included)
         for line in config.describe(job.identity.did, job.identity.signer.public_key.hex()):
             log.info(line)
         if config.key is not None and config.key.generated:
@@ -151,6 +162,8 @@ def run(submitter_name: str | None, **flags: Any) -> None:
     except TopsJobError as exc:
         raise JobFailed(exc) from None
     finally:
+        if telemetry is not None:
+            telemetry.shutdown()
         if receipts_file is not None:
             receipts_file.close()
         for signum, handler in previous_handlers.items():
@@ -182,23 +195,38 @@ def _install_stop_handlers(stop: Any) -> dict[int, Any]:
     return {signum: signal.signal(signum, on_signal) for signum in (signal.SIGTERM, signal.SIGINT)}
 
 
+# ---------------------------------------------------------------- plugins
+
+@cli.command()
+def plugins() -> None:
+    """List plugins (built-in and installed) as JSON: name, status, package, version, hooks.
+
+    Blocked plugins (TOPS_JOB_DISABLE_PLUGINS, TOPS_JOB_LOAD_PLUGINS) and plugins that
+    failed to load, with the error, are listed too."""
+    from .plugins import describe_plugins, get_plugin_manager
+
+    click.echo(json.dumps(describe_plugins(get_plugin_manager()), indent=2))
+
+
 # ---------------------------------------------------------------- autotune
 
 @cli.command()
 @click.option("--target-ms", type=click.IntRange(1, 600_000), help="Target product time (AUTOTUNE_TARGET_MS, 300).")
 @click.option("--backend", type=click.Choice(["auto", "numpy", "cupy"]), help="Compute backend (TOPS_JOB_BACKEND).")
-@click.option("--dtype", type=click.Choice(["float32", "float64", "tf32", "float16", "bfloat16"]), help="Inputs type.")
+@click.option("--dtype", type=click.Choice(list(DTYPES)), help="Inputs type.")
 @click.option("--force", is_flag=True, help="Tune even when a matching profile is cached.")
 def autotune(target_ms: int | None, backend: str | None, dtype: str | None, force: bool) -> None:
     """Find the matrix size whose product takes the target time, and cache it."""
     from .autotune import resolve_profile
     from .backends import create_backend
-    from .plugins import get_plugin_manager
+    from .plugins import first_result, get_plugin_manager
 
     config = _config({"target_ms": target_ms, "backend": backend, "dtype": dtype}, need_key=False)
     try:
         engine = create_backend(config.backend, config.dtype)
-        store = get_plugin_manager().hook.tops_job_profile_store(config=config)
+        store = first_result(get_plugin_manager(), "tops_job_profile_store", config=config)
+        if store is None:
+            raise ConfigError("TOPS_JOB_DISABLE_PLUGINS", "no profile store plugin answered; enable one")
         profile, _cached = resolve_profile(engine, config.target_ms, store, retune=force)
     except TopsJobError as exc:
         raise JobFailed(exc) from None

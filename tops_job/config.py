@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 import platformdirs
 
-from .backends import BACKEND_NAMES
+from .backends import BACKEND_NAMES, DTYPES
 from .errors import ConfigError
 from .keys import KeySource
 from .receipt import MAX_K, MAX_OPENS
@@ -25,7 +25,6 @@ APP = "tops-job"
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 _RUN_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
-DTYPES = ("float32", "float64", "tf32", "float16", "bfloat16")
 
 
 @dataclass
@@ -43,8 +42,18 @@ class Config:
     rate_limit_per_second: float = 10.0
     metrics_enabled: bool = False
     health_port: int = 8082
+    health_host: str = "0.0.0.0"  # all interfaces: Prometheus scrapes the pod/container address
     debug_receipt: bool = False
     drain_timeout: float = 30.0
+    connect_timeout: float = 3.05  # delivery (docs/delivery.md): HTTP connect timeout, seconds
+    read_timeout: float = 10.0  # HTTP read timeout, seconds
+    retry_base_s: float = 0.5  # first backoff ceiling; doubles per retry, full jitter
+    retry_cap_s: float = 30.0  # longest single backoff
+    retry_budget: int = 50  # retries across the run (plus a fifth of first sends)
+    breaker_threshold: int = 5  # consecutive failures that open the circuit breaker
+    breaker_cooldown_s: float = 15.0  # open breaker: seconds before one probe
+    send_concurrency: int = 4  # sender threads
+    challenge: bool | None = None  # ask the aggregator for a run challenge (None: when it offers one)
     retune: bool = False
     run_id: str = ""
     data_dir: Path = field(default_factory=lambda: Path(platformdirs.user_data_dir(APP)))
@@ -54,6 +63,7 @@ class Config:
     outbox_dir: Path | None = None
     summary_path: Path | None = None
     receipts_out: Path | None = None
+    metrics_textfile: Path | None = None  # final metrics for node_exporter's textfile collector
     key: KeySource | None = field(default=None, repr=False)
 
     @property
@@ -175,6 +185,13 @@ def parse_run_id(name: str, text: str) -> str:
     return text
 
 
+def parse_host(name: str, text: str) -> str:
+    host = text.strip()
+    if not host or any(c.isspace() or c in "/?#@" for c in host):
+        raise ConfigError(name, f"{text!r} is not a host name or address (e.g. 0.0.0.0, 127.0.0.1, ::)")
+    return host
+
+
 def parse_path(name: str, text: str) -> Path:
     if not text.strip():
         raise ConfigError(name, "is empty")
@@ -196,8 +213,18 @@ SETTINGS: dict[str, tuple[tuple[str, ...], Callable[[str, str], Any]]] = {
     "rate_limit_per_second": (("RATE_LIMIT_PER_SECOND",), parse_float(0.0, 1e6)),
     "metrics_enabled": (("METRICS_ENABLED",), parse_bool),
     "health_port": (("TOPS_JOB_HEALTH_PORT",), parse_int(0, 65535)),
+    "health_host": (("TOPS_JOB_HEALTH_HOST",), parse_host),
     "debug_receipt": (("WORKER_DEBUG_RECEIPT",), parse_bool),
     "drain_timeout": (("TOPS_JOB_DRAIN_TIMEOUT",), parse_float(-1e-9, 86400.0)),
+    "connect_timeout": (("TOPS_JOB_CONNECT_TIMEOUT",), parse_float(0.0, 3600.0)),
+    "read_timeout": (("TOPS_JOB_READ_TIMEOUT",), parse_float(0.0, 3600.0)),
+    "retry_base_s": (("TOPS_JOB_RETRY_BASE",), parse_float(0.0, 3600.0)),
+    "retry_cap_s": (("TOPS_JOB_RETRY_CAP",), parse_float(0.0, 86400.0)),
+    "retry_budget": (("TOPS_JOB_RETRY_BUDGET",), parse_int(0, 10_000_000)),
+    "breaker_threshold": (("TOPS_JOB_BREAKER_THRESHOLD",), parse_int(1, 1_000_000)),
+    "breaker_cooldown_s": (("TOPS_JOB_BREAKER_COOLDOWN",), parse_float(0.0, 86400.0)),
+    "send_concurrency": (("TOPS_JOB_SEND_CONCURRENCY",), parse_int(1, 64)),
+    "challenge": (("TOPS_JOB_CHALLENGE",), parse_bool),
     "run_id": (("TOPS_JOB_RUN_ID",), parse_run_id),
     "data_dir": (("TOPS_JOB_DATA_DIR",), parse_path),
     "cache_dir": (("TOPS_JOB_CACHE_DIR",), parse_path),
@@ -206,6 +233,7 @@ SETTINGS: dict[str, tuple[tuple[str, ...], Callable[[str, str], Any]]] = {
     "outbox_dir": (("TOPS_JOB_OUTBOX_DIR",), parse_path),
     "summary_path": (("TOPS_JOB_SUMMARY",), parse_path),
     "receipts_out": (("TOPS_JOB_RECEIPTS_OUT",), parse_path),
+    "metrics_textfile": (("TOPS_JOB_METRICS_TEXTFILE",), parse_path),
 }
 
 

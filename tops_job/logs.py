@@ -6,7 +6,11 @@ import json
 import logging
 import sys
 import time
+from contextvars import ContextVar
 from typing import Mapping
+
+# The attempt the current thread works on (set by the run loop); JSON lines carry it.
+current_attempt: ContextVar[int | None] = ContextVar("tops_job_attempt", default=None)
 
 
 class JsonFormatter(logging.Formatter):
@@ -26,9 +30,11 @@ class JsonFormatter(logging.Formatter):
         }
         if self.run_id:
             entry["run_id"] = self.run_id
-        for extra in ("attempt",):
-            if hasattr(record, extra):
-                entry[extra] = getattr(record, extra)
+        attempt = getattr(record, "attempt", None)
+        if attempt is None:
+            attempt = current_attempt.get()
+        if attempt is not None:
+            entry["attempt"] = attempt
         try:
             from opentelemetry import trace
 
@@ -55,3 +61,10 @@ def setup_logging(environ: Mapping[str, str], *, verbose: bool = False, run_id: 
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     root.propagate = False
+
+
+def set_run_id(run_id: str) -> None:
+    """Once the configuration is loaded: JSON lines from now on carry the run id."""
+    for handler in logging.getLogger("tops_job").handlers:
+        if isinstance(handler.formatter, JsonFormatter):
+            handler.formatter.run_id = run_id

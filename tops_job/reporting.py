@@ -42,6 +42,7 @@ class ReceiptEvent:
     error: str | None = None
     latency_s: float = 0.0
     attempts: int = 1  # sends it took
+    rate_limit_wait_s: float | None = None  # time spent waiting for the rate limiter, when there is one
 
 
 class Reporter:
@@ -60,6 +61,10 @@ class Reporter:
 
     def on_run_end(self, summary: dict[str, Any]) -> None: ...
 
+    def on_delivery(self, delivery: Any) -> None:
+        """The run's delivery, once it exists: `delivery.state()` gives live outbox depth
+        and breaker state (e.g. for a health endpoint or a gauge)."""
+
 
 class Reporters:
     """Fan-out to every reporter; a failing reporter is logged and counted, never fatal."""
@@ -68,8 +73,10 @@ class Reporters:
         self.reporters = list(reporters)
         self.failures: dict[str, int] = {}
 
-    def _call(self, method: str, *args: Any) -> None:
+    def _call(self, method: str, *args: Any, optional: bool = False) -> None:
         for reporter in self.reporters:
+            if optional and not hasattr(reporter, method):  # a method added later: older reporters lack it
+                continue
             try:
                 getattr(reporter, method)(*args)
             except Exception as exc:
@@ -91,3 +98,6 @@ class Reporters:
 
     def on_run_end(self, summary: dict[str, Any]) -> None:
         self._call("on_run_end", summary)
+
+    def on_delivery(self, delivery: Any) -> None:
+        self._call("on_delivery", delivery, optional=True)

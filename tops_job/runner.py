@@ -20,6 +20,7 @@ from .backends.base import Backend, Shape
 from .config import Config
 from .delivery import Delivery, DeliveryReport
 from .errors import DeviceError, ErrorClass, ExitCode, TopsJobError
+from .logs import current_attempt
 from .reporting import AttemptEvent, ReceiptEvent, Reporters, RunInfo
 from .stats import RunStats
 from .summary import build_summary, write_summary
@@ -62,7 +63,8 @@ class JobRun:
                  make_delivery: Callable[[Callable[[ReceiptEvent], None]], Delivery],
                  reporters: Reporters, profile_store: ProfileStore,
                  stop: StopSignal | None = None, receipt_sinks: list[ReceiptSink] | None = None,
-                 run_finished: Callable[[dict[str, Any]], None] | None = None):
+                 run_finished: Callable[[dict[str, Any]], None] | None = None,
+                 challenge: Callable[[], bytes | None] | None = None):
         self.config = config
         self.backend = backend
         self.identity = identity
@@ -71,8 +73,10 @@ class JobRun:
         self.stop = stop or StopSignal()
         self.receipt_sinks = receipt_sinks or []
         self.run_finished = run_finished
+        self.challenge_source = challenge  # asked once, right before the first attempt (spec §1)
         self.stats = RunStats()
         self.delivery = make_delivery(self._on_receipt)
+        self.reporters.on_delivery(self.delivery)
 
     def _on_receipt(self, event: ReceiptEvent) -> None:
         self.stats.record_receipt(event.outcome)
@@ -97,6 +101,7 @@ class JobRun:
                 fatal = exc
                 self.stats.record_failure(exc.error_class.value)
             finally:
+                current_attempt.set(None)
                 with tracer.start_as_current_span("drain"):
                     delivery_report = self.delivery.finish(config.drain_timeout)
             if delivery_report.pending:
@@ -134,14 +139,16 @@ class JobRun:
     def _attempts(self, shape: Shape) -> TopsJobError | None:
         config = self.config
         tile = min(config.tile or self.backend.default_tile, shape.n)
+        challenge = self.challenge_source() if self.challenge_source and not self.stop.stopped else None
         consecutive = 0
         for attempt in range(config.attempts):
+            current_attempt.set(attempt)  # JSON log lines carry it
             if self.stop.stopped:
                 log.info("[run] stop requested (%s): no new attempts", self.stop.reason)
                 return None
             try:
                 result = run_attempt(self.backend, shape, self.identity, run_id=config.run_id,
-                                     attempt=attempt, tile=tile, opens=config.opens)
+                                     attempt=attempt, tile=tile, opens=config.opens, challenge=challenge)
             except TopsJobError as exc:
                 self._failed(attempt, exc.error_class, str(exc))
                 if isinstance(exc, DeviceError):
@@ -160,7 +167,8 @@ class JobRun:
             consecutive = 0
             # Durable first: the receipt is in the outbox before anything else can fail.
             self.delivery.enqueue(result.receipt, result.digest)
-            self.stats.record_attempt(result.elapsed_ns, result.wall_ns, result.stages_ns, result.ops)
+            self.stats.record_attempt(result.elapsed_ns, result.wall_ns, result.stages_ns, result.ops,
+                                     throttled=bool(result.receipt.get("telemetry", {}).get("throttled")))
             for sink in self.receipt_sinks:
                 sink(result.receipt)
             self.reporters.on_attempt(AttemptEvent(
@@ -172,6 +180,7 @@ class JobRun:
     def _failed(self, attempt: int, error_class: ErrorClass, message: str) -> None:
         log.warning("[run] attempt %d failed (%s): %s", attempt, error_class.value, message)
         self.stats.record_failure(error_class.value)
+        trace.get_current_span().add_event("attempt.failed", {"tops_job.attempt": attempt, "error.type": error_class.value})
         self.reporters.on_attempt(AttemptEvent(attempt=attempt, ok=False, error_class=error_class.value, error=message))
 
     def _exit_code(self, fatal: TopsJobError | None, delivery: DeliveryReport) -> ExitCode:
