@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -27,7 +28,7 @@ def spec_dir() -> Path:
 
 
 @pytest.fixture(autouse=True)
-def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
+def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """Every test gets its own data, cache and config directories and none of the
     caller's tops-job settings."""
     for name in list(os.environ):
@@ -37,7 +38,14 @@ def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, P
     monkeypatch.setenv("TOPS_JOB_DATA_DIR", str(dirs["data"]))
     monkeypatch.setenv("TOPS_JOB_CACHE_DIR", str(dirs["cache"]))
     monkeypatch.setenv("TOPS_JOB_CONFIG_DIR", str(dirs["config"]))
-    return dirs
+    yield dirs
+    # An in-process CLI run points the tops_job logger at its own stderr handler and stops
+    # propagation; undo that so the next test's caplog sees records again.
+    logger = logging.getLogger("tops_job")
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+    logger.propagate = True
+    logger.setLevel(logging.NOTSET)
 
 
 def read_jsonl(path: Path) -> list[dict]:

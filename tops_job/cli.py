@@ -123,8 +123,12 @@ def cli(verbose: bool) -> None:
               help="Ask the aggregator for a run challenge (TOPS_JOB_CHALLENGE; default: when it offers one).")
 @click.option("--health-port", type=click.IntRange(0, 65535), help="Serve /health, /metrics, dashboard (METRICS_ENABLED=1: 8082).")
 @click.option("--metrics-textfile", type=click.Path(path_type=Path), help="Write final metrics here for node_exporter.")
-def run(submitter_name: str | None, signer_name: str | None, **flags: Any) -> None:
+@click.option("--devices", envvar="TOPS_JOB_DEVICES",
+              help="all|0,1,…: one worker process per GPU, each with its own data dir (TOPS_JOB_DEVICES).")
+def run(submitter_name: str | None, signer_name: str | None, devices: str | None, **flags: Any) -> None:
     """Run a batch of attempts and deliver their receipts."""
+    if devices:
+        _run_fleet(devices, flags)
     from .app import ReceiptsFile, build_job
     from .logs import set_run_id
     from .plugins import get_plugin_manager
@@ -174,6 +178,35 @@ def run(submitter_name: str | None, signer_name: str | None, **flags: Any) -> No
     if result.error is not None and not stop.stopped:
         click.echo(f"tops-job: {result.error}", err=True)
     sys.exit(int(result.exit_code))
+
+
+def _run_fleet(devices_text: str, flags: dict[str, Any]) -> None:
+    """--devices: re-run this command once per device in child processes (see fleet.py)."""
+    from .fleet import PER_WORKER_DIRS, PER_WORKER_FILES, parse_devices, run_fleet
+
+    config = _config(flags, need_key=False)
+    try:
+        devices = parse_devices(devices_text)
+    except TopsJobError as exc:
+        raise JobFailed(exc) from None
+    ctx = click.get_current_context()
+    child_args: list[str] = []
+    environ = dict(os.environ)
+    for param in ctx.command.params:
+        if param.name in ("devices", "health_port") or \
+                ctx.get_parameter_source(param.name) != click.core.ParameterSource.COMMANDLINE:
+            continue  # variables reach the workers through the environment; ports are per worker
+        value = ctx.params[param.name]
+        variable = {**PER_WORKER_FILES, **PER_WORKER_DIRS}.get(param.name)
+        if variable:
+            environ[variable] = str(value)  # made per worker by the fleet
+        elif getattr(param, "is_flag", False):
+            child_args.append(param.opts[0] if value else param.secondary_opts[0])
+        else:
+            child_args += [param.opts[0], ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
+    code = run_fleet(child_args, devices, environ, data_dir=config.data_dir, run_id=config.run_id,
+                     health_port=config.health_port if config.metrics_enabled else None)
+    sys.exit(int(code))
 
 
 def _debug_receipt(receipt: dict[str, Any]) -> None:

@@ -16,6 +16,8 @@ import time
 from collections import deque
 from typing import Any, Callable
 
+from opentelemetry import trace
+
 from .breaker import CircuitBreaker
 from .delivery import DeliveryReport
 from .outbox import Outbox
@@ -25,6 +27,7 @@ from .retry import RetryBudget, RetryPolicy
 from .submission import Outcome, SubmitResult, Submitter
 
 log = logging.getLogger("tops_job.sender")
+tracer = trace.get_tracer("tops_job.sender")
 
 STOP_DRAIN_S = 1.0  # after SIGTERM/SIGINT: deliver what goes through without waiting, this long
 POLL_S = 0.1  # how often a sleeping sender rechecks the drain deadline
@@ -153,6 +156,12 @@ class OutboxDelivery:
                 self._park(digest, "internal_error")
 
     def _deliver(self, digest: str) -> None:
+        """One receipt through breaker, rate limit and retries, as one `submit` span whose
+        retries are events."""
+        with tracer.start_as_current_span("submit", attributes={"tops_job.digest": digest}) as span:
+            self._deliver_in_span(digest, span)
+
+    def _deliver_in_span(self, digest: str, span: Any) -> None:
         with self._cond:
             receipt = self._cache.pop(digest, None)
         if receipt is None:
@@ -164,12 +173,17 @@ class OutboxDelivery:
         key = bytes.fromhex(digest)
         retries = sends = 0
         begun = time.perf_counter()
+        waited = 0.0  # in the rate limiter
         while True:
             while not self.breaker.allow():
                 if self._sleep(max(self.breaker.wait_hint(), 0.01)):
                     return self._park(digest, "breaker_open")
-            if not self.bucket.take(self._sleep):
+            asked = time.perf_counter()
+            taken = self.bucket.take(self._sleep)
+            waited += time.perf_counter() - asked
+            if not taken:
                 self.breaker.release_probe()
+                span.set_attribute("tops_job.outcome", "pending")
                 return self._park(digest, "stopped")
             if sends == 0 and retries == 0:
                 self.budget.record_first_send()
@@ -181,7 +195,7 @@ class OutboxDelivery:
             if result.outcome in (Outcome.ACCEPTED, Outcome.DUPLICATE):
                 self.breaker.record_success()
                 self.outbox.remove(digest)
-                self._final(digest, result, sends, begun)
+                self._final(digest, result, sends, begun, waited, span)
                 self._requeue_parked()
                 return
             if result.outcome is Outcome.REJECTED:
@@ -189,21 +203,28 @@ class OutboxDelivery:
                 self.outbox.reject(digest, {"status": result.status, "error": result.error, "answer": result.response})
                 log.warning("[sender] receipt %s rejected (%s %s): moved to %s", digest, result.status, result.error,
                             self.outbox.rejected_dir)
-                self._final(digest, result, sends, begun)
+                self._final(digest, result, sends, begun, waited, span)
                 return
             self.breaker.record_failure()
             log.info("[sender] receipt %s not delivered (%s%s)", digest[:16], result.error,
                      f", retry after {result.retry_after:g}s" if result.retry_after is not None else "")
+            span.set_attribute("tops_job.outcome", "pending")
             if not self.policy.may_retry(retries):
                 return self._park(digest, "max_retries")
             if not self.budget.try_spend():
                 return self._park(digest, "retry_budget")
             delay = self.policy.delay(retries, result.retry_after)
             retries += 1
+            span.add_event("retry", {"tops_job.retry": retries, "error.type": result.error or "transient",
+                                     "http.response.status_code": result.status or 0, "tops_job.delay_s": delay})
             if self._sleep(delay):
                 return self._park(digest, "stopped")
 
-    def _final(self, digest: str, result: SubmitResult, sends: int, begun: float) -> None:
+    def _final(self, digest: str, result: SubmitResult, sends: int, begun: float, waited: float, span: Any) -> None:
+        span.set_attribute("tops_job.outcome", result.outcome.value)
+        span.set_attribute("tops_job.sends", sends)
+        if result.status is not None:
+            span.set_attribute("http.response.status_code", result.status)
         with self._cond:
             self._tracked.discard(digest)
             self._parked.pop(digest, None)
@@ -212,7 +233,8 @@ class OutboxDelivery:
                 self.report.counts[result.outcome.value] += 1
         if not finished:  # after the summary it is only reported by the next run's count
             self.on_receipt(ReceiptEvent(digest=digest, outcome=result.outcome.value, status=result.status,
-                                         error=result.error, latency_s=time.perf_counter() - begun, attempts=sends))
+                                         error=result.error, latency_s=time.perf_counter() - begun, attempts=sends,
+                                         rate_limit_wait_s=waited))
 
     def _park(self, digest: str, why: str) -> None:
         with self._cond:

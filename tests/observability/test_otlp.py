@@ -170,3 +170,31 @@ def test_bad_export_timeout_is_a_usage_error(job_env, start_job):
     job = start_job(["run", "--size", "32", "--attempts", "1"], {**job_env, "TOPS_JOB_OTEL_EXPORT_TIMEOUT": "soon"})
     assert job.wait() == 2
     assert "TOPS_JOB_OTEL_EXPORT_TIMEOUT" in job.stderr()
+
+
+def test_submissions_are_spans_with_retries_as_events(receiver, job_env, start_job, tmp_path):
+    """Against the reference aggregator behind a proxy that answers 503 first: each receipt
+    is one `submit` span; the retry is an event on it; the rate limiter's wait is measured."""
+    from tests.delivery.delivery_helpers import Aggregator, FaultProxy
+
+    aggregator = Aggregator(tmp_path / "agg.sqlite3")
+    proxy = FaultProxy(aggregator.base)
+    proxy.faults.append("503")
+    try:
+        env = otlp_env(job_env, receiver.endpoint, TOPS_JOB_RETRY_BASE="0.05", RATE_LIMIT_PER_SECOND="50")
+        job = start_job(["run", "--size", "32", "--attempts", "3", "--aggregator-url", proxy.url,
+                         "--no-challenge"], env)
+        assert job.wait() == 0, job.stderr()
+    finally:
+        proxy.close()
+        aggregator.stop()
+    spans = receiver.spans()
+    submits = [s for s in spans if s["name"] == "submit"]
+    assert len(submits) == 3 and all(s["attributes"]["tops_job.outcome"] == "accepted" for s in submits)
+    retried = [s for s in submits if s["events"]]
+    assert len(retried) == 1
+    (event_name, event_attrs), = retried[0]["events"]
+    assert event_name == "retry" and event_attrs["http.response.status_code"] == 503
+    assert retried[0]["attributes"]["tops_job.sends"] == 2
+    (wait,) = receiver.metric_points()["tops_job.rate_limiter.wait"]
+    assert wait["kind"] == "histogram" and wait["count"] == 3
