@@ -59,7 +59,7 @@ LABEL org.opencontainers.image.title="tops-job" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.revision="${REVISION}" \
       org.opencontainers.image.licenses="Apache-2.0" \
-      org.opencontainers.image.documentation="docs/production.md"
+      org.opencontainers.image.documentation="README.md"
 
 # tini is PID 1: it forwards SIGTERM/SIGINT to tops-job (a Python process as PID 1 would
 # get no default signal dispositions) and reaps zombies. -g signals the whole process group.
@@ -96,7 +96,7 @@ WORKDIR /var/lib/tops-job
 EXPOSE 8082
 
 # HEALTHCHECK: deliberately none. This is a batch job, judged by its exit code
-# (docs/production.md#exit-codes). A Docker health check that fails would only mark the
+# (README.md, "Exit codes under each scheduler"). A Docker health check that fails would only mark the
 # container unhealthy (or, under Swarm/compose restart policies, kill a job that is doing
 # useful work or draining its outbox); Kubernetes, AWS Batch and Slurm ignore the
 # instruction altogether. The /health endpoint exists for schedulers that do probe

@@ -45,7 +45,7 @@ class Config:
     health_host: str = "0.0.0.0"  # all interfaces: Prometheus scrapes the pod/container address
     debug_receipt: bool = False
     drain_timeout: float = 30.0
-    connect_timeout: float = 3.05  # delivery (docs/delivery.md): HTTP connect timeout, seconds
+    connect_timeout: float = 3.05  # delivery (README: Delivery): HTTP connect timeout, seconds
     read_timeout: float = 10.0  # HTTP read timeout, seconds
     retry_base_s: float = 0.5  # first backoff ceiling; doubles per retry, full jitter
     retry_cap_s: float = 30.0  # longest single backoff

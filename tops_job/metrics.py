@@ -1,7 +1,7 @@
 """The run's metrics: OpenTelemetry instruments (names under `tops_job.`, UCUM units) and
 the views that read them back (Prometheus text, the seed's JSON, the dashboard's data).
 
-The Prometheus names are what the bridge makes of these (see docs/observability.md):
+The Prometheus names are what the bridge makes of these (see the README, Observability):
 `tops_job.attempts` {attempt} -> tops_job_attempts_total, `tops_job.product.duration` s ->
 tops_job_product_duration_seconds, `tops_job.ops` {op}/s -> tops_job_ops_per_second, ...
 """
