@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
+# OpenBLAS workers spin for about 0.1 s after each GEMM by default; the attempt loop follows
+# every product with threaded input generation and hashing, which the spinning slows by
+# half. Sleeping at once costs the next GEMM microseconds. Only effective before NumPy loads
+# OpenBLAS, and an operator's own setting wins.
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+
 from importlib.metadata import PackageNotFoundError, version
 
 import pluggy

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import struct
-from concurrent.futures import Executor
 from typing import Protocol
 
 import numpy as np
@@ -66,42 +65,51 @@ def make_openings(commitment: Commitment, nonce: bytes, opens: int) -> list[dict
     return openings
 
 
+def commit_rows(product: np.ndarray, scratch: np.ndarray, lo: int, hi: int, tile: int) -> bytes:
+    """Convert rows lo..hi-1 of `product` to int32 into `scratch` and return their leaf
+    hashes, concatenated 32 bytes each, in leaf order. Works a cache-sized block at a time:
+    the conversion and the hashing read the same rows while they are still in cache."""
+    n = product.shape[1]
+    tpr = tiles_per_row(n, tile)
+    width = tile * 4
+    out = bytearray()
+    for block in range(lo, hi, ROWS_PER_BLOCK):
+        block_hi = min(hi, block + ROWS_PER_BLOCK)
+        np.copyto(scratch[block:block_hi], product[block:block_hi], casting="unsafe")
+        for row in range(block, block_hi):
+            row_bytes = memoryview(scratch[row]).cast("B")
+            for t in range(tpr):
+                out += leaf_hash(row_bytes[t * width : (t + 1) * width])
+    return bytes(out)
+
+
+def split_hashes(blob: bytes) -> list[bytes]:
+    """32-byte hashes from their concatenation."""
+    return [blob[i : i + 32] for i in range(0, len(blob), 32)]
+
+
 class HostCommitment:
-    """Commitment over a product in host memory, built with `chunks` threads.
+    """Commitment over a product in host memory.
 
     `product` is m×n with integral values (any float or int dtype); `scratch` is an m×n int32
     buffer reused across attempts that ends up holding C as int32 (the leaves' data).
+    `leaf_hashes`, when given, were already computed into `scratch` by `commit_rows` (the
+    NumPy backend spreads that over processes); else they are computed here.
     """
 
     def __init__(self, product: np.ndarray, tile: int, scratch: np.ndarray,
-                 executor: Executor | None = None, chunks: int = 1):
+                 leaf_hashes: list[bytes] | None = None):
         m, n = product.shape
         if not 1 <= tile <= n:
             raise ValueError(f"tile {tile} outside 1..{n}")
         self.tile, self.n = tile, n
         self.values = scratch
-        tpr = tiles_per_row(n, tile)
-        self.leaf_count = m * tpr
-        hashes: list[bytes] = [b""] * self.leaf_count
-        bounds = [(lo, min(m, lo + ROWS_PER_BLOCK)) for lo in range(0, m, ROWS_PER_BLOCK)]
-
-        def commit_rows(blocks: list[tuple[int, int]]) -> None:
-            for lo, hi in blocks:
-                np.copyto(scratch[lo:hi], product[lo:hi], casting="unsafe")
-                for row in range(lo, hi):
-                    row_bytes = memoryview(scratch[row]).cast("B")
-                    base = row * tpr
-                    for t in range(tpr):
-                        hashes[base + t] = leaf_hash(row_bytes[t * tile * 4 : (t + 1) * tile * 4])
-
-        if executor is None or chunks <= 1 or len(bounds) < 2 * chunks:
-            commit_rows(bounds)
-        else:
-            # Interleave blocks so both threads finish together.
-            futures = [executor.submit(commit_rows, bounds[c::chunks]) for c in range(chunks)]
-            for future in futures:
-                future.result()
-        self.tree = MerkleTree(hashes)
+        self.leaf_count = m * tiles_per_row(n, tile)
+        if leaf_hashes is None:
+            leaf_hashes = split_hashes(commit_rows(product, scratch, 0, m, tile))
+        if len(leaf_hashes) != self.leaf_count:
+            raise ValueError(f"{len(leaf_hashes)} leaf hashes for {self.leaf_count} leaves")
+        self.tree = MerkleTree(leaf_hashes)
         self.root = self.tree.root
 
     def leaf_data(self, leaf: int) -> bytes:

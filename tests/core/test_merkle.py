@@ -78,15 +78,28 @@ def test_host_commitment_leaves_are_int32_tiles_in_row_order(tile):
         assert leaf_columns(leaf, 10, tile)[0] == leaf // tpr
 
 
-def test_threaded_commitment_equals_single_thread():
-    from concurrent.futures import ThreadPoolExecutor
+@pytest.mark.parametrize("tile", [64, 257, 1000])
+def test_commitment_in_helper_processes_equals_in_process(tile):
+    """The NumPy backend's helper processes hash bands of rows in shared memory; the root
+    must be the one a single process computes."""
+    from tops_job.backends.host_workers import SharedRows, close_helpers
 
-    rng = np.random.default_rng(1)
-    product = rng.integers(-5000, 5000, size=(300, 257)).astype(np.float32)
-    single = HostCommitment(product, 64, np.empty((300, 257), np.int32))
-    with ThreadPoolExecutor(2) as pool:
-        threaded = HostCommitment(product, 64, np.empty((300, 257), np.int32), pool, 2)
-    assert single.root == threaded.root
+    rng = np.random.default_rng(tile)
+    shape = (1100, 1000)  # above the size where helpers start
+    shared = SharedRows.create(shape, np.float32, helpers=1)
+    assert shared is not None, "memfd and helper processes work on Linux"
+    try:
+        shared.product.array[...] = rng.integers(-5000, 5000, size=shape)
+        single = HostCommitment(shared.product.array, tile, np.empty(shape, np.int32))
+        helped = HostCommitment(shared.product.array, tile, shared.scratch.array, leaf_hashes=shared.commit(tile))
+        assert helped.root == single.root
+        assert helped.leaf_data(5) == single.leaf_data(5)
+        shared.product.array[7, 3] += 1  # the helper sees the parent's writes
+        assert HostCommitment(shared.product.array, tile, shared.scratch.array,
+                              leaf_hashes=shared.commit(tile)).root != single.root
+    finally:
+        shared.release()
+        close_helpers(shared.helpers)
 
 
 def test_opening_indices_are_deterministic_and_in_range():

@@ -13,6 +13,7 @@ from ..commitment import HostCommitment
 from ..errors import ConfigError
 from ..inputs import fill_elements, padded_size
 from .base import Shape
+from .host_workers import Helper, SharedRows, close_helpers
 
 CPU_DTYPES = {"float32": np.float32, "float64": np.float64}
 
@@ -42,8 +43,10 @@ def usable_cpus() -> int:
 
 class NumpyBackend:
     name = "numpy"
-    # Whole rows up to 1024 columns: few Python-level hash calls per row, receipts under 100 KB.
-    default_tile = 1024
+    # Whole rows (up to 4096 columns): each leaf is a Python-level hash call, so fewer, longer
+    # leaves cost less (3328² commits in 16 ms at tile 3328 vs 23 ms at 1024, 2 cores), at
+    # the price of larger receipts (about 290 KB instead of 90 KB at 3328²; --tile to trade).
+    default_tile = 4096
 
     def __init__(self, dtype: str = "float32", threads: int | None = None):
         if dtype not in CPU_DTYPES:
@@ -53,6 +56,8 @@ class NumpyBackend:
         self.device_model = cpu_model()
         self.threads = threads or usable_cpus()
         self._executor = ThreadPoolExecutor(self.threads, thread_name_prefix="tops-cpu") if self.threads > 1 else None
+        self._helpers: list[Helper] = []  # for the commitment, started with the first large shape
+        self._shared: SharedRows | None = None
         self.shape: Shape | None = None
 
     def prepare(self, shape: Shape) -> None:
@@ -63,8 +68,15 @@ class NumpyBackend:
         self._bt_flat = np.empty(padded_size(n * k), self._np_dtype)
         self.a = self._a_flat[: m * k].reshape(m, k)
         self.bt = self._bt_flat[: n * k].reshape(n, k)
-        self.c = np.empty((m, n), self._np_dtype)
-        self._c_int32 = np.empty((m, n), np.int32)
+        if self._shared is not None:
+            self._shared.release()
+        self._shared = SharedRows.create((m, n), self._np_dtype, self._helpers or self.threads - 1)
+        if self._shared is not None:
+            self._helpers = self._shared.helpers
+            self.c, self._c_int32 = self._shared.product.array, self._shared.scratch.array
+        else:
+            self.c = np.empty((m, n), self._np_dtype)
+            self._c_int32 = np.empty((m, n), np.int32)
         # Touch every page now so the first attempt does not pay for page faults.
         for buffer in (self._a_flat, self._bt_flat, self.c, self._c_int32):
             buffer.fill(0)
@@ -80,7 +92,8 @@ class NumpyBackend:
         return time.perf_counter_ns() - start
 
     def commit(self, tile: int) -> HostCommitment:
-        return HostCommitment(self.c, tile, self._c_int32, self._executor, self.threads)
+        hashes = self._shared.commit(tile) if self._shared is not None else None
+        return HostCommitment(self.c, tile, self._c_int32, leaf_hashes=hashes)
 
     def telemetry(self) -> dict[str, int]:
         return {}
@@ -88,3 +101,9 @@ class NumpyBackend:
     def close(self) -> None:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
+        if self._shared is not None:
+            self.c = self._c_int32 = None
+            self._shared.release()
+            self._shared = None
+        close_helpers(self._helpers)
+        self._helpers = []
