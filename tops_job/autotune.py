@@ -6,12 +6,12 @@ import json
 import logging
 import os
 import re
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from .atomic import write_atomic
 from .backends.base import Backend, Shape
 
 log = logging.getLogger("tops_job.autotune")
@@ -107,11 +107,7 @@ class ProfileStore:
         path = self.path_for(profile.key)
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".profile-", suffix=".tmp")
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(asdict(profile), handle, indent=2, sort_keys=True)
-                handle.write("\n")
-            os.replace(tmp, path)
+            write_atomic(path, (json.dumps(asdict(profile), indent=2, sort_keys=True) + "\n").encode("utf-8"))
         except OSError as exc:  # a read-only cache is a warning: the next run tunes again
             log.warning("[autotune] cannot cache profile in %s: %s", self.directory, exc)
         return path

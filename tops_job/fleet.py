@@ -9,7 +9,6 @@ the most serious of the children's codes.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import subprocess
 import sys

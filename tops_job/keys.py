@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import stat
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,14 +59,22 @@ def read_key_file(path: Path, variable: str) -> bytes:
 
 
 def write_key_file(path: Path, secret: bytes | None = None) -> bytes:
-    """Write a new (or given) secret to `path` with mode 0600, never overwriting a file."""
+    """Write a new (or given) secret to `path` with mode 0600, never overwriting a file.
+
+    The file appears whole or not at all (temp file, fsync, then a hard link that fails if
+    `path` exists): several workers starting at once may race to create the key, and none
+    may read a half-written one."""
     secret = secret or coincurve.PrivateKey().secret
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w", encoding="ascii") as handle:
-        handle.write(secret.hex() + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".key-")  # mode 0600
+    try:
+        with os.fdopen(fd, "w", encoding="ascii") as handle:
+            handle.write(secret.hex() + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.link(tmp, path)  # FileExistsError when another process won the race
+    finally:
+        os.unlink(tmp)
     return secret
 
 

@@ -8,8 +8,6 @@ tops_job_product_duration_seconds, `tops_job.ops` {op}/s -> tops_job_ops_per_sec
 
 from __future__ import annotations
 
-import os
-import tempfile
 import threading
 import time
 from collections import deque
@@ -19,6 +17,7 @@ from typing import Any, Callable, Iterable
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from prometheus_client import CollectorRegistry, generate_latest
 
+from .atomic import write_atomic
 from .reporting import AttemptEvent, ReceiptEvent
 
 BREAKER_STATES = {"closed": 0, "half_open": 1, "half-open": 1, "open": 2}
@@ -171,22 +170,8 @@ def seed_json(found: dict, uptime_s: float, health_status: str) -> dict[str, Any
 
 
 def write_textfile(registry: CollectorRegistry, path: Path) -> Path:
-    """For node_exporter's textfile collector: temp file in the same directory, fsync,
-    rename, so the collector never reads half a file; world-readable like its others."""
+    """For node_exporter's textfile collector: written atomically so the collector never
+    reads half a file; world-readable like its others."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(prometheus_text(registry))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
+    return write_atomic(path, prometheus_text(registry), mode=0o644)

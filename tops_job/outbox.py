@@ -20,11 +20,11 @@ import json
 import logging
 import os
 import re
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any, Iterator
 
+from .atomic import fsync_dir, write_atomic
 from .canonical import digest_of, receipt_line
 from .errors import StorageError
 
@@ -34,31 +34,9 @@ _ENTRY = re.compile(r"[0-9a-f]{64}\.json")
 _TMP_PREFIX = ".tmp-"
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_durably(directory: Path, name: str, data: bytes) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=_TMP_PREFIX, suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        final = directory / name
-        os.replace(tmp, final)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(directory)
-    return final
+    # The temp name is one `_recover` knows: a crash between fsync and rename leaves it.
+    return write_atomic(directory / name, data, sync_dir=True, tmp_prefix=_TMP_PREFIX, tmp_suffix=".part")
 
 
 class Outbox:
@@ -114,7 +92,7 @@ class Outbox:
                 tmp.unlink()
             except OSError:
                 pass
-        _fsync_dir(self.path)
+        fsync_dir(self.path)
         entries = []
         for item in self.path.iterdir():
             if item.is_file() and _ENTRY.fullmatch(item.name):
@@ -156,7 +134,7 @@ class Outbox:
             (self.path / f"{digest}.json").unlink()
         except FileNotFoundError:
             return
-        _fsync_dir(self.path)
+        fsync_dir(self.path)
 
     def reject(self, digest: str, answer: dict[str, Any]) -> None:
         """A final answer: the receipt and the answer move to rejected/."""
@@ -168,8 +146,8 @@ class Outbox:
             os.replace(self.path / f"{digest}.json", self.rejected_dir / f"{digest}.json")
         except FileNotFoundError:
             return
-        _fsync_dir(self.rejected_dir)
-        _fsync_dir(self.path)
+        fsync_dir(self.rejected_dir)
+        fsync_dir(self.path)
 
     def quarantine(self, path: Path, why: str) -> None:
         with self._mutex:
@@ -178,7 +156,7 @@ class Outbox:
         target = self.quarantine_dir / path.name
         try:
             os.replace(path, target)
-            _fsync_dir(self.path)
+            fsync_dir(self.path)
         except OSError as exc:
             log.warning("[outbox] cannot quarantine %s (%s): %s", path, why, exc)
             return

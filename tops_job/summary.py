@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .atomic import write_atomic
 from .errors import ExitCode
 from .stats import RunStats
 
@@ -58,16 +57,9 @@ def _iso(ts: float) -> str:
 
 
 def write_summary(summary: dict[str, Any], path: Path) -> Path:
-    """Atomically (temp file, fsync, rename) so a reader never sees half a summary."""
+    """Atomically, so a reader never sees half a summary."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".summary-", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        json.dump(summary, handle, indent=2, sort_keys=True)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
 
 def human_lines(summary: dict[str, Any]) -> list[str]:

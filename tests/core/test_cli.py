@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from tops_job import __version__
 from tops_job.cli import cli
 from tops_job.errors import ExitCode
-from tests.conftest import SPEC_DIR, TEST_KEY, read_jsonl
+from tests.conftest import TEST_KEY, read_jsonl
 
 
 def invoke(*args: str, env: dict | None = None):

@@ -105,3 +105,23 @@ def test_default_did_is_the_keys_eth_address(monkeypatch):
     assert result.exit_code == 0, result.output
     # Secret key 1 is the generator point; its address is well known.
     assert "did:peaq:0x7E5F4552091A69125d5DfCb7b8C2659029395Bdf" in result.output
+
+
+def test_concurrent_first_runs_agree_on_one_generated_key(isolated_env):
+    """Workers started together (run --devices, a fleet on one node) race to generate the
+    key; each must read a whole key, and all the same one."""
+    import subprocess
+    import sys
+
+    import time
+
+    start_at = time.time() + 2.0  # all imports done, then all at once
+    code = ("import time; from tops_job.config import load_config\n"
+            f"while time.time() < {start_at}: pass\n"
+            "print(load_config({}).key.secret.hex())")
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(6)]
+    outputs = [proc.communicate(timeout=60) for proc in procs]
+    assert all(proc.returncode == 0 for proc in procs), [err for _, err in outputs]
+    assert len({out.strip() for out, _ in outputs}) == 1
+    assert not [p for p in isolated_env["config"].iterdir() if p.name.startswith(".key-")]

@@ -7,7 +7,6 @@ import types
 
 from tops_job.backends import nvml
 from tops_job.backends.nvml import NvmlSampler, Sample, summarize
-from tops_job.receipt import build_body  # noqa: F401  (telemetry lands in the body: ints only)
 
 
 def test_summary_of_a_power_capped_but_unthrottled_product():
