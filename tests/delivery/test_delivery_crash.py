@@ -4,6 +4,7 @@ lost and none is counted twice."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 import time
@@ -93,3 +94,38 @@ def test_sigterm_during_backoff_acts_at_once(tmp_path, aggregator, proxy_factory
     assert aggregator.digests() == []
     summary = json.loads((tmp_path / "run.summary.json").read_text())
     assert summary["receipts"]["pending"] >= len(signed)
+
+
+def test_sigterm_reaches_the_job_as_pid_1(tmp_path, aggregator):
+    """In a container without an init, tops-job is PID 1, and the kernel drops any signal PID 1
+    has no handler for: SIGTERM must still stop it cleanly (exit 143, outbox complete)."""
+    import shutil
+    import subprocess
+
+    from tests.delivery.delivery_helpers import CLI
+
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"],
+                                                         capture_output=True).returncode != 0:
+        pytest.skip("unshare cannot make a PID namespace here (needs root or user namespaces)")
+    command = ["unshare", "--pid", "--fork", "--mount-proc", *CLI, "run", "--size", "64", "--attempts", "100000",
+               "--receipts-out", str(tmp_path / "run.jsonl"), "--summary", str(tmp_path / "run.summary.json"),
+               "--aggregator-url", aggregator.url]
+    outer = subprocess.Popen(command, env=worker_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_lines(tmp_path / "run.jsonl", 5, outer)
+    children = open(f"/proc/{outer.pid}/task/{outer.pid}/children").read().split()
+    (job_pid,) = children  # the job, PID 1 in its namespace
+    (nspid,) = [line for line in open(f"/proc/{job_pid}/status") if line.startswith("NSpid:")]
+    assert nspid.split()[-1] == "1"  # its pid in its own namespace
+    began = time.monotonic()
+    os.kill(int(job_pid), signal.SIGTERM)
+    try:
+        outer.wait(15)
+    except subprocess.TimeoutExpired:
+        os.kill(int(job_pid), signal.SIGKILL)  # PID 1 ignored TERM: the failure this test is for
+        raise
+    took = time.monotonic() - began
+    assert outer.returncode == 143, outer.stderr.read()[-3000:]
+    assert took < 2.5, f"took {took:.2f}s to stop"
+    signed = set(signed_digests(tmp_path / "run.jsonl"))
+    assert signed <= set(aggregator.digests()) | set(outbox_digests(tmp_path / "outbox"))
+    assert json.loads((tmp_path / "run.summary.json").read_text())["exit_code"] == 143
