@@ -147,6 +147,10 @@ def run(submitter_name: str | None, signer_name: str | None, devices: str | None
     telemetry = None
     try:
         pm = get_plugin_manager()
+        if sys.stderr.isatty() and os.environ.get("TOPS_JOB_LOG_FORMAT", "text").lower() != "json":
+            from .progress import ProgressPlugin
+
+            pm.register(ProgressPlugin(sys.stderr), name="tops_job.progress")
         if config.receipts_out:
             receipts_file = ReceiptsFile(config.receipts_out)
             sinks.append(receipts_file)

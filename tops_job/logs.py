@@ -57,7 +57,8 @@ def setup_logging(environ: Mapping[str, str], *, verbose: bool = False, run_id: 
     if environ.get("TOPS_JOB_LOG_FORMAT", "text").lower() == "json":
         handler.setFormatter(JsonFormatter(run_id))
     else:
-        handler.setFormatter(logging.Formatter("%(message)s"))
+        # On a terminal a log line first clears the progress line (progress.py) it would join.
+        handler.setFormatter(logging.Formatter(("\r\033[K" if sys.stderr.isatty() else "") + "%(message)s"))
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     root.propagate = False

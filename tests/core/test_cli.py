@@ -187,3 +187,27 @@ def test_spec_key_signs_receipts_that_verify(monkeypatch, tmp_path):
     assert invoke("run", "--attempts", "1", "--size", "16", "--receipts-out", str(out)).exit_code == 0
     receipt = read_jsonl(out)[0]
     assert receipt["pubkey"] == TEST_KEY["pubkey_hex"] and receipt["did"] == TEST_KEY["did"]
+
+
+def test_progress_line_counts_attempts_and_deliveries():
+    import io
+
+    from tops_job.progress import CLEAR_LINE, TerminalProgress
+    from tops_job.reporting import AttemptEvent, ReceiptEvent, RunInfo
+
+    stream = io.StringIO()
+    progress = TerminalProgress(stream)
+    progress.on_run_start(RunInfo(run_id="r", did="d", pubkey="p", backend="numpy", device="cpu", dtype="float32",
+                                  attempts=4))
+    progress.on_attempt(AttemptEvent(attempt=0, ok=True, elapsed_ns=10**9, ops=2 * 10**11))
+    progress.on_attempt(AttemptEvent(attempt=1, ok=False, error_class="gpu"))
+    progress.on_receipt(ReceiptEvent(digest="00", outcome="accepted"))
+    assert progress.line() == "[run] attempt 2/4 (1 failed) · 200 GFLOP/s · 1 delivered"
+    assert stream.getvalue().count(CLEAR_LINE) == 3
+    progress.on_run_end({})
+    assert stream.getvalue().endswith(CLEAR_LINE)
+
+
+def test_no_progress_line_when_stderr_is_not_a_terminal():
+    result = invoke("run", "--attempts", "2", "--size", "8")
+    assert result.exit_code == 0 and "[run] attempt" not in result.output and "\033[K" not in result.output
