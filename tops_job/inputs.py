@@ -56,12 +56,8 @@ def splitmix64(key: int, index: int) -> int:
     return z ^ (z >> 31)
 
 
-_NIBBLE_SHIFTS = (np.arange(8, dtype=np.uint32) * 4)[None, :]
-# float32 bits 0x4B400000 | x are the number 1.5·2²³ + x for x < 2²³, so OR-ing a nibble into
-# those bits and subtracting 1.5·2²³ + 8 gives nibble − 8 exactly, with no conversion pass.
-_F32_MAGIC_BITS = np.uint32(0x4B400000)
-_F32_MAGIC_OFFSET = np.float32(1.5 * 2**23 + 8)
 _WORDS_PER_SLICE = 1 << 14  # 256 K elements: a slice's passes stay in the L2 cache
+_LOW, _HIGH = np.uint8(15), np.uint8(4)
 
 
 def padded_size(elements: int) -> int:
@@ -69,21 +65,20 @@ def padded_size(elements: int) -> int:
     return -(-elements // ELEMENTS_PER_WORD) * ELEMENTS_PER_WORD
 
 
+def _expand_words(words: np.ndarray, out: np.ndarray) -> None:
+    """The 16 elements of each word into `out` (len 16·len(words)), in any numeric dtype.
+
+    A little-endian word's byte b holds elements 2b (low nibble) and 2b+1 (high nibble), so
+    two byte-wide passes and two strided converting writes do it: half the passes of
+    extracting each nibble from the word, and no wide temporaries."""
+    octets = words.view(np.uint8)
+    np.subtract(octets & _LOW, 8, out=out[0::2], dtype=out.dtype, casting="unsafe")
+    np.subtract(octets >> _HIGH, 8, out=out[1::2], dtype=out.dtype, casting="unsafe")
+
+
 def _expand_slice(key: int, out: np.ndarray, lo: int, hi: int) -> None:
     """Elements of words lo..hi-1 into out[16·lo : 16·hi]."""
-    words = splitmix64_words(key, np.arange(lo, hi, dtype=np.uint64))
-    # A little-endian uint64 is two uint32 halves; half h holds elements 8h .. 8h+7.
-    halves = words.view(np.uint32)[:, None]
-    dst = out[lo * 16 : hi * 16]
-    if dst.dtype == np.float32:
-        bits = dst.view(np.uint32).reshape(-1, 8)
-        np.right_shift(halves, _NIBBLE_SHIFTS, out=bits)
-        np.bitwise_and(bits, np.uint32(15), out=bits)
-        np.bitwise_or(bits, _F32_MAGIC_BITS, out=bits)
-        np.subtract(dst, _F32_MAGIC_OFFSET, out=dst)
-        return
-    nibbles = (halves >> _NIBBLE_SHIFTS) & np.uint32(15)
-    np.subtract(nibbles.reshape(-1).astype(np.int16), 8, out=dst, casting="unsafe")
+    _expand_words(splitmix64_words(key, np.arange(lo, hi, dtype=np.uint64)), out[lo * 16 : hi * 16])
 
 
 def fill_elements(key: int, out: np.ndarray, executor: Executor | None = None, chunks: int = 1) -> None:
@@ -120,13 +115,8 @@ def element_rows(key: int, starts: np.ndarray, length: int) -> np.ndarray:
     rows = len(starts)
     words_per_row = (length + 15) // 16 + 1
     word_index = (starts >> np.uint64(4))[:, None] + np.arange(words_per_row, dtype=np.uint64)[None, :]
-    words = splitmix64_words(key, word_index.reshape(-1))
     nibbles = np.empty(rows * words_per_row * 16, np.float32)
-    bits = nibbles.view(np.uint32).reshape(-1, 8)
-    np.right_shift(words.view(np.uint32)[:, None], _NIBBLE_SHIFTS, out=bits)
-    np.bitwise_and(bits, np.uint32(15), out=bits)
-    np.bitwise_or(bits, _F32_MAGIC_BITS, out=bits)
-    np.subtract(nibbles, _F32_MAGIC_OFFSET, out=nibbles)
+    _expand_words(splitmix64_words(key, word_index.reshape(-1)), nibbles)
     nibbles = nibbles.reshape(rows, words_per_row * 16)
     out = np.empty((rows, length), np.float32)
     for row, offset in enumerate((starts & np.uint64(15)).tolist()):
