@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 from opentelemetry import trace
 
 from .backends.base import Backend, Shape
 from .canonical import digest_of
 from .commitment import make_openings
-from .errors import SignatureError
+from .errors import ErrorClass, SignatureError, TopsJobError
 from .inputs import attempt_seed, matrix_key, nonce_from_challenge
 from .receipt import build_body
 from .signing import Signer
@@ -49,7 +50,8 @@ def run_attempt(backend: Backend, shape: Shape, identity: Identity, *, run_id: s
     started_ms = time.time_ns() // 1_000_000
     nonce = nonce_from_challenge(challenge, attempt) if challenge else os.urandom(32)
     stages: dict[str, int] = {}
-    with tracer.start_as_current_span("attempt", attributes={"tops_job.attempt": attempt}) as span:
+    with tracer.start_as_current_span("attempt", attributes={"tops_job.attempt": attempt}) as span, \
+            _error_class_on(span):
         mark = time.perf_counter_ns()
         with tracer.start_as_current_span("inputs"):
             backend.prepare(shape)
@@ -86,6 +88,19 @@ def run_attempt(backend: Backend, shape: Shape, identity: Identity, *, run_id: s
     receipt = dict(body, openings=openings, sig=sig.hex())
     return AttemptResult(receipt=receipt, digest=digest, elapsed_ns=elapsed_ns,
                          wall_ns=time.perf_counter_ns() - wall_start, stages_ns=stages)
+
+
+@contextmanager
+def _error_class_on(span: trace.Span) -> Iterator[None]:
+    """A failed attempt's span says which class of error ended it (`error.type`)."""
+    try:
+        yield
+    except TopsJobError as exc:
+        span.set_attribute("error.type", exc.error_class.value)
+        raise
+    except Exception:
+        span.set_attribute("error.type", ErrorClass.INTERNAL.value)
+        raise
 
 
 def _lap(stages: dict[str, int], name: str, since: int) -> int:

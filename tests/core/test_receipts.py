@@ -120,3 +120,35 @@ def test_non_canonical_base64_is_rejected():
     with pytest.raises(ReceiptInvalid) as info:
         verify_receipt(tampered, full=True)
     assert info.value.code == "bad_values"
+
+
+def test_failed_attempt_span_names_the_error_class():
+    """Spans record errors with their class (GPU, Network, Signature, Validation, …)."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    import tops_job.attempt as attempt_module
+
+    class BrokenSigner:
+        name = "broken"
+        public_key = bytes.fromhex(TEST_KEY["pubkey_hex"])
+
+        def sign_digest(self, digest):
+            raise RuntimeError("HSM unplugged")
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    original = attempt_module.tracer
+    attempt_module.tracer = provider.get_tracer("test")
+    backend = NumpyBackend("float32")
+    try:
+        with pytest.raises(SignatureError):
+            run_attempt(backend, Shape(4, 4, 4), Identity("did:x", BrokenSigner()), run_id="r", attempt=0,
+                        tile=4, opens=16)
+    finally:
+        attempt_module.tracer = original
+        backend.close()
+    (span,) = [s for s in exporter.get_finished_spans() if s.name == "attempt"]
+    assert span.attributes["error.type"] == "signature" and not span.status.is_ok
