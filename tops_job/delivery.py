@@ -12,6 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
+from .errors import ErrorClass
 from .reporting import ReceiptEvent
 from .submission import Outcome, Submitter
 
@@ -59,7 +60,10 @@ class InlineDelivery:
 
     def finish(self, deadline_s: float) -> DeliveryReport:
         self.submitter.close()
+        self.report.detail.update(self.state())
         return self.report
 
     def state(self) -> dict[str, Any]:
-        return {"outbox_depth": 0, "breaker": "closed"}
+        rejected = self.report.counts[Outcome.REJECTED.value]
+        return {"outbox_depth": 0, "breaker": "closed",
+                "send_errors_by_class": {ErrorClass.VALIDATION.value: rejected} if rejected else {}}

@@ -13,13 +13,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from typing import Any, Callable
 
 from opentelemetry import trace
 
 from .breaker import CircuitBreaker
 from .delivery import DeliveryReport
+from .errors import ErrorClass
 from .outbox import Outbox
 from .ratelimit import TokenBucket
 from .reporting import ReceiptEvent
@@ -59,6 +60,7 @@ class OutboxDelivery:
         self._deadline: float | None = None
         self._threads: list[threading.Thread] = []
         self._earlier = 0
+        self._send_errors: Counter = Counter()  # failed sends by error class (network, validation)
 
     @classmethod
     def from_config(cls, config: Any, submitter: Submitter, on_receipt: Callable[[ReceiptEvent], None],
@@ -136,8 +138,13 @@ class OutboxDelivery:
     def state(self) -> dict[str, Any]:
         with self._cond:
             depth = len(self._tracked)
+            errors = dict(self._send_errors)
         return {"outbox_depth": depth, "breaker": self.breaker.state, "breaker_opened": self.breaker.opened_count,
-                **self.budget.state(), "quarantined": self.outbox.quarantined}
+                **self.budget.state(), "quarantined": self.outbox.quarantined, "send_errors_by_class": errors}
+
+    def _count_error(self, error_class: ErrorClass) -> None:
+        with self._cond:
+            self._send_errors[error_class.value] += 1
 
     # ---- sender threads
 
@@ -199,6 +206,7 @@ class OutboxDelivery:
                 self._requeue_parked()
                 return
             if result.outcome is Outcome.REJECTED:
+                self._count_error(ErrorClass.VALIDATION)
                 self.breaker.record_success()  # the aggregator is up and answered
                 self.outbox.reject(digest, {"status": result.status, "error": result.error, "answer": result.response})
                 log.warning("[sender] receipt %s rejected (%s %s): moved to %s", digest, result.status, result.error,
@@ -206,6 +214,7 @@ class OutboxDelivery:
                 self._final(digest, result, sends, begun, waited, span)
                 return
             self.breaker.record_failure()
+            self._count_error(ErrorClass.NETWORK)
             log.info("[sender] receipt %s not delivered (%s%s)", digest[:16], result.error,
                      f", retry after {result.retry_after:g}s" if result.retry_after is not None else "")
             span.set_attribute("tops_job.outcome", "pending")

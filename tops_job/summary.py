@@ -41,6 +41,9 @@ def build_summary(*, run_id: str, config: dict[str, Any], identity: dict[str, st
             "by_error_class": dict(stats.attempts_by_error),
         },
         "receipts": {name: stats.receipts.get(name, 0) for name in ("accepted", "duplicate", "rejected", "pending")},
+        # Every failure by class, the Rust worker's categories: attempts that failed, and sends
+        # that failed (network: transient, retried or left in the outbox; validation: rejected).
+        "errors_by_class": _merge_counts(stats.attempts_by_error, delivery.get("send_errors_by_class", {})),
         "timings": timings,
         "throughput": {
             "attempts_per_second": round(stats.attempts_ok / duration, 4),
@@ -50,6 +53,14 @@ def build_summary(*, run_id: str, config: dict[str, Any], identity: dict[str, st
         "delivery": delivery,
         "plugin_failures": reporter_failures,
     }
+
+
+def _merge_counts(*counts: dict[str, int]) -> dict[str, int]:
+    merged: dict[str, int] = {}
+    for count in counts:
+        for name, value in count.items():
+            merged[name] = merged.get(name, 0) + value
+    return merged
 
 
 def _iso(ts: float) -> str:
@@ -72,6 +83,9 @@ def human_lines(summary: dict[str, Any]) -> list[str]:
         f"  - receipts: {receipts['accepted']} accepted, {receipts['duplicate']} duplicate, "
         f"{receipts['rejected']} rejected, {receipts['pending']} pending",
     ]
+    if summary.get("errors_by_class"):
+        lines.append("  - errors by class: " + ", ".join(f"{name} {count}" for name, count in
+                                                         sorted(summary["errors_by_class"].items())))
     if attempts.get("throttled"):
         lines.append(f"  - warning: {attempts['throttled']} attempts ran while the GPU was throttled")
     if t["product_ms"]:

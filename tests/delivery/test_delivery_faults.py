@@ -47,6 +47,7 @@ def test_dead_aggregator_leaves_everything_in_the_outbox_then_next_run_drains(tm
     summary = _summary(tmp_path)
     assert summary["receipts"]["pending"] == 4 and summary["exit_reason"] == "PENDING"
     assert summary["delivery"]["breaker"] in ("open", "half_open", "closed")
+    assert summary["errors_by_class"]["network"] >= 4  # every failed send, classed as the Rust worker did
     assert "left in" in result.stderr
 
     server = Aggregator(tmp_path / "agg.sqlite3")
@@ -70,6 +71,7 @@ def test_final_answer_moves_receipt_to_rejected_and_exits_4(tmp_path, aggregator
     answers = list(rejected.glob("*.answer.json"))
     assert len(answers) == 1 and json.loads(answers[0].read_text())["status"] == 422
     assert len(aggregator.digests()) == 2 and proxy.seen["422"] == 1  # not retried
+    assert _summary(tmp_path)["errors_by_class"] == {"validation": 1}
 
 
 def test_breaker_opens_and_budget_stops_hammering(tmp_path, aggregator, proxy_factory):
