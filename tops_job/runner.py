@@ -100,8 +100,13 @@ class JobRun:
             except TopsJobError as exc:
                 fatal = exc
                 self.stats.record_failure(exc.error_class.value)
+            except Exception as exc:  # a bug: still drain, summarise and exit with a code
+                log.exception("[run] internal error")
+                fatal = TopsJobError(f"internal error: {exc!r}")
+                self.stats.record_failure(ErrorClass.INTERNAL.value)
             finally:
                 current_attempt.set(None)
+                self.backend.close()  # helper processes and threads; the receipts are all signed
                 with tracer.start_as_current_span("drain"):
                     delivery_report = self.delivery.finish(config.drain_timeout)
             if delivery_report.pending:
