@@ -128,9 +128,24 @@ class HealthServer:
         return self
 
     def stop(self) -> None:
+        """Close the listening socket and every open connection (a dashboard tab or a
+        scraper keeps one alive, and the loop runs while any is open), in the loop's own
+        thread; then end the loop and the worker threads."""
+        from waitress import wasyncore
+
+        def close_all() -> None:
+            wasyncore.close_all(self.server._map, ignore_all=True)
+
         try:
-            self.server.close()
+            if self._thread.is_alive():
+                self.server.trigger.pull_trigger(close_all)
+            else:
+                close_all()
+        except Exception as exc:
+            log.debug("[health] stop: %s", exc)
+            close_all()
+        self._thread.join(timeout=2)
+        try:
             self.server.task_dispatcher.shutdown(timeout=1)
         except Exception as exc:
             log.debug("[health] stop: %s", exc)
-        self._thread.join(timeout=2)

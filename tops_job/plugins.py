@@ -113,7 +113,7 @@ def _register(pm: PluginManager, name: str, load: Any, version: tuple[str, str])
     try:
         plugin = load()
         pm.register(plugin, name=name)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # SystemExit: a script's sys.exit or argparse run at import
         report.failed[name] = f"{type(exc).__name__}: {exc}"
         log.warning("[plugins] plugin %s failed to load and is left out: %s", name, report.failed[name])
         return

@@ -32,11 +32,11 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     text = value.strip()
     if not text:
         return None
-    if text.isdigit():
-        return float(int(text))
+    if text.isascii() and text.isdigit():  # not str.isdigit() alone: it takes "²" too
+        return float(text)  # float, not int: no digit limit; a huge value is inf, and `delay` caps it
     try:
         when = email.utils.parsedate_to_datetime(text)
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):  # OverflowError: a field past a C long
         return None
     if when is None or when.tzinfo is None:  # RFC 9110 dates are GMT; a naive one is malformed
         return None

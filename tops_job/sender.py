@@ -32,6 +32,7 @@ tracer = trace.get_tracer("tops_job.sender")
 
 STOP_DRAIN_S = 1.0  # after SIGTERM/SIGINT: deliver what goes through without waiting, this long
 POLL_S = 0.1  # how often a sleeping sender rechecks the drain deadline
+CACHE_MAX = 64  # receipts kept in memory to save a read back; the rest are read from the outbox
 
 
 class OutboxDelivery:
@@ -51,7 +52,8 @@ class OutboxDelivery:
         self.report = DeliveryReport(detail={"submitter": submitter.name, "outbox": str(outbox.path)})
         self._cond = threading.Condition()
         self._queue: deque[str] = deque()
-        self._cache: dict[str, dict[str, Any]] = {}  # this run's receipts, saving a read back
+        self._cache: dict[str, dict[str, Any]] = {}  # some of this run's receipts, saving a read back
+        self._sent: set[str] = set()  # sent at least once in this run and not yet final
         self._tracked: set[str] = set()  # known and not yet final
         self._parked: dict[str, str] = {}  # digest -> why it waits for a later round or run
         self._closing = False
@@ -94,7 +96,8 @@ class OutboxDelivery:
         self.outbox.put(receipt, digest)  # durable before anything else happens to it
         key = digest.hex()
         with self._cond:
-            self._cache[key] = receipt
+            if len(self._cache) < CACHE_MAX:  # bounded: a long outage must not hold every receipt
+                self._cache[key] = receipt
             self._tracked.add(key)
             self._queue.append(key)
             self._cond.notify()
@@ -176,6 +179,7 @@ class OutboxDelivery:
             if receipt is None:  # gone or quarantined
                 with self._cond:
                     self._tracked.discard(digest)
+                    self._sent.discard(digest)
                 return
         key = bytes.fromhex(digest)
         retries = sends = 0
@@ -192,8 +196,13 @@ class OutboxDelivery:
                 self.breaker.release_probe()
                 span.set_attribute("tops_job.outcome", "pending")
                 return self._park(digest, "stopped")
-            if sends == 0 and retries == 0:
-                self.budget.record_first_send()
+            if sends == 0:
+                if self._sent_before(digest):  # requeued after an earlier round: a retry, paid for
+                    if not self.budget.try_spend():
+                        self.breaker.release_probe()
+                        return self._park(digest, "retry_budget")
+                else:
+                    self.budget.record_first_send()
             sends += 1
             try:
                 result = self.submitter.submit(receipt, key)
@@ -237,6 +246,7 @@ class OutboxDelivery:
         with self._cond:
             self._tracked.discard(digest)
             self._parked.pop(digest, None)
+            self._sent.discard(digest)
             finished = self._finished
             if not finished:
                 self.report.counts[result.outcome.value] += 1
@@ -244,6 +254,13 @@ class OutboxDelivery:
             self.on_receipt(ReceiptEvent(digest=digest, outcome=result.outcome.value, status=result.status,
                                          error=result.error, latency_s=time.perf_counter() - begun, attempts=sends,
                                          rate_limit_wait_s=waited))
+
+    def _sent_before(self, digest: str) -> bool:
+        """Whether this run sent `digest` before; marks it sent."""
+        with self._cond:
+            seen = digest in self._sent
+            self._sent.add(digest)
+        return seen
 
     def _park(self, digest: str, why: str) -> None:
         with self._cond:

@@ -87,7 +87,7 @@ class HttpSubmitter:
 def classify(status: int, content: bytes, retry_after: str | None, digest: bytes) -> SubmitResult:
     try:
         answer = json.loads(content) if content else {}
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: deeply nested JSON
         answer = {}
     if not isinstance(answer, dict):
         answer = {}
@@ -121,7 +121,7 @@ def fetch_challenge(url: str, did: str, *, timeout: tuple[float, float] = (3.05,
         return None
     try:
         challenge = bytes.fromhex(response.json()["challenge"]) if response.status_code == 200 else b""
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         challenge = b""
     if len(challenge) != 32:
         log.warning("[challenge] %s answered %d without a 32-byte challenge: using random nonces",

@@ -191,6 +191,19 @@ def _span_exporter(name: str, environ: Mapping[str, str], timeout_s: float):
     return OTLPSpanExporter(timeout=timeout_s)
 
 
+def _export_interval_ms(environ: Mapping[str, str]) -> float:
+    text = environ.get("OTEL_METRIC_EXPORT_INTERVAL", "").strip()
+    if not text:
+        return 60_000.0
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError("OTEL_METRIC_EXPORT_INTERVAL", f"{text!r} is not a number of milliseconds") from None
+    if not value > 0:
+        raise ConfigError("OTEL_METRIC_EXPORT_INTERVAL", f"{value:g} is not a positive number of milliseconds")
+    return value
+
+
 def _metric_reader(name: str, environ: Mapping[str, str], timeout_s: float) -> MetricReader:
     from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, PeriodicExportingMetricReader
 
@@ -206,12 +219,27 @@ def _metric_reader(name: str, environ: Mapping[str, str], timeout_s: float) -> M
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
 
         exporter = OTLPMetricExporter(timeout=timeout_s)
-    interval_ms = float(environ.get("OTEL_METRIC_EXPORT_INTERVAL", "") or 60_000)
-    return PeriodicExportingMetricReader(exporter, export_interval_millis=interval_ms,
+    return PeriodicExportingMetricReader(exporter, export_interval_millis=_export_interval_ms(environ),
                                          export_timeout_millis=timeout_s * 1000)
 
 
 # ---------------------------------------------------------------- the handle
+
+class _SerialRegistry(CollectorRegistry):
+    """A registry read by one reader at a time. The OTel Prometheus bridge queues each
+    collection and drains the whole queue in whichever reader runs next, so two readers
+    at once (two scrapes, a scrape and the final textfile) could get every sample twice
+    and nothing at all."""
+
+    def __init__(self) -> None:
+        super().__init__(auto_describe=True)
+        self._read_lock = threading.Lock()
+
+    def collect(self):  # type: ignore[override]
+        with self._read_lock:
+            return iter(list(super().collect()))
+
+
 
 @dataclass
 class TelemetryHandle:
@@ -282,7 +310,7 @@ def setup_telemetry(config: Any, resource_attrs: Mapping[str, Any],
                                                               export_timeout_millis=timeout_s * 1000))
     from opentelemetry.exporter.prometheus import PrometheusMetricReader
 
-    registry = CollectorRegistry(auto_describe=True)
+    registry = _SerialRegistry()
     readers: list[MetricReader] = [PrometheusMetricReader(registry=registry, scope_info_enabled=False)]
     readers += [_metric_reader(name, environ, timeout_s) for name in metric_names]
     meter_provider = MeterProvider(resource=resource, metric_readers=readers, shutdown_on_exit=False)

@@ -159,3 +159,18 @@ def test_allow_list_restricts_submitters(tmp_path):
         assert _post(server.base, receipt).status_code == 200
     finally:
         server.stop()
+
+
+def test_allow_list_answers_4xx_not_5xx_for_a_pubkey_of_the_wrong_type(tmp_path):
+    """With --allow, the pubkey is looked up before verification: a list or an object there
+    (unhashable) must still be a final 4xx, never a 500."""
+    server = Aggregator(tmp_path / "agg.sqlite3", "--allow", KEY["pubkey_hex"])
+    try:
+        receipt = _lines("valid.jsonl")[1]
+        for pubkey in ([KEY["pubkey_hex"]], {"hex": KEY["pubkey_hex"]}, 7, None):
+            answer = _post(server.base, dict(receipt, pubkey=pubkey))
+            assert answer.status_code in (403, 422), (pubkey, answer.status_code, answer.text)
+            assert answer.json()["ok"] is False
+        assert _count(server.db) == 0
+    finally:
+        server.stop()

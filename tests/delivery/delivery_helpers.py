@@ -213,3 +213,39 @@ def signed_digests(path: Path) -> list[str]:
 
 def outbox_digests(outbox: Path) -> list[str]:
     return [p.name[:-5] for p in outbox.glob("*.json") if len(p.name) == 69]
+
+
+class CannedServer:
+    """A real HTTP server on loopback that answers every POST with one fixed answer:
+    `status`, `headers` and `body`, whatever was sent."""
+
+    def __init__(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None):
+        self.status, self.body, self.headers = status, body, headers or {}
+        self.posts = 0
+        canned = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                canned.posts += 1
+                self.send_response(canned.status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(canned.body)))
+                for name, value in canned.headers.items():
+                    self.send_header(name, value)  # latin-1 on the wire, as http.server writes it
+                self.end_headers()
+                self.wfile.write(canned.body)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/verify"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

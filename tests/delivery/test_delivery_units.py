@@ -16,8 +16,9 @@ from tops_job.outbox import Outbox
 from tops_job.ratelimit import TokenBucket
 from tops_job.retry import RetryBudget, RetryPolicy, parse_retry_after
 from tops_job.submission import Outcome
-from tops_job.submit_http import classify, sibling_url, verify_url
+from tops_job.submit_http import HttpSubmitter, classify, sibling_url, verify_url
 from tests.conftest import SPEC_DIR
+from tests.delivery.delivery_helpers import CannedServer
 
 
 class FakeClock:
@@ -214,3 +215,55 @@ def test_urls():
     assert verify_url("http://agg:8081/api/verify") == "http://agg:8081/api/verify"
     assert sibling_url("http://agg:8081/api/verify", "challenge") == "http://agg:8081/api/challenge"
     assert sibling_url("http://agg:8081", "challenge") == "http://agg:8081/challenge"
+
+
+# ---- odd answers from a real server: classified, never raised
+
+@pytest.fixture
+def canned():
+    servers = []
+
+    def make(status, body=b"", headers=None):
+        server = CannedServer(status, body, headers)
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.close()
+
+
+@pytest.mark.parametrize("retry_after", [
+    "\u00b2",  # a latin-1 superscript: str.isdigit() says yes, int() says no
+    "9" * 400,  # an int too large for a float
+    "9" * 5000,  # past Python's int-from-string digit limit
+    "Mon, 99999999999999999999 Jan 2024 00:00:00 GMT",  # a date whose day overflows a C long
+    "Mon, 01 Jan 2024 00:00:00 +99999999999999999999",
+], ids=["superscript", "400-digits", "5000-digits", "huge-day", "huge-offset"])
+def test_odd_retry_after_is_classified_not_raised(canned, retry_after):
+    server = canned(503, b'{"ok": false, "error": "busy"}', {"Retry-After": retry_after})
+    receipt = _vector(0)
+    submitter = HttpSubmitter(server.url)
+    try:
+        result = submitter.submit(receipt, digest_of(receipt))
+    finally:
+        submitter.close()
+    assert result.outcome is Outcome.TRANSIENT and result.status == 503 and result.error == "busy"
+    assert result.retry_after is None or result.retry_after >= 0
+    assert RetryPolicy(retry_after_cap_s=60.0).delay(0, result.retry_after) <= 60.0
+
+
+def test_retry_after_of_many_digits_waits_the_cap():
+    assert RetryPolicy(retry_after_cap_s=60.0).delay(0, parse_retry_after("9" * 5000)) == 60.0
+    assert parse_retry_after("\u00b2") is None and parse_retry_after("\u0663") is None  # ASCII digits only
+
+
+def test_deeply_nested_answer_is_classified_not_raised(canned):
+    server = canned(422, b"[" * 100_000 + b"]" * 100_000)
+    receipt = _vector(0)
+    submitter = HttpSubmitter(server.url)
+    try:
+        result = submitter.submit(receipt, digest_of(receipt))
+    finally:
+        submitter.close()
+    assert result.outcome is Outcome.REJECTED and result.status == 422  # final, not retried for ever

@@ -172,6 +172,13 @@ def test_bad_export_timeout_is_a_usage_error(job_env, start_job):
     assert "TOPS_JOB_OTEL_EXPORT_TIMEOUT" in job.stderr()
 
 
+def test_bad_metric_export_interval_is_a_usage_error(job_env, start_job):
+    job = start_job(["run", "--size", "32", "--attempts", "1"],
+                    {**job_env, "OTEL_METRICS_EXPORTER": "console", "OTEL_METRIC_EXPORT_INTERVAL": "soon"})
+    assert job.wait() == 2
+    assert "OTEL_METRIC_EXPORT_INTERVAL" in job.stderr() and "Traceback" not in job.stderr()
+
+
 def test_submissions_are_spans_with_retries_as_events(receiver, job_env, start_job, tmp_path):
     """Against the reference aggregator behind a proxy that answers 503 first: each receipt
     is one `submit` span; the retry is an event on it; the rate limiter's wait is measured."""

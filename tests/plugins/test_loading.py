@@ -96,3 +96,17 @@ def test_blocking_a_builtin_turns_its_behaviour_off(invoke):
                     env={"TOPS_JOB_DISABLE_PLUGINS": "tops_job.builtins.ledger_submitter"})
     assert result.exit_code == ExitCode.CONFIG_ERROR
     assert "the ledger submitter is disabled" in result.output
+
+
+def test_a_plugin_that_exits_while_loading_is_left_out(monkeypatch, tmp_path, invoke, isolated_env):
+    """An entry point that runs a script's sys.exit/argparse at import is a load failure
+    like any other, not the end of the job."""
+    (tmp_path / "exiting_plugin.py").write_text("import sys\nsys.exit(3)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    points = [EntryPoint("exiting", "exiting_plugin", "tops_job")]
+    monkeypatch.setattr(plugins, "entry_points", lambda group: [p for p in points if p.group == group])
+    report = plugins.get_plugin_manager().load_report
+    assert report.failed == {"exiting": "SystemExit: 3"} and report.loaded == list(plugins.DEFAULT_PLUGINS)
+    result = invoke("run", "--size", "16", "--attempts", "1")
+    assert result.exit_code == 0, result.output
+    assert "plugin exiting failed to load and is left out: SystemExit: 3" in result.output

@@ -118,7 +118,7 @@ class AggregatorApp:
             return _error(400, exc.code, exc.detail)
         if self.allow is not None:
             pubkey = receipt.get("pubkey") if isinstance(receipt, dict) else None
-            if pubkey not in self.allow:
+            if not isinstance(pubkey, str) or pubkey not in self.allow:  # a list or object is unhashable
                 return _error(403, "pubkey_not_allowed", "this pubkey may not submit here")
         try:
             verified = verify_receipt(receipt, min_opens=self.min_opens, full=self.full)

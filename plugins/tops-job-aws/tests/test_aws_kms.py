@@ -79,6 +79,13 @@ def test_client_uses_standard_retry_mode_and_retries_throttling(kms_key):
     assert calls["n"] == 3
 
 
+@pytest.mark.parametrize("value", ["many", "0"])
+def test_bad_aws_max_attempts_is_a_config_error_naming_it(kms_key, monkeypatch, value):
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", value)
+    with pytest.raises(ConfigError, match="AWS_MAX_ATTEMPTS"):
+        KmsSigner.from_environment(kms_key)
+
+
 def test_kms_failure_is_a_signature_error(kms_key):
     from botocore.awsrequest import AWSResponse
 
@@ -126,6 +133,21 @@ def test_region_comes_from_the_key_arn_when_unset(kms_key, monkeypatch):
     assert signer._kms.meta.region_name == kms_key.split(":")[3]
     with pytest.raises(ConfigError, match="AWS_REGION"):
         KmsSigner.from_environment("alias/no-region")
+
+
+def test_a_key_arn_is_used_in_its_own_region(aws_env, monkeypatch):
+    """KMS keys are regional: a key ARN from another region than AWS_REGION must be
+    called in the ARN's region, or KMS answers NotFound."""
+    import boto3
+
+    other = boto3.client("kms", region_name="eu-west-1", endpoint_url=aws_env["AWS_ENDPOINT_URL"])
+    arn = other.create_key(KeySpec="ECC_SECG_P256K1", KeyUsage="SIGN_VERIFY")["KeyMetadata"]["Arn"]
+    assert arn.split(":")[3] == "eu-west-1" and os.environ["AWS_REGION"] == "us-east-1"
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    signer = KmsSigner.from_environment(arn)
+    digest = os.urandom(32)
+    assert recover_public_key(digest, signer.sign_digest(digest)) == signer.public_key
+    assert signer._kms.meta.region_name == "eu-west-1"
 
 
 def test_signer_hook_answers_only_when_configured(kms_key, monkeypatch):

@@ -58,7 +58,7 @@ class KmsSigner:
     @classmethod
     def from_environment(cls, key_id: str) -> "KmsSigner":
         region = key_id.split(":")[3] if key_id.startswith("arn:") and key_id.count(":") >= 5 else None
-        return cls(key_id, client("kms", region_hint=region or None))
+        return cls(key_id, client("kms", region=region or None))  # a key is called in its own region
 
     @property
     def public_key(self) -> bytes:

@@ -22,18 +22,27 @@ def parse_s3_url(variable: str, text: str) -> tuple[str, str]:
     return parts.netloc, parts.path.strip("/")
 
 
-def client(service: str, region_hint: str | None = None) -> Any:
+def _max_attempts(text: str) -> int:
+    if not text:
+        return DEFAULT_MAX_ATTEMPTS
+    if not text.isdigit() or int(text) < 1:
+        raise ConfigError("AWS_MAX_ATTEMPTS", f"{text!r} is not a whole number of attempts (1 or more)")
+    return int(text)
+
+
+def client(service: str, region: str | None = None) -> Any:
     """A boto3 client with the SDK's `standard` retry mode (throttling and transient
-    errors retried with backoff) and bounded timeouts. Region, credentials and endpoint
-    (AWS_ENDPOINT_URL, AWS_ENDPOINT_URL_KMS, …) come from the usual SDK sources."""
+    errors retried with backoff) and bounded timeouts. Credentials and endpoint
+    (AWS_ENDPOINT_URL, AWS_ENDPOINT_URL_KMS, …) come from the usual SDK sources; so does
+    the region unless `region` names one (a KMS key ARN's region: keys are regional)."""
     import boto3
     from botocore.config import Config
 
-    max_attempts = int(os.environ.get("AWS_MAX_ATTEMPTS") or DEFAULT_MAX_ATTEMPTS)
+    max_attempts = _max_attempts(os.environ.get("AWS_MAX_ATTEMPTS", "").strip())
     session = boto3.session.Session()
     # boto3 reads AWS_DEFAULT_REGION (and profiles); AWS_REGION is what the other SDKs and
-    # the container platforms set; a KMS key ARN names its own region.
-    region = session.region_name or os.environ.get("AWS_REGION") or region_hint
+    # the container platforms set.
+    region = region or session.region_name or os.environ.get("AWS_REGION")
     if region is None:
         raise ConfigError("AWS_REGION", f"no AWS region is configured for {service}; set AWS_REGION or AWS_DEFAULT_REGION")
     config = Config(retries={"mode": "standard", "max_attempts": max_attempts},
