@@ -36,7 +36,27 @@ _TMP_PREFIX = ".tmp-"
 
 def _write_durably(directory: Path, name: str, data: bytes) -> Path:
     # The temp name is one `_recover` knows: a crash between fsync and rename leaves it.
-    return write_atomic(directory / name, data, sync_dir=True, tmp_prefix=_TMP_PREFIX, tmp_suffix=".part")
+    # The temp name carries the writer's pid: `recover` leaves a live writer's files alone.
+    return write_atomic(directory / name, data, sync_dir=True, tmp_prefix=f"{_TMP_PREFIX}{os.getpid()}-",
+                        tmp_suffix=".part")
+
+
+def _written_by_another_live_process(tmp: Path) -> bool:
+    """A run that started while another held the lock writes without it; a third run that
+    then takes the lock must not promote or delete that run's half-written files."""
+    try:
+        pid = int(tmp.name[len(_TMP_PREFIX):].split("-", 1)[0])
+    except ValueError:
+        return False  # an older name without a pid: a leftover
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, another user's
+    return True
 
 
 class Outbox:
@@ -80,7 +100,12 @@ class Outbox:
         """Promote complete temp files a crash left behind between fsync and rename, delete
         incomplete ones, and return the digests waiting, oldest first. Call with the lock."""
         for tmp in self.path.glob(_TMP_PREFIX + "*"):
-            receipt = self._read(tmp)
+            if _written_by_another_live_process(tmp):
+                continue
+            try:
+                receipt = self._read(tmp)
+            except OSError:
+                continue  # unreadable now: leave it for the next recovery
             if receipt is not None:
                 digest = digest_of(receipt).hex()
                 final = self.path / f"{digest}.json"
@@ -119,7 +144,13 @@ class Outbox:
         path = self.path / f"{digest}.json"
         if not path.exists():
             return None
-        receipt = self._read(path)
+        try:
+            receipt = self._read(path)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:  # stays in the outbox; this run or the next sends it
+            log.warning("[outbox] cannot read %s now (%s); it stays in the outbox", path.name, exc)
+            return None
         if receipt is None:
             self.quarantine(path, "unreadable or not a receipt")
             return None
@@ -127,6 +158,9 @@ class Outbox:
             self.quarantine(path, "content does not hash to its name")
             return None
         return receipt
+
+    def holds(self, digest: str) -> bool:
+        return (self.path / f"{digest}.json").exists()
 
     def remove(self, digest: str) -> None:
         """Delivered (200): the entry goes."""
@@ -172,10 +206,14 @@ class Outbox:
 
     @staticmethod
     def _read(path: Path) -> dict[str, Any] | None:
+        """The receipt in `path`, or None when the content is not one. An I/O error (too many
+        open files, a flaky disk) raises OSError instead: a good receipt that could not be read
+        this time must not be quarantined, where nothing would ever send it."""
         from .receipt import parse_json
 
+        data = path.read_bytes()
         try:
-            receipt = parse_json(path.read_bytes())
+            receipt = parse_json(data)
         except Exception:
             return None
         if not isinstance(receipt, dict) or "sig" not in receipt or "nonce" not in receipt:

@@ -176,6 +176,8 @@ class OutboxDelivery:
             receipt = self._cache.pop(digest, None)
         if receipt is None:
             receipt = self.outbox.load(digest)
+            if receipt is None and self.outbox.holds(digest):  # unreadable this time: a later run sends it
+                return self._park(digest, "unreadable")
             if receipt is None:  # gone or quarantined
                 with self._cond:
                     self._tracked.discard(digest)

@@ -172,6 +172,31 @@ def test_outbox_quarantines_corrupt_entries_and_recovers_interrupted_writes(tmp_
     assert "quarantined" in caplog.text
 
 
+def test_recover_leaves_a_live_writers_temp_files_alone(tmp_path):
+    """Run B started while A held the lock and writes without it; run C, taking the lock
+    after A, must not promote or delete B's half-written receipt (B would lose it)."""
+    import subprocess
+    import sys
+
+    outbox = Outbox(tmp_path / "outbox")
+    receipt = _vector(3)
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        live_tmp = outbox.path / f".tmp-{writer.pid}-abc.part"
+        live_tmp.write_text('{"sig": "ab')  # being written right now
+        dead_tmp = outbox.path / f".tmp-{dead.pid}-def.part"
+        dead_tmp.write_text(json.dumps(receipt))  # complete; its writer died before the rename
+        assert outbox.acquire()
+        waiting = outbox.recover()
+        assert live_tmp.exists() and live_tmp.read_text() == '{"sig": "ab'
+        assert not dead_tmp.exists() and waiting == [digest_of(receipt).hex()]
+    finally:
+        writer.kill()
+        writer.wait()
+
+
 def test_outbox_reject_keeps_receipt_and_answer(tmp_path):
     outbox = Outbox(tmp_path / "outbox")
     receipt = _vector(2)
@@ -267,3 +292,27 @@ def test_deeply_nested_answer_is_classified_not_raised(canned):
     finally:
         submitter.close()
     assert result.outcome is Outcome.REJECTED and result.status == 422  # final, not retried for ever
+
+
+def test_an_entry_that_cannot_be_read_now_is_kept_not_quarantined(tmp_path, monkeypatch):
+    """An I/O error (EMFILE, a flaky disk) is not a corrupt entry: quarantined receipts are
+    never sent again, so a good one must stay in the outbox."""
+    import errno
+    from pathlib import Path as _Path
+
+    outbox = Outbox(tmp_path / "outbox")
+    receipt = _vector(4)
+    digest = digest_of(receipt).hex()
+    outbox.put(receipt, bytes.fromhex(digest))
+    real_read_bytes = _Path.read_bytes
+
+    def failing_read_bytes(self):
+        if self.name == f"{digest}.json":
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real_read_bytes(self)
+
+    monkeypatch.setattr(_Path, "read_bytes", failing_read_bytes)
+    assert outbox.load(digest) is None
+    assert outbox.holds(digest) and not outbox.quarantine_dir.exists()
+    monkeypatch.setattr(_Path, "read_bytes", real_read_bytes)
+    assert outbox.load(digest) == receipt
