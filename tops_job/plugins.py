@@ -137,9 +137,13 @@ def _impls_in_call_order(pm: pluggy.PluginManager, hook_name: str) -> list[Any]:
 
 
 def _call_one(pm: pluggy.PluginManager, hook_name: str, impl: Any, kwargs: dict[str, Any]) -> Any:
-    """Call one plugin's implementation through pluggy (so tracing still sees it)."""
-    others = [other.plugin for other in getattr(pm.hook, hook_name).get_hookimpls() if other.plugin is not impl.plugin]
-    return pm.subset_hook_caller(hook_name, remove_plugins=others)(**kwargs)
+    """Call one plugin's implementation through pluggy's hook executor (so tracing still
+    sees it). Not `subset_hook_caller`: it only leaves out plugins that have an attribute
+    named like the hook, so one implementing it under another name (`specname`) would be
+    called again with every other implementation."""
+    spec = getattr(pm.hook, hook_name).spec
+    firstresult = bool(spec is not None and spec.opts.get("firstresult"))
+    return pm._hookexec(hook_name, [impl], kwargs, firstresult)
 
 
 def call_each(pm: PluginManager, hook_name: str, *, fatal: tuple[type[BaseException], ...] = (TopsJobError,),

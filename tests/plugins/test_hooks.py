@@ -198,6 +198,24 @@ def test_hook_tops_job_register_reporters(register_plugin, invoke, isolated_env)
     assert summary["receipts"]["accepted"] == 2
 
 
+def test_hook_tops_job_register_reporters_under_another_function_name_is_called_once(
+        register_plugin, invoke, isolated_env):
+    """pluggy lets a plugin implement a hook under another name (`specname`); it is still
+    one implementation, called once, so its reporter sees each event once."""
+    events: list[tuple] = []
+
+    class Plugin:
+        @hookimpl(specname="tops_job_register_reporters")
+        def offer_reporters(self, register, config):
+            register(Recorder(events))
+
+    register_plugin(Plugin(), "renamed")
+    result = invoke("run", "--size", "16", "--attempts", "2")
+    assert result.exit_code == 0, result.output
+    assert [e for e in events if e[0] == "attempt"] == [("attempt", 0, True), ("attempt", 1, True)]
+    assert [e[0] for e in events].count("start") == 1
+
+
 # ---------------------------------------------------------------- tops_job_profile_store
 
 class MemoryStore:
