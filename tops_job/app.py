@@ -63,7 +63,9 @@ def submitter_registry(pm: pluggy.PluginManager) -> dict[str, tuple[SubmitterFac
     registry: dict[str, tuple[SubmitterFactory, tuple[str, ...]]] = {}
 
     def register(name: str, factory: SubmitterFactory, schemes: tuple[str, ...] = ()) -> None:
-        registry[name] = (factory, tuple(schemes))
+        # Installed plugins are called before the built-ins, so the first registration of a
+        # name wins: a plugin can replace the built-in "http" or "ledger".
+        registry.setdefault(name, (factory, tuple(schemes)))
 
     call_each(pm, "tops_job_register_submitters", register=register)
     return registry

@@ -178,7 +178,8 @@ def run(submitter_name: str | None, signer_name: str | None, devices: str | None
             signal.signal(signum, handler)
     for line in human_lines(result.summary):
         click.echo(line, err=True)
-    click.echo(f"[summary] written to {result.summary_path}", err=True)
+    if result.summary_path is not None:
+        click.echo(f"[summary] written to {result.summary_path}", err=True)
     if result.error is not None and not stop.stopped:
         click.echo(f"tops-job: {result.error}", err=True)
     sys.exit(int(result.exit_code))

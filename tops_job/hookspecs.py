@@ -50,8 +50,9 @@ def tops_job_register_submitters(register: Callable[..., None]) -> None:
     `factory(config)` returns a `tops_job.submission.Submitter`; it is called only for
     the submitter the run picks: `--submitter NAME` (TOPS_JOB_SUBMITTER), else the one
     whose `schemes` include the scheme of AGGREGATOR_URL, else "ledger". Called once per
-    run before the first attempt; a later registration of the same name replaces an
-    earlier one.
+    run before the first attempt. Installed plugins are called before the built-ins and
+    the first registration of a name wins, so a plugin registering "http" replaces the
+    built-in HTTP submitter (and its scheme claims come first).
     """
 
 

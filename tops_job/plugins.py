@@ -101,7 +101,7 @@ def get_plugin_manager(environ: Mapping[str, str] | None = None, *, load_entry_p
             version = (dist.metadata["Name"], dist.version) if dist is not None else ("?", "?")
             _register(pm, name, entry_point.load, version)
     pm.check_pending()  # every loaded plugin passed it alone; this only guards the invariant
-    if environ.get("TOPS_JOB_TRACE_PLUGINS", "") not in ("", "0"):
+    if environ.get("TOPS_JOB_TRACE_PLUGINS", "").strip().lower() not in ("", "0", "false", "no", "off"):
         pm.trace.root.setwriter(lambda message: log.info("[plugins] %s", message.rstrip()))
         pm.enable_tracing()
     return pm

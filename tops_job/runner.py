@@ -51,7 +51,7 @@ class StopSignal:
 class RunResult:
     exit_code: ExitCode
     summary: dict[str, Any]
-    summary_path: Any
+    summary_path: Any  # None when it could not be written (logged)
     error: TopsJobError | None = None
 
 
@@ -126,7 +126,11 @@ class JobRun:
         )
         if fatal is not None:
             summary["error"] = {"class": fatal.error_class.value, "message": str(fatal)}
-        path = write_summary(summary, config.summary)
+        try:
+            path = write_summary(summary, config.summary)
+        except OSError as exc:  # the reporters (health server, textfile) must still end the run
+            log.error("[summary] cannot write %s: %s", config.summary, exc)
+            path = None
         self.reporters.on_run_end(summary)
         if self.run_finished:
             self.run_finished(summary)

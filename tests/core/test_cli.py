@@ -224,3 +224,11 @@ def test_an_unexpected_error_still_summarises_and_exits_1(isolated_env):
     assert summary["exit_code"] == 1 and "No space left" in summary["error"]["message"]
     assert summary["errors_by_class"] == {"internal": 1}
     assert len(read_jsonl(isolated_env["data"] / "ledger.jsonl")) == 1  # enqueued before the sink failed
+
+
+def test_an_unwritable_summary_is_logged_and_the_run_still_ends(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = invoke("run", "--attempts", "1", "--size", "8", "--summary", str(blocker / "summary.json"))
+    assert result.exit_code == 0, result.output  # the receipts were delivered; only the report failed
+    assert "cannot write" in result.output and "[summary] written to" not in result.output

@@ -126,11 +126,27 @@ def test_hook_tops_job_register_submitters_by_name(register_plugin, invoke, isol
     register_plugin(Plugin(), "memory-submitter")
     result = invoke("run", "--size", "16", "--attempts", "2", "--submitter", "memory", "--drain-timeout", "10")
     assert result.exit_code == 0, result.output
-    assert [r["attempt"] for r in delivered] == [0, 1]
+    assert sorted(r["attempt"] for r in delivered) == [0, 1]
     assert not (isolated_env["data"] / "ledger.jsonl").exists()
     unknown = invoke("run", "--size", "16", "--attempts", "1", "--submitter", "nope")
     assert unknown.exit_code == ExitCode.CONFIG_ERROR
     assert "TOPS_JOB_SUBMITTER: no submitter named 'nope'; available:" in unknown.output and "memory" in unknown.output
+
+
+def test_hook_tops_job_register_submitters_can_replace_a_built_in(register_plugin, invoke, isolated_env):
+    """An installed plugin wins over a built-in of the same name, as for every other hook."""
+    delivered: list[dict] = []
+
+    class Plugin:
+        @hookimpl
+        def tops_job_register_submitters(self, register):
+            register("http", lambda config: MemorySubmitter(delivered), schemes=("http", "https"))
+
+    register_plugin(Plugin(), "my-http")
+    result = invoke("run", "--size", "16", "--attempts", "2", "--aggregator-url", "http://127.0.0.1:9/verify",
+                    "--no-challenge", "--drain-timeout", "10")
+    assert result.exit_code == 0, result.output
+    assert sorted(r["attempt"] for r in delivered) == [0, 1]  # not the built-in, which finds nobody on port 9
 
 
 def test_hook_tops_job_register_submitters_failure_is_counted(register_plugin, invoke, isolated_env):
