@@ -66,7 +66,13 @@ class HttpSubmitter:
         body = receipt_line(receipt).encode("ascii")
         headers = {"Content-Type": "application/json", "Idempotency-Key": digest.hex()}
         try:
-            response = self._session().post(self.url, data=body, headers=headers, timeout=self.timeout)
+            # No redirects: a 301/302 would turn the POST into a GET; a 3xx is kept as transient.
+            response = self._session().post(self.url, data=body, headers=headers, timeout=self.timeout,
+                                            allow_redirects=False, stream=True)
+            try:
+                content = _read_limited(response, MAX_ANSWER_BYTES)
+            finally:
+                response.close()
         except requests.exceptions.ConnectTimeout:
             return SubmitResult(Outcome.TRANSIENT, error="connect_timeout")
         except requests.exceptions.ReadTimeout:
@@ -75,7 +81,7 @@ class HttpSubmitter:
             return SubmitResult(Outcome.TRANSIENT, error="connection_error: " + _short(exc))
         except requests.exceptions.RequestException as exc:
             return SubmitResult(Outcome.TRANSIENT, error=f"{type(exc).__name__}: {_short(exc)}")
-        return classify(response.status_code, response.content, response.headers.get("Retry-After"), digest)
+        return classify(response.status_code, content, response.headers.get("Retry-After"), digest)
 
     def close(self) -> None:
         with self._lock:
@@ -129,6 +135,20 @@ def fetch_challenge(url: str, did: str, *, timeout: tuple[float, float] = (3.05,
         return None
     log.info("[challenge] run challenge %s… from %s", challenge.hex()[:16], target)
     return challenge
+
+
+MAX_ANSWER_BYTES = 1 << 20  # an answer is a small JSON object; never buffer an endless body
+
+
+def _read_limited(response: requests.Response, limit: int) -> bytes:
+    """The answer body, cut off after `limit` bytes (it then fails to parse: a bad answer)."""
+    chunks, size = [], 0
+    for chunk in response.iter_content(64 * 1024):
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            break
+    return b"".join(chunks)[: limit + 1]
 
 
 def _short(exc: BaseException) -> str:

@@ -294,6 +294,31 @@ def test_deeply_nested_answer_is_classified_not_raised(canned):
     assert result.outcome is Outcome.REJECTED and result.status == 422  # final, not retried for ever
 
 
+def test_a_redirect_is_not_followed_and_keeps_the_receipt(canned):
+    """requests would turn a POST into a GET on 302 and call whatever answers there a
+    delivery; a 3xx is neither accepted nor final: the receipt stays in the outbox."""
+    target = canned(200, json.dumps({"ok": True}).encode())
+    redirect = canned(302, b"", {"Location": target.url})
+    receipt = _vector(0)
+    submitter = HttpSubmitter(redirect.url)
+    try:
+        result = submitter.submit(receipt, digest_of(receipt))
+    finally:
+        submitter.close()
+    assert result.outcome is Outcome.TRANSIENT and result.status == 302 and target.posts == 0
+
+
+def test_an_endless_answer_body_is_cut_off(canned):
+    server = canned(200, b" " * (3 << 20) + b'{"ok": true}')
+    receipt = _vector(0)
+    submitter = HttpSubmitter(server.url)
+    try:
+        result = submitter.submit(receipt, digest_of(receipt))
+    finally:
+        submitter.close()
+    assert result.outcome is Outcome.TRANSIENT and result.error == "bad_answer"  # never buffered whole
+
+
 def test_an_entry_that_cannot_be_read_now_is_kept_not_quarantined(tmp_path, monkeypatch):
     """An I/O error (EMFILE, a flaky disk) is not a corrupt entry: quarantined receipts are
     never sent again, so a good one must stay in the outbox."""

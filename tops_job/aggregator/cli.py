@@ -28,7 +28,11 @@ def load_allow(values: tuple[str, ...]) -> set[str] | None:
         path = Path(value).expanduser()
         if not path.is_file():
             raise click.BadParameter(f"{value!r} is neither a compressed pubkey (66 hex) nor a file", param_hint="--allow")
-        for number, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise click.BadParameter(f"cannot read {path}: {exc}", param_hint="--allow") from None
+        for number, line in enumerate(text.splitlines(), 1):
             entry = line.split("#", 1)[0].strip().lower()
             if not entry:
                 continue
