@@ -7,7 +7,7 @@
 # Python 3.12 with CuPy and nvidia-ml-py already installed). tops_job is put on PYTHONPATH,
 # not installed. The image lacks opentelemetry, coincurve, platformdirs, pycryptodome and
 # waitress, so the whole-attempt stage runs through run_attempt only when they travel as
-# wheels in .whl/ (README of the device tool: pip download --python-version 3.12 ...);
+# wheels in .whl/ (`bash benchmarks/fetch_device_wheels.sh` here, then carry `.whl`);
 # without them gpu_check.py uses a stand-in with the same stages minus the signature, and
 # says so in its output. Results land in $OUT (gpu_check.json, gpu_check.md) when set.
 set -euo pipefail
