@@ -23,7 +23,6 @@ import os
 import re
 import subprocess
 
-import pytest
 import yaml
 
 from infra_helpers import INFRA, REPO, free_port, http_get, require_tool, wait_for
