@@ -258,6 +258,16 @@ def canned():
         server.close()
 
 
+def _send_once(url: str):
+    """One spec vector through a fresh HttpSubmitter, as the sender would send it."""
+    receipt = _vector(0)
+    submitter = HttpSubmitter(url)
+    try:
+        return submitter.submit(receipt, digest_of(receipt))
+    finally:
+        submitter.close()
+
+
 @pytest.mark.parametrize("retry_after", [
     "\u00b2",  # a latin-1 superscript: str.isdigit() says yes, int() says no
     "9" * 400,  # an int too large for a float
@@ -267,12 +277,7 @@ def canned():
 ], ids=["superscript", "400-digits", "5000-digits", "huge-day", "huge-offset"])
 def test_odd_retry_after_is_classified_not_raised(canned, retry_after):
     server = canned(503, b'{"ok": false, "error": "busy"}', {"Retry-After": retry_after})
-    receipt = _vector(0)
-    submitter = HttpSubmitter(server.url)
-    try:
-        result = submitter.submit(receipt, digest_of(receipt))
-    finally:
-        submitter.close()
+    result = _send_once(server.url)
     assert result.outcome is Outcome.TRANSIENT and result.status == 503 and result.error == "busy"
     assert result.retry_after is None or result.retry_after >= 0
     assert RetryPolicy(retry_after_cap_s=60.0).delay(0, result.retry_after) <= 60.0
@@ -285,12 +290,7 @@ def test_retry_after_of_many_digits_waits_the_cap():
 
 def test_deeply_nested_answer_is_classified_not_raised(canned):
     server = canned(422, b"[" * 100_000 + b"]" * 100_000)
-    receipt = _vector(0)
-    submitter = HttpSubmitter(server.url)
-    try:
-        result = submitter.submit(receipt, digest_of(receipt))
-    finally:
-        submitter.close()
+    result = _send_once(server.url)
     assert result.outcome is Outcome.REJECTED and result.status == 422  # final, not retried for ever
 
 
@@ -299,23 +299,13 @@ def test_a_redirect_is_not_followed_and_keeps_the_receipt(canned):
     delivery; a 3xx is neither accepted nor final: the receipt stays in the outbox."""
     target = canned(200, json.dumps({"ok": True}).encode())
     redirect = canned(302, b"", {"Location": target.url})
-    receipt = _vector(0)
-    submitter = HttpSubmitter(redirect.url)
-    try:
-        result = submitter.submit(receipt, digest_of(receipt))
-    finally:
-        submitter.close()
+    result = _send_once(redirect.url)
     assert result.outcome is Outcome.TRANSIENT and result.status == 302 and target.posts == 0
 
 
 def test_an_endless_answer_body_is_cut_off(canned):
     server = canned(200, b" " * (3 << 20) + b'{"ok": true}')
-    receipt = _vector(0)
-    submitter = HttpSubmitter(server.url)
-    try:
-        result = submitter.submit(receipt, digest_of(receipt))
-    finally:
-        submitter.close()
+    result = _send_once(server.url)
     assert result.outcome is Outcome.TRANSIENT and result.error == "bad_answer"  # never buffered whole
 
 
