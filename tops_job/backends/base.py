@@ -22,6 +22,12 @@ class Shape:
         return f"({self.m},{self.n},{self.k})"
 
 
+def device_name(raw: str | bytes, fallback: str) -> str:
+    """A device model as the receipt's `device` must be: printable ASCII (spec §6), bounded."""
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+    return "".join(c for c in text if " " <= c <= "~").strip()[:128] or fallback
+
+
 class Backend(Protocol):
     """One device. An attempt calls prepare (once per shape), generate_inputs, multiply,
     commit, in that order; buffers are reused across attempts."""

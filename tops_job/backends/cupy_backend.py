@@ -22,7 +22,7 @@ import numpy as np
 
 from ..errors import ConfigError, DeviceError
 from ..inputs import ELEMENTS_PER_WORD, padded_size
-from .base import Shape
+from .base import Shape, device_name
 from .cuda_kernels import (GEMM_TYPES, GPU_DTYPES, THREADS_PER_BLOCK, blocks_for,
                            build_commit_kernels, build_fill_kernel)
 from .device_commitment import DeviceCommitment, node_buffer_words
@@ -91,7 +91,7 @@ class CupyBackend:
         except Exception as exc:
             raise DeviceError(f"CUDA device {device_index} is unusable: {exc}") from None
         name = props["name"]
-        self.device_model = "".join(c for c in (name.decode() if isinstance(name, bytes) else str(name)) if " " <= c <= "~")[:128] or "cuda"
+        self.device_model = device_name(name, "cuda")
         self.device_uuid = _uuid_text(props.get("uuid"))
         # Autotune's bound: a side whose buffers (about 16 bytes per C element) fit in memory.
         self.memory_budget_bytes = int(free * 0.85)

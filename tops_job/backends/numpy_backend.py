@@ -12,7 +12,7 @@ import numpy as np
 from ..commitment import HostCommitment
 from ..errors import ConfigError
 from ..inputs import fill_elements, padded_size
-from .base import Shape
+from .base import Shape, device_name
 from .host_workers import Helper, SharedRows, close_helpers
 
 CPU_DTYPES = {"float32": np.float32, "float64": np.float64}
@@ -24,14 +24,10 @@ def cpu_model() -> str:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
             for line in handle:
                 if line.startswith("model name"):
-                    return _printable(line.split(":", 1)[1].strip())
+                    return device_name(line.split(":", 1)[1], "cpu")
     except OSError:
         pass
-    return _printable(platform.processor() or platform.machine() or "cpu")
-
-
-def _printable(text: str) -> str:
-    return "".join(c for c in text if " " <= c <= "~")[:128] or "cpu"
+    return device_name(platform.processor() or platform.machine(), "cpu")
 
 
 def usable_cpus() -> int:
