@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
@@ -206,12 +205,3 @@ class JobRun:
         if self.stats.attempts_failed:
             return ExitCode.INTERNAL_ERROR
         return ExitCode.OK
-
-
-def wait_or_stop(stop: StopSignal, seconds: float) -> bool:
-    """Sleep that a stop request interrupts; True when stopped."""
-    return stop.event.wait(timeout=max(0.0, seconds))
-
-
-def monotonic_deadline(seconds: float) -> float:
-    return time.monotonic() + seconds
