@@ -30,7 +30,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 def in_process(receipts: list[dict], seconds: float) -> float:
-    from tops_job.verify import verify_receipt
+    from tops_job.spec.verify import verify_receipt
 
     done, began = 0, time.process_time()
     wall = time.perf_counter()

@@ -22,15 +22,16 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np  # noqa: E402  (after tops_job, see above)
+
+from tops_job.compute.autotune import ProfileStore, resolve_profile
+from tops_job.compute.base import Shape
+from tops_job.compute.numpy_backend import NumpyBackend
+
 # tops_job first, as the CLI does: importing it sets OPENBLAS_THREAD_TIMEOUT before NumPy
 # loads OpenBLAS (see tops_job/__init__.py).
-from tops_job.attempt import Identity, run_attempt
-from tops_job.autotune import ProfileStore, resolve_profile
-from tops_job.backends.base import Shape
-from tops_job.backends.numpy_backend import NumpyBackend
-from tops_job.signing import LocalKeySigner
-
-import numpy as np  # noqa: E402  (after tops_job, see above)
+from tops_job.job.attempt import Identity, run_attempt
+from tops_job.spec.signing import LocalKeySigner
 
 
 def raw_matmul_seconds(shape: Shape, repeats: int) -> list[float]:

@@ -54,8 +54,8 @@ def attempt_runner():
     """run_attempt (the path `tops-job run` takes) when its dependencies import; else a
     stand-in with the same stages that skips only the signature, and says so."""
     try:
-        from tops_job.attempt import Identity, run_attempt
-        from tops_job.signing import LocalKeySigner
+        from tops_job.job.attempt import Identity, run_attempt
+        from tops_job.spec.signing import LocalKeySigner
 
         identity = Identity(did="did:peaq:0xgpucheck", signer=LocalKeySigner(bytes(range(1, 33))))
 
@@ -67,10 +67,10 @@ def attempt_runner():
 
     from types import SimpleNamespace as Result
 
-    from tops_job.canonical import digest_of
-    from tops_job.commitment import make_openings
-    from tops_job.inputs import attempt_seed, matrix_key
-    from tops_job.receipt import build_body
+    from tops_job.spec.canonical import digest_of
+    from tops_job.spec.commitment import make_openings
+    from tops_job.spec.inputs import attempt_seed, matrix_key
+    from tops_job.spec.receipt import build_body
 
     def run(backend, shape, attempt, tile, opens):
         t0 = time.perf_counter_ns()
@@ -101,11 +101,11 @@ def attempt_runner():
 def check_roots(cp, dtypes, log) -> int:
     import numpy as np
 
-    from tops_job.backends.base import Shape
-    from tops_job.backends.cuda_kernels import bf16_to_float32
-    from tops_job.backends.cupy_backend import CupyBackend
-    from tops_job.commitment import HostCommitment, make_openings
-    from tops_job.inputs import fill_elements, padded_size
+    from tops_job.compute.base import Shape
+    from tops_job.compute.cuda_kernels import bf16_to_float32
+    from tops_job.compute.cupy_backend import CupyBackend
+    from tops_job.spec.commitment import HostCommitment, make_openings
+    from tops_job.spec.inputs import fill_elements, padded_size
 
     def cpu_matrix(key, rows, cols):
         out = np.empty(padded_size(rows * cols), np.float32)
@@ -148,7 +148,7 @@ def check_roots(cp, dtypes, log) -> int:
 
 def pick_shape(backend, target_ms: float):
     """Square side, a multiple of 256, whose product takes about target_ms (two probes)."""
-    from tops_job.backends.base import Shape
+    from tops_job.compute.base import Shape
 
     side, ms = 4096, 0.0
     for _ in range(3):
@@ -194,7 +194,7 @@ def raw_rates(cp, backend, reps: int = 4) -> dict:
 
 
 def measure_dtype(cp, dtype, target_ms, attempts, run, log) -> dict:
-    from tops_job.backends.cupy_backend import CupyBackend
+    from tops_job.compute.cupy_backend import CupyBackend
 
     backend = CupyBackend(dtype)
     try:
@@ -254,7 +254,7 @@ def table(rows) -> str:
 
 
 def main(argv=None) -> int:
-    from tops_job.backends.cuda_kernels import GPU_DTYPES
+    from tops_job.compute.cuda_kernels import GPU_DTYPES
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtypes", default=",".join(GPU_DTYPES))

@@ -22,5 +22,5 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export CUPY_CACHE_DIR="${CUPY_CACHE_DIR:-/tmp/tops-cupy-cache}"
 nvidia-smi --query-gpu=name,uuid,driver_version,clocks.max.sm,power.limit --format=csv,noheader || true
 # The GPU tests first (roots vs the CPU on every dtype), then the timed check.
-python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/gpu 2>&1 | tail -n 25 || true
+python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/compute 2>&1 | tail -n 25 || true
 exec timeout 450 python3 benchmarks/gpu_check.py "$@"

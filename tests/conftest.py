@@ -1,30 +1,18 @@
-"""Shared fixtures: the spec's vectors, and an isolated environment for every test."""
+"""Every test runs in an isolated environment: its own data, cache and config directories,
+and none of the caller's tops-job settings. Shared helpers live in tests/support."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SPEC_DIR = REPO_ROOT.parent / "shared" / "spec"
-
 # Variables that would leak the developer's or CI's settings into a test.
 _ISOLATED_PREFIXES = ("TOPS_JOB_", "OTEL_")
 _ISOLATED = ("WORKER_SK_HEX", "AGGREGATOR_URL", "DEVICE_DID", "METRICS_ENABLED", "WORKER_DEBUG_RECEIPT",
              "AUTOTUNE_TARGET_MS", "MAX_RETRIES", "RATE_LIMIT_PER_SECOND")
-
-TEST_KEY = json.loads((SPEC_DIR / "vectors" / "key.json").read_text()) if SPEC_DIR.exists() else {}
-
-
-@pytest.fixture(scope="session")
-def spec_dir() -> Path:
-    if not SPEC_DIR.exists():
-        pytest.fail(f"the receipt spec is missing at {SPEC_DIR} (it lies beside the checkout as shared/spec)")
-    return SPEC_DIR
 
 
 @pytest.fixture(autouse=True)
@@ -46,7 +34,3 @@ def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         logger.removeHandler(handler)
     logger.propagate = True
     logger.setLevel(logging.NOTSET)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,4 +1,9 @@
-"""tops-job: a proof-of-compute batch worker (spec tops-receipt/1)."""
+"""tops-job: a proof-of-compute batch worker (spec tops-receipt/1).
+
+The names in `__all__` are the public API: what plugins and other programs import. Everything
+else is internal and may move between releases. They are loaded on first use, so that
+`import tops_job` (every plugin does it for `hookimpl`) stays cheap.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,9 @@ import os
 # OpenBLAS, and an operator's own setting wins.
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
+import importlib
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
@@ -21,4 +28,55 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 
 hookimpl = pluggy.HookimplMarker("tops_job")
 
-__all__ = ["__version__", "hookimpl"]
+# name -> module that defines it
+_PUBLIC = {
+    # errors and exit codes
+    "ConfigError": "tops_job.errors", "DeviceError": "tops_job.errors", "ErrorClass": "tops_job.errors",
+    "ExitCode": "tops_job.errors", "ReceiptInvalid": "tops_job.errors", "SignatureError": "tops_job.errors",
+    "StorageError": "tops_job.errors", "TopsJobError": "tops_job.errors",
+    # settings
+    "Config": "tops_job.config",
+    # the protocol: signing, identity, verification
+    "Signer": "tops_job.spec.signing", "LocalKeySigner": "tops_job.spec.signing",
+    "recover_public_key": "tops_job.spec.signing", "recoverable_from_rs": "tops_job.spec.signing",
+    "is_low_s": "tops_job.spec.signing", "HALF_ORDER": "tops_job.spec.signing",
+    "default_did": "tops_job.spec.identity", "eth_address": "tops_job.spec.identity",
+    "verify_receipt": "tops_job.spec.verify",
+    # plugin-facing types
+    "Profile": "tops_job.compute.autotune", "ProfileCache": "tops_job.compute.autotune",
+    "profile_from_json": "tops_job.compute.autotune",
+    "Submitter": "tops_job.delivery.outcomes", "SubmitResult": "tops_job.delivery.outcomes",
+    "Outcome": "tops_job.delivery.outcomes",
+    "Reporter": "tops_job.observability.events", "RunInfo": "tops_job.observability.events",
+    "AttemptEvent": "tops_job.observability.events", "ReceiptEvent": "tops_job.observability.events",
+}
+
+__all__ = ["__version__", "hookimpl", *_PUBLIC]
+
+if TYPE_CHECKING:
+    from tops_job.compute.autotune import Profile, ProfileCache, profile_from_json
+    from tops_job.config import Config
+    from tops_job.delivery.outcomes import Outcome, SubmitResult, Submitter
+    from tops_job.errors import (
+        ConfigError,
+        DeviceError,
+        ErrorClass,
+        ExitCode,
+        ReceiptInvalid,
+        SignatureError,
+        StorageError,
+        TopsJobError,
+    )
+    from tops_job.observability.events import AttemptEvent, ReceiptEvent, Reporter, RunInfo
+    from tops_job.spec.identity import default_did, eth_address
+    from tops_job.spec.signing import HALF_ORDER, LocalKeySigner, Signer, is_low_s, recover_public_key, recoverable_from_rs
+    from tops_job.spec.verify import verify_receipt
+
+
+def __getattr__(name: str) -> Any:
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tops_job' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -7,14 +7,18 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from . import __version__
-from .backends import DTYPES
-from .errors import ConfigError, ExitCode, TopsJobError
+from tops_job import __version__
+from tops_job.compute import DTYPES
+from tops_job.errors import LIBRARY_ERRORS, ConfigError, ExitCode, exit_code_of
+
+if TYPE_CHECKING:
+    from tops_job.config import Config
 
 log = logging.getLogger("tops_job.cli")
 
@@ -22,9 +26,9 @@ log = logging.getLogger("tops_job.cli")
 class JobFailed(click.ClickException):
     """A library error as a CLI error: message on stderr, the error's exit code."""
 
-    def __init__(self, error: TopsJobError):
+    def __init__(self, error: Exception):
         super().__init__(str(error))
-        self.exit_code = int(error.exit_code)
+        self.exit_code = int(exit_code_of(error))
         if isinstance(error, ConfigError):
             self.message = f"configuration error: {error}"
 
@@ -32,20 +36,17 @@ class JobFailed(click.ClickException):
         click.echo(f"tops-job: {self.format_message()}", err=True)
 
 
-def _config(flags: dict[str, Any], need_key: bool = True):
-    from .config import load_config
+def _config(flags: dict[str, Any], need_key: bool = True) -> Config:
+    from tops_job.config import load_config
 
-    try:
-        return load_config(flags, need_key=need_key)
-    except TopsJobError as exc:
-        raise JobFailed(exc) from None
+    return load_config(flags, need_key=need_key)
 
 
 class SizeType(click.ParamType):
     name = "N|M,N,K"
 
     def convert(self, value: Any, param: Any, ctx: Any) -> tuple[int, int, int]:
-        from .config import parse_size
+        from tops_job.config import parse_size
 
         if isinstance(value, tuple):
             return value
@@ -58,15 +59,25 @@ class SizeType(click.ParamType):
 def _install_plugin_commands(group: click.Group) -> None:
     """Let plugins add commands (tops_job_register_commands); a failure is only logged."""
     try:
-        from .plugins import call_each, get_plugin_manager
+        from tops_job.plugins.manager import get_plugin_manager
 
-        call_each(get_plugin_manager(), "tops_job_register_commands", fatal=(), cli=group)
+        get_plugin_manager().hooks.register_commands(cli=group)
     except Exception as exc:  # the CLI must work even with a broken plugin installed
         log.warning("plugins could not add commands: %s", exc)
 
 
 class TopsJobGroup(click.Group):
+    """The top-level group: loads plugin commands on demand, and is the CLI's one error
+    boundary: an error the library raises on purpose, from any command (plugins' too),
+    becomes a message and that error's exit code."""
+
     _plugins_loaded = False
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except LIBRARY_ERRORS as exc:
+            raise JobFailed(exc) from None
 
     def _ensure_plugins(self) -> None:
         if not TopsJobGroup._plugins_loaded:
@@ -93,7 +104,7 @@ def cli(verbose: bool) -> None:
 
     Settings come from flags, then environment variables, then defaults; see the README.
     """
-    from .logs import setup_logging
+    from tops_job.observability.logs import setup_logging
 
     setup_logging(os.environ, verbose=verbose)
 
@@ -129,12 +140,12 @@ def run(submitter_name: str | None, signer_name: str | None, devices: str | None
     """Run a batch of attempts and deliver their receipts."""
     if devices:
         _run_fleet(devices, flags)
-    from .app import ReceiptsFile, build_job
-    from .logs import set_run_id
-    from .plugins import get_plugin_manager
-    from .runner import StopSignal
-    from .telemetry import setup_for_job
-    from .summary import human_lines
+    from tops_job.job.build import ReceiptsFile, build_job
+    from tops_job.job.runner import StopSignal
+    from tops_job.job.summary import human_lines
+    from tops_job.observability.logs import set_run_id
+    from tops_job.observability.telemetry import setup_for_job
+    from tops_job.plugins.manager import get_plugin_manager
 
     if flags.get("health_port") is not None:
         flags["metrics_enabled"] = True
@@ -142,13 +153,13 @@ def run(submitter_name: str | None, signer_name: str | None, devices: str | None
     set_run_id(config.run_id)
     stop = StopSignal()
     previous_handlers = _install_stop_handlers(stop)
-    sinks = []
+    sinks: list[Callable[[dict[str, Any]], None]] = []
     receipts_file = None
     telemetry = None
     try:
         pm = get_plugin_manager()
         if sys.stderr.isatty() and os.environ.get("TOPS_JOB_LOG_FORMAT", "text").lower() != "json":
-            from .progress import ProgressPlugin
+            from tops_job.observability.progress import ProgressPlugin
 
             pm.register(ProgressPlugin(sys.stderr), name="tops_job.progress")
         if config.receipts_out:
@@ -167,8 +178,6 @@ def run(submitter_name: str | None, signer_name: str | None, devices: str | None
         if not config.aggregator_url and not submitter_name:
             log.info("[ledger] no AGGREGATOR_URL: receipts are verified in-process and appended to %s", config.ledger)
         result = job.run()
-    except TopsJobError as exc:
-        raise JobFailed(exc) from None
     finally:
         if telemetry is not None:
             telemetry.shutdown()
@@ -187,13 +196,10 @@ def run(submitter_name: str | None, signer_name: str | None, devices: str | None
 
 def _run_fleet(devices_text: str, flags: dict[str, Any]) -> None:
     """--devices: re-run this command once per device in child processes (see fleet.py)."""
-    from .fleet import PER_WORKER_DIRS, PER_WORKER_FILES, parse_devices, run_fleet
+    from tops_job.job.fleet import PER_WORKER_DIRS, PER_WORKER_FILES, parse_devices, run_fleet
 
     config = _config(flags, need_key=False)
-    try:
-        devices = parse_devices(devices_text)
-    except TopsJobError as exc:
-        raise JobFailed(exc) from None
+    devices = parse_devices(devices_text)
     ctx = click.get_current_context()
     child_args: list[str] = []
     environ = dict(os.environ)
@@ -215,7 +221,7 @@ def _run_fleet(devices_text: str, flags: dict[str, Any]) -> None:
 
 
 def _debug_receipt(receipt: dict[str, Any]) -> None:
-    from .canonical import receipt_line
+    from tops_job.spec.canonical import receipt_line
 
     click.echo(receipt_line(receipt), err=True)
 
@@ -241,7 +247,7 @@ def plugins() -> None:
 
     Blocked plugins (TOPS_JOB_DISABLE_PLUGINS, TOPS_JOB_LOAD_PLUGINS) and plugins that
     failed to load, with the error, are listed too."""
-    from .plugins import describe_plugins, get_plugin_manager
+    from tops_job.plugins.manager import describe_plugins, get_plugin_manager
 
     click.echo(json.dumps(describe_plugins(get_plugin_manager()), indent=2))
 
@@ -255,19 +261,16 @@ def plugins() -> None:
 @click.option("--force", is_flag=True, help="Tune even when a matching profile is cached.")
 def autotune(target_ms: int | None, backend: str | None, dtype: str | None, force: bool) -> None:
     """Find the matrix size whose product takes the target time, and cache it."""
-    from .autotune import resolve_profile
-    from .backends import create_backend
-    from .plugins import first_result, get_plugin_manager
+    from tops_job.compute import create_backend
+    from tops_job.compute.autotune import resolve_profile
+    from tops_job.plugins.manager import get_plugin_manager
 
     config = _config({"target_ms": target_ms, "backend": backend, "dtype": dtype}, need_key=False)
-    try:
-        engine = create_backend(config.backend, config.dtype)
-        store = first_result(get_plugin_manager(), "tops_job_profile_store", config=config)
-        if store is None:
-            raise ConfigError("TOPS_JOB_DISABLE_PLUGINS", "no profile store plugin answered; enable one")
-        profile, _cached = resolve_profile(engine, config.target_ms, store, retune=force)
-    except TopsJobError as exc:
-        raise JobFailed(exc) from None
+    engine = create_backend(config.backend, config.dtype)
+    store = get_plugin_manager().hooks.profile_store(config=config)
+    if store is None:
+        raise ConfigError("TOPS_JOB_DISABLE_PLUGINS", "no profile store plugin answered; enable one")
+    profile, _cached = resolve_profile(engine, config.target_ms, store, retune=force)
     click.echo(json.dumps({"m": profile.m, "n": profile.n, "k": profile.k, "measured_ms": profile.measured_ms,
                            "backend": profile.backend, "device": profile.device, "dtype": profile.dtype,
                            "target_ms": profile.target_ms, "path": str(store.path_for(profile.key))}))
@@ -281,9 +284,9 @@ def autotune(target_ms: int | None, backend: str | None, dtype: str | None, forc
 @click.option("--full", is_flag=True, help="Recompute every revealed value, not a random sample of columns.")
 def verify(files: tuple[str, ...], min_opens: int, full: bool) -> None:
     """Verify receipts (a JSON object, or JSON lines) per spec §8; exit 0 only if all are valid."""
-    from .errors import ReceiptInvalid
-    from .receipt import parse_json
-    from .verify import verify_receipt
+    from tops_job.errors import ReceiptInvalid
+    from tops_job.spec.receipt import parse_json
+    from tops_job.spec.verify import verify_receipt
 
     total = bad = 0
     for name, line_no, text in _receipt_texts(files):
@@ -335,10 +338,11 @@ def keys() -> None:
 @keys.command("show")
 def keys_show() -> None:
     """Print the public key, address and DID of the configured key (never the secret)."""
-    from .keys import default_did, eth_address
-    from .signing import LocalKeySigner
+    from tops_job.spec.identity import default_did, eth_address
+    from tops_job.spec.signing import LocalKeySigner
 
     config = _config({})
+    assert config.key is not None  # need_key: resolved or ConfigError
     public = LocalKeySigner(config.key.secret).public_key
     click.echo(json.dumps({"pubkey": public.hex(), "address": eth_address(public),
                            "did": config.device_did or default_did(public), "key_origin": config.key.origin}, indent=2))
@@ -350,14 +354,15 @@ def keys_generate(path: Path) -> None:
     """Write a new secret key to PATH (mode 0600; an existing file is never overwritten)."""
     import coincurve
 
-    from .keys import default_did, write_key_file
+    from tops_job.keys import write_key_file
+    from tops_job.spec.identity import default_did
 
     try:
         secret = write_key_file(path)
     except FileExistsError:
-        raise JobFailed(ConfigError("PATH", f"{path} exists; refusing to overwrite a key")) from None
+        raise ConfigError("PATH", f"{path} exists; refusing to overwrite a key") from None
     except OSError as exc:
-        raise JobFailed(ConfigError("PATH", f"cannot write {path}: {exc.strerror}")) from None
+        raise ConfigError("PATH", f"cannot write {path}: {exc.strerror}") from None
     public = coincurve.PrivateKey(secret).public_key.format(compressed=True)
     click.echo(json.dumps({"path": str(path), "pubkey": public.hex(), "did": default_did(public)}, indent=2))
 

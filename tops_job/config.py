@@ -9,17 +9,18 @@ import os
 import re
 import secrets
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 import platformdirs
 
-from .backends import BACKEND_NAMES, DTYPES
-from .errors import ConfigError
-from .keys import KeySource
-from .receipt import MAX_K, MAX_OPENS
+from tops_job.compute import BACKEND_NAMES, DTYPES
+from tops_job.errors import ConfigError
+from tops_job.keys import KeySource
+from tops_job.spec.receipt import MAX_K, MAX_OPENS
 
 APP = "tops-job"
 _TRUE = {"1", "true", "yes", "on"}
@@ -263,7 +264,7 @@ def load_config(flags: Mapping[str, Any] | None = None, environ: Mapping[str, st
     if config.tile is not None and config.size and config.tile > config.size[1]:
         raise ConfigError("TOPS_JOB_TILE", f"tile {config.tile} is wider than n={config.size[1]}")
     if need_key:
-        from .keys import resolve_key
+        from tops_job.keys import resolve_key
 
         config.key = resolve_key(dict(environ), config.config_dir)
     return config

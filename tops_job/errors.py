@@ -8,6 +8,12 @@ add Config, so counts in the summary and metrics read the same as before.
 from __future__ import annotations
 
 import enum
+import errno
+
+from tops_job.spec.errors import ReceiptInvalid, SignatureError, SpecError
+
+__all__ = ["ConfigError", "DeviceError", "ErrorClass", "ExitCode", "LIBRARY_ERRORS", "ReceiptInvalid",
+           "SignatureError", "SpecError", "StorageError", "TopsJobError", "error_class_of", "exit_code_of"]
 
 
 class ErrorClass(str, enum.Enum):
@@ -18,6 +24,7 @@ class ErrorClass(str, enum.Enum):
     SIGNATURE = "signature"  # signing failed or a signature did not verify
     VALIDATION = "validation"  # a receipt broke the spec or the aggregator rejected it
     CONFIG = "config"  # a setting is missing or malformed
+    STORAGE = "storage"  # a disk is full or a file cannot be written
     INTERNAL = "internal"  # a bug: anything not classified above
 
 
@@ -30,6 +37,7 @@ class ExitCode(enum.IntEnum):
     PENDING = 3  # some receipts wait in the outbox (aggregator unavailable); nothing is lost
     REJECTED = 4  # the aggregator rejected some receipts as invalid; final
     DEVICE_ERROR = 5  # the requested device is missing or failed
+    STORAGE_ERROR = 6  # a disk is full or unwritable; nothing is lost, a retry elsewhere can succeed
     INTERRUPTED = 130  # SIGINT: stopped cleanly, outbox complete, summary written
     TERMINATED = 143  # SIGTERM: stopped cleanly, outbox complete, summary written
 
@@ -60,31 +68,46 @@ class DeviceError(TopsJobError):
     exit_code = ExitCode.DEVICE_ERROR
 
 
-class SignatureError(TopsJobError):
-    """Signing failed (a bad key, a KMS failure)."""
-
-    error_class = ErrorClass.SIGNATURE
 
 
-class NetworkError(TopsJobError):
-    """The aggregator could not be reached, or answered with a transient failure."""
 
-    error_class = ErrorClass.NETWORK
-
-
-class ReceiptInvalid(TopsJobError):
-    """A receipt failed spec §8. `code` is stable (the aggregator's `error` field)."""
-
-    error_class = ErrorClass.VALIDATION
-
-    def __init__(self, code: str, detail: str):
-        super().__init__(f"{code}: {detail}")
-        self.code = code
-        self.detail = detail
+# A path that names something unusable (a file where a directory belongs, no permission):
+# the setting is wrong and a retry on the same settings cannot help.
+_PATH_ERRNOS = frozenset({errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM, errno.ENOENT, errno.ELOOP,
+                          errno.ENAMETOOLONG, errno.EEXIST})
 
 
 class StorageError(TopsJobError):
-    """A data directory, ledger or outbox cannot be written."""
+    """A data directory, ledger or outbox cannot be written. A full disk, a read-only mount
+    or an I/O error is STORAGE_ERROR, which schedulers retry (another node, freed space);
+    a path that cannot work as given (`errno` in _PATH_ERRNOS) is a CONFIG_ERROR."""
 
-    exit_code = ExitCode.CONFIG_ERROR
-    error_class = ErrorClass.CONFIG
+    exit_code = ExitCode.STORAGE_ERROR
+    error_class = ErrorClass.STORAGE
+
+    def __init__(self, message: str, os_error: OSError | None = None):
+        super().__init__(message)
+        self.errno = os_error.errno if os_error is not None else None
+        if self.errno in _PATH_ERRNOS:
+            self.exit_code = ExitCode.CONFIG_ERROR
+            self.error_class = ErrorClass.CONFIG
+
+
+# What the library raises on purpose; anything else is a bug (INTERNAL).
+LIBRARY_ERRORS: tuple[type[Exception], ...] = (TopsJobError, SpecError)
+
+
+def error_class_of(exc: BaseException) -> ErrorClass:
+    """The class an error is counted under in summaries, metrics and spans."""
+    if isinstance(exc, TopsJobError):
+        return exc.error_class
+    if isinstance(exc, ReceiptInvalid):
+        return ErrorClass.VALIDATION
+    if isinstance(exc, SignatureError):
+        return ErrorClass.SIGNATURE
+    return ErrorClass.INTERNAL
+
+
+def exit_code_of(exc: BaseException) -> ExitCode:
+    """The exit status a run that stops on `exc` ends with."""
+    return exc.exit_code if isinstance(exc, TopsJobError) else ExitCode.INTERNAL_ERROR

@@ -2,7 +2,7 @@
 
 Every hook is called with keyword arguments. Plugins implement them with
 `@tops_job.hookimpl` and declare an entry point in the group `tops_job`; the built-ins
-(tops_job.builtins, listed in plugins.DEFAULT_PLUGINS) implement the same hooks.
+(tops_job.plugins.builtins, listed in plugins.manager.DEFAULT_PLUGINS) implement the same hooks.
 docs/plugins.md describes each hook with an example; tests/plugins/test_docs.py fails
 when a hook here is missing from that page or has no `test_hook_<name>` test.
 
@@ -14,23 +14,24 @@ with that error's exit code, and the signer hook, whose failure always stops the
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 if TYPE_CHECKING:  # imports for annotations only: keep plugin loading light
     import click
 
-    from .autotune import ProfileCache
-    from .config import Config
-    from .reporting import Reporter
-    from .signing import Signer
+    from tops_job.compute.autotune import ProfileCache
+    from tops_job.config import Config
+    from tops_job.observability.events import Reporter
+    from tops_job.spec.signing import Signer
 
 hookspec = pluggy.HookspecMarker("tops_job")
 
 
 @hookspec(firstresult=True)
-def tops_job_signer(config: "Config") -> "Signer | None":
+def tops_job_signer(config: Config) -> Signer | None:
     """Return the signer for this run, or None to leave the choice to others.
 
     Called once per run (`tops-job run`), after configuration is loaded and before the
@@ -47,7 +48,7 @@ def tops_job_signer(config: "Config") -> "Signer | None":
 def tops_job_register_submitters(register: Callable[..., None]) -> None:
     """Offer submitters: call `register(name, factory, schemes=())` for each.
 
-    `factory(config)` returns a `tops_job.submission.Submitter`; it is called only for
+    `factory(config)` returns a `tops_job.delivery.outcomes.Submitter`; it is called only for
     the submitter the run picks: `--submitter NAME` (TOPS_JOB_SUBMITTER), else the one
     whose `schemes` include the scheme of AGGREGATOR_URL, else "ledger". Called once per
     run before the first attempt. Installed plugins are called before the built-ins and
@@ -57,35 +58,35 @@ def tops_job_register_submitters(register: Callable[..., None]) -> None:
 
 
 @hookspec
-def tops_job_register_reporters(register: Callable[["Reporter"], None], config: "Config") -> None:
+def tops_job_register_reporters(register: Callable[[Reporter], None], config: Config) -> None:
     """Offer health reporters: call `register(reporter)` for each.
 
-    A reporter (subclass `tops_job.reporting.Reporter`) receives run start, the profile,
+    A reporter (subclass `tops_job.observability.events.Reporter`) receives run start, the profile,
     each attempt outcome, each receipt outcome and run end. Called once per run, before
     the first attempt. A reporter method that raises is counted and the run goes on.
     """
 
 
 @hookspec(firstresult=True)
-def tops_job_profile_store(config: "Config") -> "ProfileCache | None":
+def tops_job_profile_store(config: Config) -> ProfileCache | None:
     """Return where autotune profiles are cached, or None (first non-None wins).
 
     Called once per run and by `tops-job autotune`. The built-in (trylast) is the user
     cache directory; a fleet can share one, e.g. in S3. The result must offer
     `load(key, expect)`, `save(profile)` and `path_for(key)` (see
-    `tops_job.autotune.ProfileCache`).
+    `tops_job.compute.autotune.ProfileCache`).
     """
 
 
 @hookspec
-def tops_job_register_commands(cli: "click.Group") -> None:
+def tops_job_register_commands(cli: click.Group) -> None:
     """Add commands or command groups to the `tops-job` CLI with `cli.add_command(...)`,
     e.g. a plugin's own settings check. Called once, when the CLI is asked for a command
     it does not define itself or for its command list (`tops-job --help`)."""
 
 
 @hookspec
-def tops_job_run_finished(summary: dict[str, Any], config: "Config") -> None:
+def tops_job_run_finished(summary: dict[str, Any], config: Config) -> None:
     """Called once at the end of `tops-job run`, after the summary file is written, with
     the summary as written. For plugins that publish it (e.g. upload to S3). A failure
     is logged, counted in `plugin_failures`, and the summary file is written again."""

@@ -1,4 +1,5 @@
-"""Worker keys: where the secret comes from, key files, and the did:peaq address."""
+"""Worker keys: where the secret comes from and key files (the address and DID derived
+from a key are protocol: tops_job.spec.identity)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import coincurve
-from Crypto.Hash import keccak
 
-from .errors import ConfigError
+from tops_job.errors import ConfigError
 
 _SECRET_HEX = re.compile(r"(0x)?[0-9a-fA-F]{64}")
 KEY_FILE_NAME = "worker.key"
@@ -95,16 +95,3 @@ def resolve_key(environ: dict[str, str], config_dir: Path) -> KeySource:
     except OSError as exc:
         raise ConfigError("TOPS_JOB_CONFIG_DIR", f"cannot create key file {path}: {exc.strerror}") from None
     return KeySource(secret, f"generated ({path})", generated=True)
-
-
-def eth_address(public_key: bytes) -> str:
-    """EIP-55 checksummed address: the last 20 bytes of keccak-256 of the uncompressed key."""
-    point = coincurve.PublicKey(public_key).format(compressed=False)[1:]
-    address = keccak.new(data=point, digest_bits=256).hexdigest()[-40:]
-    checksum = keccak.new(data=address.encode("ascii"), digest_bits=256).hexdigest()
-    return "0x" + "".join(c.upper() if int(checksum[i], 16) >= 8 else c for i, c in enumerate(address))
-
-
-def default_did(public_key: bytes) -> str:
-    """did:peaq:<address>, the identity peaq derives for an EVM key."""
-    return f"did:peaq:{eth_address(public_key)}"

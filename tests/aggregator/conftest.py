@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.delivery.delivery_helpers import Aggregator
+from tests.support.peers import Aggregator
 
 
 @pytest.fixture(scope="module")

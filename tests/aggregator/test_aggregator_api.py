@@ -9,19 +9,18 @@ import coincurve
 import pytest
 import requests
 
-from tops_job.attempt import Identity, run_attempt
-from tops_job.backends.base import Shape
-from tops_job.backends.numpy_backend import NumpyBackend
-from tops_job.canonical import digest_of
-from tops_job.signing import LocalKeySigner
-from tests.conftest import SPEC_DIR
-from tests.delivery.delivery_helpers import Aggregator
-
-KEY = json.loads((SPEC_DIR / "vectors" / "key.json").read_text()) if SPEC_DIR.exists() else {}
+from tests.support import TEST_KEY as KEY
+from tests.support import VECTORS_DIR
+from tests.support.peers import Aggregator
+from tops_job.compute.base import Shape
+from tops_job.compute.numpy_backend import NumpyBackend
+from tops_job.job.attempt import Identity, run_attempt
+from tops_job.spec.canonical import digest_of
+from tops_job.spec.signing import LocalKeySigner
 
 
 def _lines(name):
-    return [json.loads(line) for line in (SPEC_DIR / "vectors" / name).read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in (VECTORS_DIR / name).read_text().splitlines() if line.strip()]
 
 
 def _post(base, receipt, **kw):

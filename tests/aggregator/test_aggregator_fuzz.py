@@ -12,15 +12,15 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tops_job.receipt import FIELDS
-from tests.conftest import SPEC_DIR
+from tests.support import VECTORS_DIR
+from tops_job.spec.receipt import FIELDS
 
 TARGET = 10_000
 JSON = {"Content-Type": "application/json"}
 
 
 def _lines(name):
-    return [json.loads(line) for line in (SPEC_DIR / "vectors" / name).read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in (VECTORS_DIR / name).read_text().splitlines() if line.strip()]
 
 
 json_values = st.recursive(
@@ -70,7 +70,7 @@ def _mutate(receipt: dict, rng: random.Random) -> dict:
             elif kind == 7 and isinstance(r.get("openings"), list) and r["openings"]:
                 opening = rng.choice(r["openings"])
                 if isinstance(opening, dict) and opening.get("path"):
-                    opening["path"][rng.randrange(len(opening["path"]))] = "%064x" % rng.getrandbits(256)
+                    opening["path"][rng.randrange(len(opening["path"]))] = f"{rng.getrandbits(256):064x}"
             elif kind == 8 and isinstance(r.get("openings"), list):
                 rng.shuffle(r["openings"]) if rng.random() < 0.5 else r["openings"].pop()
         if json.dumps(r, sort_keys=True) != original:

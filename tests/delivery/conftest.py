@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.delivery.delivery_helpers import Aggregator, FaultProxy
+from tests.support.peers import Aggregator, FaultProxy
 
 
 @pytest.fixture

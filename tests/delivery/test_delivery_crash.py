@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
+import threading
 import time
 
 import pytest
 
-from tests.delivery.delivery_helpers import outbox_digests, run_worker, signed_digests, start_worker, worker_env
+from tests.support.peers import outbox_digests, run_worker, signed_digests, start_worker, worker_env
 
 TRIALS = 10
 
@@ -82,12 +84,20 @@ def test_sigterm_during_backoff_acts_at_once(tmp_path, aggregator, proxy_factory
     env = worker_env(tmp_path, TOPS_JOB_SEND_CONCURRENCY="1", TOPS_JOB_BREAKER_THRESHOLD="1000")
     proc = start_worker(tmp_path, proxy.url, "--attempts", "100000", env=env)
     _wait_for_lines(tmp_path / "run.jsonl", 3, proc)
-    deadline = time.monotonic() + 10
-    while proxy.seen["503-long"] < 1 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    time.sleep(0.3)  # the sender is now inside its 30 s Retry-After wait
+    stderr: list[str] = []
+    in_backoff = threading.Event()
+
+    def watch() -> None:  # the sender logs each retry just before it sleeps
+        for line in proc.stderr:
+            stderr.append(line)
+            found = re.search(r"\[sender\] receipt \w+: retry \d+ in ([\d.]+)s", line)
+            if found and float(found.group(1)) >= 10:
+                in_backoff.set()
+
+    threading.Thread(target=watch, daemon=True).start()
+    assert in_backoff.wait(15), "the sender never entered its 30 s Retry-After wait"
     took = _term_and_time(proc, signal.SIGTERM)
-    assert proc.returncode == 143, proc.stderr.read()[-3000:]
+    assert proc.returncode == 143, "".join(stderr)[-3000:]
     assert took < 2.0, f"took {took:.2f}s to stop"
     signed = set(signed_digests(tmp_path / "run.jsonl"))
     assert signed and signed <= set(outbox_digests(tmp_path / "outbox"))
@@ -102,7 +112,7 @@ def test_sigterm_reaches_the_job_as_pid_1(tmp_path, aggregator):
     import shutil
     import subprocess
 
-    from tests.delivery.delivery_helpers import CLI
+    from tests.support.peers import CLI
 
     if shutil.which("unshare") is None or subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"],
                                                          capture_output=True).returncode != 0:

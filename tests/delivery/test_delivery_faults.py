@@ -10,7 +10,7 @@ import socket
 import pytest
 import requests
 
-from tests.delivery.delivery_helpers import (Aggregator, outbox_digests, run_worker, signed_digests, worker_env)
+from tests.support.peers import Aggregator, outbox_digests, run_worker, signed_digests, worker_env
 
 N = 6
 

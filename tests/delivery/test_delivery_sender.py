@@ -6,19 +6,19 @@ from __future__ import annotations
 import socket
 import tracemalloc
 
-from tops_job.attempt import Identity, run_attempt
-from tops_job.backends.base import Shape
-from tops_job.backends.numpy_backend import NumpyBackend
-from tops_job.breaker import CircuitBreaker
-from tops_job.canonical import digest_of
-from tops_job.outbox import Outbox
-from tops_job.ratelimit import TokenBucket
-from tops_job.retry import RetryBudget, RetryPolicy
-from tops_job.sender import OutboxDelivery
-from tops_job.signing import LocalKeySigner
-from tops_job.submit_http import HttpSubmitter
-from tests.conftest import TEST_KEY
-from tests.delivery.delivery_helpers import outbox_digests
+from tests.support import TEST_KEY
+from tests.support.peers import outbox_digests
+from tops_job.compute.base import Shape
+from tops_job.compute.numpy_backend import NumpyBackend
+from tops_job.delivery.breaker import CircuitBreaker
+from tops_job.delivery.http_submitter import HttpSubmitter
+from tops_job.delivery.outbox import Outbox
+from tops_job.delivery.ratelimit import TokenBucket
+from tops_job.delivery.retry import RetryBudget, RetryPolicy
+from tops_job.delivery.sender import OutboxDelivery
+from tops_job.job.attempt import Identity, run_attempt
+from tops_job.spec.canonical import digest_of
+from tops_job.spec.signing import LocalKeySigner
 
 
 def _dead_url() -> str:

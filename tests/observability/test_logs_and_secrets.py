@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import signal
 
-from obs_helpers import SECRET_HEX, get, wait_for_attempts
+from tests.support.health import SECRET_HEX, get, wait_for_attempts
 
 
 def test_default_logs_are_human_lines(job_env, start_job):

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from obs_helpers import wait_for_attempts
+from tests.support.health import wait_for_attempts
 from tops_job.errors import ExitCode
 
 STAGES = ["inputs", "product", "commitment", "signing"]
@@ -150,7 +150,7 @@ def test_runs_in_one_process_each_get_their_own_resource(receiver, monkeypatch):
     its own resource (run id) and nothing is lost between runs."""
     from click.testing import CliRunner
 
-    from obs_helpers import SECRET_HEX
+    from tests.support.health import SECRET_HEX
     from tops_job.cli import cli
 
     monkeypatch.setenv("WORKER_SK_HEX", SECRET_HEX)
@@ -182,7 +182,7 @@ def test_bad_metric_export_interval_is_a_usage_error(job_env, start_job):
 def test_submissions_are_spans_with_retries_as_events(receiver, job_env, start_job, tmp_path):
     """Against the reference aggregator behind a proxy that answers 503 first: each receipt
     is one `submit` span; the retry is an event on it; the rate limiter's wait is measured."""
-    from tests.delivery.delivery_helpers import Aggregator, FaultProxy
+    from tests.support.peers import Aggregator, FaultProxy
 
     aggregator = Aggregator(tmp_path / "agg.sqlite3")
     proxy = FaultProxy(aggregator.base)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
-from click.testing import CliRunner
 
-from tops_job import plugins
+from tests.support import invoke as support_invoke
 from tops_job.cli import TopsJobGroup, cli
+from tops_job.plugins import manager as plugins
 
 
 @pytest.fixture
@@ -38,6 +39,4 @@ def register_plugin(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[Any, 
 
 @pytest.fixture
 def invoke() -> Callable[..., Any]:
-    def run(*args: str, env: dict | None = None) -> Any:
-        return CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)
-    return run
+    return support_invoke

@@ -7,6 +7,7 @@ import base64
 import hashlib
 import json
 import os
+import site
 import subprocess
 import sys
 import textwrap
@@ -21,7 +22,7 @@ PLUGIN_SOURCE = textwrap.dedent('''
     import os
 
     from tops_job import hookimpl
-    from tops_job.reporting import Reporter
+    from tops_job.observability.events import Reporter
 
 
     class Counter(Reporter):
@@ -68,15 +69,28 @@ def build_wheel(directory: Path) -> Path:
     return path
 
 
+def venv_site_packages(python: Path) -> Path:
+    text = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    return Path(text)
+
+
 def test_pip_installed_entry_point_plugin_is_used_by_a_real_run(tmp_path, isolated_env):
     with pytest.raises(ImportError):
         import tops_job_hello  # noqa: F401  (only the venv below has it)
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
+    # The new venv sees this environment's packages (tops-job, editable or not, and its
+    # dependencies) through a .pth that adds our site directories, their own .pth files
+    # included. `--system-site-packages` would give it the *base* interpreter's packages,
+    # which lack tops-job whenever the suite itself runs in a virtualenv.
+    parent_sites = [path for path in site.getsitepackages() + [site.getusersitepackages()] if Path(path).is_dir()]
+    (venv_site_packages(python) / "zz_parent_env.pth").write_text(
+        f"import site; list(map(site.addsitedir, {parent_sites!r}))\n")
     wheel = build_wheel(tmp_path)
-    subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--no-index", "--no-deps",
-                    "--no-build-isolation", "--disable-pip-version-check", str(wheel)], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet", "--no-index",
+                    "--no-deps", "--no-build-isolation", "--disable-pip-version-check", str(wheel)], check=True)
 
     env = {**os.environ, "HELLO_OUT": str(tmp_path / "hello.json")}
     listed = subprocess.run([str(python), "-m", "tops_job.cli", "plugins"], env=env,

@@ -10,11 +10,11 @@ from pathlib import Path
 import coincurve
 
 from tops_job import hookimpl
-from tops_job.autotune import Profile, profile_from_json
+from tops_job.compute.autotune import Profile, profile_from_json
+from tops_job.delivery.outcomes import Outcome, SubmitResult
 from tops_job.errors import ExitCode
-from tops_job.reporting import Reporter
-from tops_job.signing import LocalKeySigner
-from tops_job.submission import Outcome, SubmitResult
+from tops_job.observability.events import Reporter
+from tops_job.spec.signing import LocalKeySigner
 
 
 def read_jsonl(path: Path) -> list[dict]:

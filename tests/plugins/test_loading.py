@@ -8,8 +8,9 @@ from importlib.metadata import EntryPoint
 
 import pytest
 
-from tops_job import __version__, plugins
+from tops_job import __version__
 from tops_job.errors import ExitCode
+from tops_job.plugins import manager as plugins
 
 
 @pytest.fixture

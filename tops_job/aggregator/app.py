@@ -1,6 +1,6 @@
 """The aggregator's WSGI application (spec §9).
 
-POST /verify       full §8 verification (tops_job.verify, the library `tops-job verify` uses),
+POST /verify       full §8 verification (tops_job.spec.verify, the library `tops-job verify` uses),
                    then policy: allow list, known challenge, duplicate, replay
 GET  /challenge    ?did=… a run challenge, remembered with the time it was issued
 GET  /runs/<id>    accepted receipts, total ops, and the rate floor of challenged runs
@@ -17,14 +17,15 @@ import logging
 import re
 import sqlite3
 import time
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 from urllib.parse import parse_qs
 
-from ..canonical import receipt_line
-from ..errors import ReceiptInvalid
-from ..receipt import DEFAULT_MIN_OPENS, parse_json
-from ..verify import verify_receipt
-from .store import ACCEPTED, DUPLICATE, Store
+from tops_job.aggregator.store import ACCEPTED, DUPLICATE, Store
+from tops_job.errors import ReceiptInvalid
+from tops_job.spec.canonical import receipt_line
+from tops_job.spec.receipt import DEFAULT_MIN_OPENS, parse_json
+from tops_job.spec.verify import verify_receipt
 
 log = logging.getLogger("tops_job.aggregator")
 

@@ -65,8 +65,8 @@ def serve(host: str, port: int, db: Path | None, allow: tuple[str, ...], max_bod
     import platformdirs
     from waitress.server import create_server
 
-    from .app import AggregatorApp
-    from .store import Store
+    from tops_job.aggregator.app import AggregatorApp
+    from tops_job.aggregator.store import Store
 
     db = db or Path(platformdirs.user_data_dir("tops-job")) / "aggregator.sqlite3"
     allowed = load_allow(allow)

@@ -11,8 +11,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, decode_dss_signature
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_der_public_key
+
 from tops_job.errors import ConfigError, SignatureError
-from tops_job.signing import HALF_ORDER, is_low_s, recover_public_key
+from tops_job.spec.signing import HALF_ORDER, is_low_s, recover_public_key
 from tops_job_aws.kms import KmsSigner
 
 
@@ -151,9 +152,9 @@ def test_a_key_arn_is_used_in_its_own_region(aws_env, monkeypatch):
 
 
 def test_signer_hook_answers_only_when_configured(kms_key, monkeypatch):
-    from tops_job.app import build_identity
     from tops_job.config import load_config
-    from tops_job.plugins import get_plugin_manager
+    from tops_job.job.build import build_identity
+    from tops_job.plugins.manager import get_plugin_manager
 
     pm = get_plugin_manager({"TOPS_JOB_LOAD_PLUGINS": "aws"})
     assert "aws" in pm.load_report.loaded

@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from tops_job.signing import is_low_s
+
+from tops_job.spec.signing import is_low_s
 
 TOPS_JOB = [sys.executable, "-m", "tops_job.cli"]
 

@@ -6,7 +6,8 @@ import json
 import logging
 
 import pytest
-from tops_job.autotune import Profile
+
+from tops_job.compute.autotune import Profile
 from tops_job.errors import ConfigError
 from tops_job_aws.s3 import S3ProfileStore, upload_summary
 from tops_job_aws.settings import parse_s3_url
@@ -50,7 +51,7 @@ def test_corrupt_or_unreachable_cache_is_a_warning(s3, bucket, caplog, monkeypat
 
 def test_hook_profile_store_and_run_finished_through_the_plugin_manager(s3, bucket, monkeypatch):
     from tops_job.config import load_config
-    from tops_job.plugins import call_each, first_result, get_plugin_manager
+    from tops_job.plugins.manager import call_each, first_result, get_plugin_manager
 
     monkeypatch.setenv("TOPS_JOB_S3_PROFILE_URL", f"s3://{bucket}/profiles")
     monkeypatch.setenv("TOPS_JOB_S3_SUMMARY_URL", f"s3://{bucket}/summaries/")

@@ -19,15 +19,10 @@ def aws() -> None:
 @click.option("--key-id", envvar=KMS_KEY_ID, required=True, help=f"KMS key id, ARN or alias ({KMS_KEY_ID}).")
 def key(key_id: str) -> None:
     """Print the KMS key's public key, address and DID (register this DID for the device)."""
-    from tops_job.cli import JobFailed
-    from tops_job.errors import TopsJobError
-    from tops_job.keys import default_did, eth_address
+    from tops_job import default_did, eth_address
 
     from .kms import KmsSigner
 
-    try:
-        public = KmsSigner.from_environment(key_id).public_key
-    except TopsJobError as exc:
-        raise JobFailed(exc) from None
+    public = KmsSigner.from_environment(key_id).public_key  # errors: tops-job's CLI reports them
     click.echo(json.dumps({"key_id": key_id, "pubkey": public.hex(), "address": eth_address(public),
                            "did": os.environ.get("DEVICE_DID") or default_did(public)}, indent=2))

@@ -14,8 +14,8 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_der_public_key
-from tops_job.errors import ConfigError, SignatureError
-from tops_job.signing import recoverable_from_rs
+
+from tops_job import ConfigError, SignatureError, recoverable_from_rs
 
 from .settings import KMS_KEY_ID, client
 
@@ -56,7 +56,7 @@ class KmsSigner:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_environment(cls, key_id: str) -> "KmsSigner":
+    def from_environment(cls, key_id: str) -> KmsSigner:
         region = key_id.split(":")[3] if key_id.startswith("arn:") and key_id.count(":") >= 5 else None
         return cls(key_id, client("kms", region=region or None))  # a key is called in its own region
 

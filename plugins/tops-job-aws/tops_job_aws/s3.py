@@ -7,7 +7,7 @@ import logging
 from dataclasses import asdict
 from typing import Any
 
-from tops_job.autotune import Profile, profile_from_json
+from tops_job import Profile, profile_from_json
 
 from .settings import client
 
@@ -35,7 +35,7 @@ class S3ProfileStore:
         self._s3 = s3
 
     @classmethod
-    def from_environment(cls, bucket: str, prefix: str) -> "S3ProfileStore":
+    def from_environment(cls, bucket: str, prefix: str) -> S3ProfileStore:
         return cls(bucket, prefix, client("s3"))
 
     def _key(self, key: str) -> str:

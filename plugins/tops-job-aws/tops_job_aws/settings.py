@@ -6,7 +6,7 @@ import os
 from typing import Any
 from urllib.parse import urlsplit
 
-from tops_job.errors import ConfigError
+from tops_job import ConfigError
 
 KMS_KEY_ID = "TOPS_JOB_KMS_KEY_ID"
 S3_PROFILE_URL = "TOPS_JOB_S3_PROFILE_URL"

@@ -1,0 +1,123 @@
+"""The commitment built on the device (spec §4, §5): leaf hashes and every tree level stay in
+device memory; only the root, the opened leaves' data and their audit paths come back.
+
+Layout: all levels in one flat buffer of 32-byte nodes (8 uint32 SHA-256 state words each),
+level 0 (the L leaves) first, then each parent level; `level_sizes` and `level_offsets` say
+where each level starts. The pure functions here (sizes, offsets, path positions, path from
+level arrays) are what both the device and the tests use; they are checked against
+`merkle.MerkleTree` on the CPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from tops_job.compute.cuda_kernels import THREADS_PER_BLOCK, blocks_for
+from tops_job.spec.commitment import leaf_columns, tiles_per_row
+
+NODE_WORDS = 8  # a SHA-256 digest as 8 uint32 state words (big-endian digest bytes)
+
+
+def level_sizes(leaf_count: int) -> list[int]:
+    """Nodes per level, leaves first, root last: each level pairs left to right and carries
+    an unpaired last node up (spec §4), so level l+1 has ceil(size_l / 2) nodes."""
+    if leaf_count < 1:
+        raise ValueError("a Merkle tree needs at least one leaf")
+    sizes = [leaf_count]
+    while sizes[-1] > 1:
+        sizes.append((sizes[-1] + 1) // 2)
+    return sizes
+
+
+def level_offsets(sizes: Sequence[int]) -> list[int]:
+    """Index of each level's first node in the flat node buffer; the last entry is the total."""
+    offsets = [0]
+    for size in sizes:
+        offsets.append(offsets[-1] + size)
+    return offsets
+
+
+def path_positions(index: int, sizes: Sequence[int]) -> list[tuple[int, int]]:
+    """(level, node) of each audit-path node of leaf `index`, nearest sibling first (RFC 6962
+    §2.1.1). A node carried up without a sibling contributes nothing on that level."""
+    if not 0 <= index < sizes[0]:
+        raise IndexError(f"leaf {index} outside a tree of {sizes[0]}")
+    positions = []
+    for level, size in enumerate(sizes[:-1]):
+        sibling = index ^ 1
+        if sibling < size:
+            positions.append((level, sibling))
+        index >>= 1
+    return positions
+
+
+def audit_path_from_levels(levels: Sequence[Sequence[bytes]], index: int) -> list[bytes]:
+    """The audit path of leaf `index` read from per-level node arrays (leaves first)."""
+    return [levels[level][node] for level, node in path_positions(index, [len(lv) for lv in levels])]
+
+
+def digest_from_words(words) -> bytes:
+    """32 digest bytes from 8 SHA-256 state words (an array or sequence of uint32)."""
+    return b"".join(int(w).to_bytes(4, "big") for w in words)
+
+
+class DeviceCommitment:
+    """Commitment over a device product `c` (m×n CuPy array, float32 or int32).
+
+    `nodes` is a flat device buffer (uint32) of at least level_offsets(level_sizes(L))[-1] * 8
+    words, reused across attempts: this object reads it until the next commitment overwrites
+    it. `leaf_kernel` and `level_kernel` come from cuda_kernels.build_commit_kernels; all work
+    is queued on `stream`, and the constructor returns once the root is on the host.
+    """
+
+    def __init__(self, cp, c, tile: int, nodes, leaf_kernel, level_kernel, stream=None):
+        m, n = c.shape
+        if not 1 <= tile <= n:
+            raise ValueError(f"tile {tile} outside 1..{n}")
+        if not c.flags.c_contiguous:
+            raise ValueError("the product must be C-contiguous")
+        self._cp, self._c, self.tile, self.n = cp, c, tile, n
+        tpr = tiles_per_row(n, tile)
+        self.leaf_count = m * tpr
+        self.sizes = level_sizes(self.leaf_count)
+        self.offsets = level_offsets(self.sizes)
+        if nodes.size < self.offsets[-1] * NODE_WORDS:
+            raise ValueError("node buffer too small for this tree")
+        self._nodes = nodes
+        u64 = _u64
+        stream = stream or cp.cuda.get_current_stream()
+        with stream:
+            leaf_kernel((blocks_for(self.leaf_count),), (THREADS_PER_BLOCK,),
+                        (c, u64(m), u64(n), u64(tile), u64(tpr), nodes))
+            for level, size in enumerate(self.sizes[:-1]):
+                lo, hi = self.offsets[level], self.offsets[level + 1]
+                level_kernel((blocks_for((size + 1) // 2),), (THREADS_PER_BLOCK,),
+                             (nodes[lo * NODE_WORDS:], u64(size), nodes[hi * NODE_WORDS:]))
+            root_lo = self.offsets[-2] * NODE_WORDS
+            root_words = nodes[root_lo:root_lo + NODE_WORDS].get(stream=stream)
+        self.root = digest_from_words(root_words)
+
+    def leaf_data(self, leaf: int) -> bytes:
+        row, lo, hi = leaf_columns(leaf, self.n, self.tile)
+        values = self._c[row, lo:hi].get()
+        return values.astype("<i4").tobytes()
+
+    def audit_path(self, leaf: int) -> list[bytes]:
+        positions = path_positions(leaf, self.sizes)
+        if not positions:
+            return []
+        cp = self._cp
+        index = cp.asarray([self.offsets[level] + node for level, node in positions], dtype=cp.int64)
+        words = self._nodes[: self.offsets[-1] * NODE_WORDS].reshape(-1, NODE_WORDS)[index].get()
+        return [digest_from_words(row) for row in words]
+
+
+def _u64(value: int):
+    import numpy as np
+
+    return np.uint64(value)
+
+
+def node_buffer_words(m: int, n: int, tile: int) -> int:
+    """uint32 words of the node buffer for an m×n product cut in `tile`-wide leaves."""
+    return level_offsets(level_sizes(m * tiles_per_row(n, tile)))[-1] * NODE_WORDS

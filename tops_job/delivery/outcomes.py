@@ -1,0 +1,51 @@
+"""The submitter seam: where a signed receipt goes, and what came back."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+class Outcome(str, enum.Enum):
+    ACCEPTED = "accepted"  # verified and counted
+    DUPLICATE = "duplicate"  # accepted before (a retry); counted once
+    REJECTED = "rejected"  # final: invalid, replayed, too large; resending cannot help
+    TRANSIENT = "transient"  # not delivered this time; retry later
+    PENDING = "pending"  # still in the outbox at the end of the run
+
+    @property
+    def delivered(self) -> bool:
+        """The aggregator holds the receipt."""
+        return self in (Outcome.ACCEPTED, Outcome.DUPLICATE)
+
+
+# What a run reports for each receipt, in the order summaries and dashboards list them
+# (TRANSIENT is only ever an intermediate state).
+REPORTED_OUTCOMES = (Outcome.ACCEPTED, Outcome.DUPLICATE, Outcome.REJECTED, Outcome.PENDING)
+DELIVERED_OUTCOMES = (Outcome.ACCEPTED, Outcome.DUPLICATE)
+
+
+@dataclass
+class SubmitResult:
+    outcome: Outcome
+    status: int | None = None  # HTTP status where there was one
+    response: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None  # stable error code or transport error
+    retry_after: float | None = None  # seconds the aggregator asked us to wait
+
+    @property
+    def delivered(self) -> bool:
+        return self.outcome.delivered
+
+
+class Submitter(Protocol):
+    """Sends one receipt. Plugins register more through `tops_job_register_submitters`."""
+
+    name: str
+
+    def submit(self, receipt: dict[str, Any], digest: bytes) -> SubmitResult:
+        """Deliver `receipt` (whose body hashes to `digest`); never raises for a delivery failure."""
+
+    def close(self) -> None:
+        """Release connections and files."""

@@ -1,0 +1,211 @@
+"""The job: resolve the profile, run the attempts, deliver the receipts, summarise.
+
+This is the library's top: the CLI builds its collaborators (backend, signer, delivery,
+reporters) and calls `JobRun.run()`; nothing here prints or exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from opentelemetry import trace
+
+from tops_job.compute.autotune import ProfileCache, resolve_profile
+from tops_job.compute.base import Backend, Shape
+from tops_job.config import Config
+from tops_job.delivery.outcomes import Outcome
+from tops_job.delivery.protocol import Delivery, DeliveryReport
+from tops_job.errors import LIBRARY_ERRORS, ConfigError, DeviceError, ErrorClass, ExitCode, TopsJobError, error_class_of, exit_code_of
+from tops_job.job.attempt import Identity, run_attempt
+from tops_job.job.stats import RunStats
+from tops_job.job.summary import build_summary, write_summary
+from tops_job.observability.events import AttemptEvent, ReceiptEvent, Reporters, RunInfo
+from tops_job.observability.logs import current_attempt
+
+log = logging.getLogger("tops_job.run")
+tracer = trace.get_tracer("tops_job.run")
+
+MAX_CONSECUTIVE_FAILURES = 3  # then the device or signer is taken as broken and the run ends
+
+
+@dataclass
+class StopSignal:
+    """Set by a signal handler: no new attempt starts, and sleeps wake at once."""
+
+    event: threading.Event = field(default_factory=threading.Event)
+    reason: str | None = None  # "SIGTERM", "SIGINT"
+
+    def stop(self, reason: str) -> None:
+        self.reason = self.reason or reason
+        self.event.set()
+
+    @property
+    def stopped(self) -> bool:
+        return self.event.is_set()
+
+
+@dataclass
+class RunResult:
+    exit_code: ExitCode
+    summary: dict[str, Any]
+    summary_path: Any  # None when it could not be written (logged)
+    error: Exception | None = None
+
+
+ReceiptSink = Callable[[dict[str, Any]], None]
+
+
+class JobRun:
+    def __init__(self, config: Config, *, backend: Backend, identity: Identity,
+                 make_delivery: Callable[[Callable[[ReceiptEvent], None]], Delivery],
+                 reporters: Reporters, profile_store: ProfileCache | None,
+                 stop: StopSignal | None = None, receipt_sinks: list[ReceiptSink] | None = None,
+                 run_finished: Callable[[dict[str, Any]], None] | None = None,
+                 challenge: Callable[[], bytes | None] | None = None):
+        self.config = config
+        self.backend = backend
+        self.identity = identity
+        self.reporters = reporters
+        self.profile_store = profile_store
+        self.stop = stop or StopSignal()
+        self.receipt_sinks = receipt_sinks or []
+        self.run_finished = run_finished
+        self.challenge_source = challenge  # asked once, right before the first attempt (spec §1)
+        self.stats = RunStats()
+        self.delivery = make_delivery(self._on_receipt)
+        self.reporters.on_delivery(self.delivery)
+
+    def _on_receipt(self, event: ReceiptEvent) -> None:
+        self.stats.record_receipt(event.outcome)
+        self.reporters.on_receipt(event)
+
+    def run(self) -> RunResult:
+        config = self.config
+        info = RunInfo(run_id=config.run_id, did=self.identity.did, pubkey=self.identity.signer.public_key.hex(),
+                       backend=self.backend.name, device=self.backend.device_model, dtype=self.backend.dtype,
+                       attempts=config.attempts, config=config.public_dict())
+        fatal: Exception | None = None
+        profile_info: dict[str, Any] | None = None
+        delivery_report = DeliveryReport()
+        with tracer.start_as_current_span("run", attributes={"tops_job.run_id": config.run_id}) as span:
+            self.reporters.on_run_start(info)
+            self.delivery.start()
+            try:
+                shape, profile_info = self._shape()
+                self.reporters.on_profile(profile_info)
+                fatal = self._attempts(shape)
+            except LIBRARY_ERRORS as exc:
+                fatal = exc
+                self.stats.record_failure(error_class_of(exc).value)
+            except Exception as exc:  # a bug: still drain, summarise and exit with a code
+                log.exception("[run] internal error")
+                fatal = TopsJobError(f"internal error: {exc!r}")
+                self.stats.record_failure(ErrorClass.INTERNAL.value)
+            finally:
+                current_attempt.set(None)
+                self.backend.close()  # helper processes and threads; the receipts are all signed
+                with tracer.start_as_current_span("drain"):
+                    delivery_report = self.delivery.finish(config.drain_timeout)
+            if delivery_report.pending:
+                self.stats.receipts[Outcome.PENDING.value] = delivery_report.pending
+            exit_code = self._exit_code(fatal, delivery_report)
+            span.set_attribute("tops_job.exit_code", int(exit_code))
+            if fatal is not None:
+                span.record_exception(fatal)
+                span.set_attribute("tops_job.error_class", error_class_of(fatal).value)
+        summary = build_summary(
+            run_id=config.run_id, config=info.config,
+            identity={"did": info.did, "pubkey": info.pubkey},
+            device={"backend": info.backend, "model": info.device, "dtype": info.dtype},
+            profile=profile_info, stats=self.stats,
+            delivery={Outcome.PENDING.value: delivery_report.pending, **dict(delivery_report.counts), **delivery_report.detail},
+            exit_code=exit_code, reporter_failures=self.reporters.failures, stop_reason=self.stop.reason,
+        )
+        if fatal is not None:
+            summary["error"] = {"class": error_class_of(fatal).value, "message": str(fatal)}
+        try:
+            path = write_summary(summary, config.summary)
+        except OSError as exc:  # the reporters (health server, textfile) must still end the run
+            log.error("[summary] cannot write %s: %s", config.summary, exc)
+            path = None
+        self.reporters.on_run_end(summary)
+        if self.run_finished:
+            self.run_finished(summary)
+        return RunResult(exit_code=exit_code, summary=summary, summary_path=path, error=fatal)
+
+    def _shape(self) -> tuple[Shape, dict[str, Any]]:
+        if self.config.size:
+            m, n, k = self.config.size
+            return Shape(m, n, k), {"m": m, "n": n, "k": k, "source": "--size"}
+        if self.profile_store is None:  # build_job allows that only with a size
+            raise ConfigError("TOPS_JOB_SIZE", "no profile store to autotune with: give --size")
+        with tracer.start_as_current_span("autotune"):
+            profile, cached = resolve_profile(self.backend, self.config.target_ms, self.profile_store,
+                                              retune=self.config.retune)
+        return profile.shape, {**asdict(profile), "source": "cache" if cached else "autotune"}
+
+    def _attempts(self, shape: Shape) -> Exception | None:
+        config = self.config
+        tile = min(config.tile or self.backend.default_tile, shape.n)
+        challenge = self.challenge_source() if self.challenge_source and not self.stop.stopped else None
+        consecutive = 0
+        for attempt in range(config.attempts):
+            current_attempt.set(attempt)  # JSON log lines carry it
+            if self.stop.stopped:
+                log.info("[run] stop requested (%s): no new attempts", self.stop.reason)
+                return None
+            try:
+                result = run_attempt(self.backend, shape, self.identity, run_id=config.run_id,
+                                     attempt=attempt, tile=tile, opens=config.opens, challenge=challenge)
+            except LIBRARY_ERRORS as exc:
+                self._failed(attempt, error_class_of(exc), str(exc))
+                if isinstance(exc, DeviceError):
+                    return exc
+                consecutive += 1
+                if consecutive >= MAX_CONSECUTIVE_FAILURES:
+                    return exc
+                continue
+            except Exception as exc:  # a bug; keep the run's receipts and report it
+                log.exception("[run] attempt %d failed", attempt)
+                self._failed(attempt, ErrorClass.INTERNAL, repr(exc))
+                consecutive += 1
+                if consecutive >= MAX_CONSECUTIVE_FAILURES:
+                    return TopsJobError(f"{consecutive} attempts in a row failed; last: {exc!r}")
+                continue
+            consecutive = 0
+            # Durable first: the receipt is in the outbox before anything else can fail.
+            self.delivery.enqueue(result.receipt, result.digest)
+            self.stats.record_attempt(result.elapsed_ns, result.wall_ns, result.stages_ns, result.ops,
+                                     throttled=bool(result.receipt.get("telemetry", {}).get("throttled")))
+            for sink in self.receipt_sinks:
+                sink(result.receipt)
+            self.reporters.on_attempt(AttemptEvent(
+                attempt=attempt, ok=True, elapsed_ns=result.elapsed_ns, wall_ns=result.wall_ns,
+                ops=result.ops, digest=result.digest.hex(), stages_ns=result.stages_ns))
+            log.debug("[run] attempt %d: %s -> %.1f ms", attempt, shape, result.elapsed_ns / 1e6)
+        return None
+
+    def _failed(self, attempt: int, error_class: ErrorClass, message: str) -> None:
+        log.warning("[run] attempt %d failed (%s): %s", attempt, error_class.value, message)
+        self.stats.record_failure(error_class.value)
+        trace.get_current_span().add_event("attempt.failed", {"tops_job.attempt": attempt, "error.type": error_class.value})
+        self.reporters.on_attempt(AttemptEvent(attempt=attempt, ok=False, error_class=error_class.value, error=message))
+
+    def _exit_code(self, fatal: Exception | None, delivery: DeliveryReport) -> ExitCode:
+        if self.stop.reason == "SIGTERM":
+            return ExitCode.TERMINATED
+        if self.stop.reason == "SIGINT":
+            return ExitCode.INTERRUPTED
+        if fatal is not None:
+            return exit_code_of(fatal)
+        if delivery.rejected:
+            return ExitCode.REJECTED
+        if delivery.pending:
+            return ExitCode.PENDING
+        if self.stats.attempts_failed:
+            return ExitCode.INTERNAL_ERROR
+        return ExitCode.OK
