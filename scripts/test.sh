@@ -35,7 +35,7 @@ fi
 python3 -m pip install "${pip_flags[@]}" -e '.[test]' -e plugins/tops-job-aws
 
 # Lint and types first: a minute of pytest is wasted on code that does not type-check.
-python3 -m ruff check tops_job tests plugins benchmarks scripts
+python3 -m ruff check tops_job tests plugins benchmarks scripts infra
 python3 -m mypy
 
 exec python3 -m pytest -q tests plugins/tops-job-aws/tests "$@"
