@@ -13,7 +13,7 @@ from tops_job.cli import cli
 from tops_job.config import load_config
 from tops_job.errors import ConfigError, ExitCode
 
-SECRET = TEST_KEY.get("secret_key_hex", "")
+SECRET = TEST_KEY["secret_key_hex"]
 
 BAD_VALUES = [
     ("WORKER_SK_HEX", "xyz", "64 hexadecimal"),
@@ -124,3 +124,33 @@ def test_concurrent_first_runs_agree_on_one_generated_key(isolated_env):
     assert all(proc.returncode == 0 for proc in procs), [err for _, err in outputs]
     assert len({out.strip() for out, _ in outputs}) == 1
     assert not [p for p in isolated_env["config"].iterdir() if p.name.startswith(".key-")]
+
+
+def test_config_is_frozen_so_a_plugin_cannot_change_it():
+    import dataclasses
+
+    config = load_config({"attempts": 3}, environ={"WORKER_SK_HEX": SECRET}, need_key=False)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.attempts = 4  # type: ignore[misc]
+    assert config.attempts == 3 and config.key_if_resolved() is None
+    assert config.key.origin == "WORKER_SK_HEX" and config.key_if_resolved() is config.key
+    assert SECRET not in repr(config) and "secret" not in config.public_dict()
+
+
+def test_unknown_setting_names_are_a_bug_not_ignored():
+    with pytest.raises(TypeError, match="no settings named"):
+        load_config({"atempts": 3}, environ={}, need_key=False)
+
+
+def test_log_format_is_validated_and_names_its_variable():
+    result = CliRunner().invoke(cli, ["plugins"], env={"TOPS_JOB_LOG_FORMAT": "yaml"})
+    assert result.exit_code == ExitCode.CONFIG_ERROR
+    assert "TOPS_JOB_LOG_FORMAT" in result.output and "'yaml'" in result.output
+
+
+def test_plugin_settings_parse_names_and_the_trace_switch():
+    from tops_job.config import plugin_settings
+
+    settings = plugin_settings({"TOPS_JOB_DISABLE_PLUGINS": " a, b ,,", "TOPS_JOB_TRACE_PLUGINS": "yes"})
+    assert settings.disabled == {"a", "b"} and settings.only is None and settings.trace
+    assert plugin_settings({"TOPS_JOB_LOAD_PLUGINS": ""}).only == frozenset()

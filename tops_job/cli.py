@@ -104,9 +104,10 @@ def cli(verbose: bool) -> None:
 
     Settings come from flags, then environment variables, then defaults; see the README.
     """
+    from tops_job.config import log_settings
     from tops_job.observability.logs import setup_logging
 
-    setup_logging(os.environ, verbose=verbose)
+    setup_logging(log_settings(), verbose=verbose)
 
 
 # ---------------------------------------------------------------- run
@@ -140,6 +141,7 @@ def run(submitter_name: str | None, signer_name: str | None, devices: str | None
     """Run a batch of attempts and deliver their receipts."""
     if devices:
         _run_fleet(devices, flags)
+    from tops_job.config import log_settings
     from tops_job.job.build import ReceiptsFile, build_job
     from tops_job.job.runner import StopSignal
     from tops_job.job.summary import human_lines
@@ -158,7 +160,7 @@ def run(submitter_name: str | None, signer_name: str | None, devices: str | None
     telemetry = None
     try:
         pm = get_plugin_manager()
-        if sys.stderr.isatty() and os.environ.get("TOPS_JOB_LOG_FORMAT", "text").lower() != "json":
+        if sys.stderr.isatty() and not log_settings().json:
             from tops_job.observability.progress import ProgressPlugin
 
             pm.register(ProgressPlugin(sys.stderr), name="tops_job.progress")
@@ -172,9 +174,10 @@ def run(submitter_name: str | None, signer_name: str | None, devices: str | None
         telemetry = setup_for_job(config, job)  # flushed below, bounded, on every way out (SIGTERM included)
         for line in config.describe(job.identity.did, job.identity.signer.public_key.hex()):
             log.info(line)
-        if config.key is not None and config.key.generated:
+        key = config.key_if_resolved()
+        if key is not None and key.generated:
             log.info("[keys] generated a new worker key at %s; back it up, it is this worker's identity",
-                     config.key.origin.removeprefix("generated (").rstrip(")"))
+                     key.origin.removeprefix("generated (").rstrip(")"))
         if not config.aggregator_url and not submitter_name:
             log.info("[ledger] no AGGREGATOR_URL: receipts are verified in-process and appended to %s", config.ledger)
         result = job.run()
@@ -342,7 +345,6 @@ def keys_show() -> None:
     from tops_job.spec.signing import LocalKeySigner
 
     config = _config({})
-    assert config.key is not None  # need_key: resolved or ConfigError
     public = LocalKeySigner(config.key.secret).public_key
     click.echo(json.dumps({"pubkey": public.hex(), "address": eth_address(public),
                            "did": config.device_did or default_did(public), "key_origin": config.key.origin}, indent=2))

@@ -1,6 +1,9 @@
 """Configuration: flags, then environment, then defaults, validated once at start-up.
 
-Every error names the flag or variable that is wrong; secrets are never echoed.
+Every tops-job environment variable is read here (the OpenTelemetry SDK's own OTEL_* and the
+schedulers' identity variables are read where telemetry builds its resource). A `Config` is
+frozen: a plugin can read it, not change it. Every error names the flag or variable that is
+wrong; secrets are never echoed.
 """
 
 from __future__ import annotations
@@ -10,7 +13,8 @@ import re
 import secrets
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -19,7 +23,7 @@ import platformdirs
 
 from tops_job.compute import BACKEND_NAMES, DTYPES
 from tops_job.errors import ConfigError
-from tops_job.keys import KeySource
+from tops_job.keys import KeySource, parse_secret_hex, resolve_key
 from tops_job.spec.receipt import MAX_K, MAX_OPENS
 
 APP = "tops-job"
@@ -28,7 +32,7 @@ _FALSE = {"0", "false", "no", "off", ""}
 _RUN_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     attempts: int = 10
     backend: str = "auto"
@@ -65,7 +69,20 @@ class Config:
     summary_path: Path | None = None
     receipts_out: Path | None = None
     metrics_textfile: Path | None = None  # final metrics for node_exporter's textfile collector
-    key: KeySource | None = field(default=None, repr=False)
+    secret: bytes | None = field(default=None, repr=False)  # WORKER_SK_HEX, parsed
+    key_file: Path | None = None  # TOPS_JOB_KEY_FILE
+
+    @cached_property
+    def key(self) -> KeySource:
+        """The worker's own key: WORKER_SK_HEX, else TOPS_JOB_KEY_FILE, else the one generated
+        once into the config directory. Resolved on first use, so a run that signs through a
+        plugin (KMS) never reads, needs or generates a local key."""
+        return resolve_key(self.secret, self.key_file, self.config_dir)
+
+    def key_if_resolved(self) -> KeySource | None:
+        """The local key if something has used it (for logs and the summary), else None."""
+        key = self.__dict__.get("key")
+        return key if isinstance(key, KeySource) else None
 
     @property
     def ledger(self) -> Path:
@@ -82,8 +99,9 @@ class Config:
     def public_dict(self) -> dict[str, Any]:
         """The configuration for the summary and logs: no secrets, paths as strings."""
         data = asdict(self)
-        data.pop("key", None)
-        data["key_origin"] = self.key.origin if self.key else None
+        data.pop("secret", None)
+        key = self.key_if_resolved()
+        data["key_origin"] = key.origin if key else None
         for name, value in data.items():
             if isinstance(value, Path):
                 data[name] = str(value)
@@ -96,7 +114,7 @@ class Config:
         return [
             "[config] Loaded configuration:",
             f"  - Device DID: {did}",
-            f"  - Public key: {pubkey_hex} ({self.key.origin if self.key else 'plugin signer'})",
+            f"  - Public key: {pubkey_hex} ({key.origin if (key := self.key_if_resolved()) else 'plugin signer'})",
             f"  - Aggregator URL: {sink}",
             f"  - Autotune target: {self.target_ms}ms",
             f"  - Max retries: {self.max_retries}",
@@ -244,27 +262,74 @@ def load_config(flags: Mapping[str, Any] | None = None, environ: Mapping[str, st
     environment, which wins over the default. Flags arrive already typed by click."""
     environ = os.environ if environ is None else environ
     flags = {name: value for name, value in (flags or {}).items() if value is not None}
-    config = Config()
+    unknown = set(flags) - {f.name for f in fields(Config)}
+    if unknown:
+        raise TypeError(f"load_config: no settings named {sorted(unknown)}")
+    values: dict[str, Any] = {}
     for name, (variables, parse) in SETTINGS.items():
         if name in flags:
             value = flags[name]
             if isinstance(value, str) and name not in ("backend", "dtype"):
                 value = parse(f"--{name.replace('_', '-')}", value)
-            setattr(config, name, value)
+            values[name] = value
             continue
         for variable in variables:
             text = environ.get(variable)
             if text is not None and (text != "" or name in ("metrics_enabled", "debug_receipt")):
-                setattr(config, name, parse(variable, text))
+                values[name] = parse(variable, text)
                 break
-    for name in set(flags) - set(SETTINGS):
-        setattr(config, name, flags[name])
-    if not config.run_id:
-        config.run_id = new_run_id()
+    values.update({name: value for name, value in flags.items() if name not in SETTINGS})
+    if environ.get("WORKER_SK_HEX"):
+        values["secret"] = parse_secret_hex(environ["WORKER_SK_HEX"], "WORKER_SK_HEX")
+    if environ.get("TOPS_JOB_KEY_FILE"):
+        values["key_file"] = parse_path("TOPS_JOB_KEY_FILE", environ["TOPS_JOB_KEY_FILE"])
+    if not values.get("run_id"):
+        values["run_id"] = new_run_id()
+    config = Config(**values)
     if config.tile is not None and config.size and config.tile > config.size[1]:
         raise ConfigError("TOPS_JOB_TILE", f"tile {config.tile} is wider than n={config.size[1]}")
     if need_key:
-        from tops_job.keys import resolve_key
-
-        config.key = resolve_key(dict(environ), config.config_dir)
+        config.key  # noqa: B018  (resolve now: a bad key is a start-up error)
     return config
+
+
+# ---- settings read before a Config exists (the CLI group, the plugin manager, telemetry) ----
+
+DEFAULT_EXPORT_TIMEOUT_S = 5.0
+
+
+def telemetry_export_timeout(environ: Mapping[str, str] | None = None) -> float:
+    """TOPS_JOB_OTEL_EXPORT_TIMEOUT: how long the run's end may wait for the collector."""
+    environ = os.environ if environ is None else environ
+    text = environ.get("TOPS_JOB_OTEL_EXPORT_TIMEOUT", "").strip()
+    if not text:
+        return DEFAULT_EXPORT_TIMEOUT_S
+    return parse_float(0.0, 300.0)("TOPS_JOB_OTEL_EXPORT_TIMEOUT", text)
+
+@dataclass(frozen=True)
+class LogSettings:
+    json: bool  # TOPS_JOB_LOG_FORMAT=json: one JSON object per line for log shippers
+
+
+def log_settings(environ: Mapping[str, str] | None = None) -> LogSettings:
+    environ = os.environ if environ is None else environ
+    text = environ.get("TOPS_JOB_LOG_FORMAT", "text").strip().lower() or "text"
+    return LogSettings(json=parse_choice(("text", "json"))("TOPS_JOB_LOG_FORMAT", text) == "json")
+
+
+@dataclass(frozen=True)
+class PluginSettings:
+    disabled: frozenset[str]  # TOPS_JOB_DISABLE_PLUGINS
+    only: frozenset[str] | None  # TOPS_JOB_LOAD_PLUGINS (None: all installed)
+    trace: bool  # TOPS_JOB_TRACE_PLUGINS
+
+
+def plugin_settings(environ: Mapping[str, str] | None = None) -> PluginSettings:
+    environ = os.environ if environ is None else environ
+
+    def names(text: str | None) -> frozenset[str]:
+        return frozenset(name.strip() for name in (text or "").split(",") if name.strip())
+
+    only = names(environ.get("TOPS_JOB_LOAD_PLUGINS")) if "TOPS_JOB_LOAD_PLUGINS" in environ else None
+    trace = environ.get("TOPS_JOB_TRACE_PLUGINS", "").strip().lower() not in ("", "0", "false", "no", "off")
+    return PluginSettings(disabled=names(environ.get("TOPS_JOB_DISABLE_PLUGINS")), only=only, trace=trace)

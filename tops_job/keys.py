@@ -78,13 +78,13 @@ def write_key_file(path: Path, secret: bytes | None = None) -> bytes:
     return secret
 
 
-def resolve_key(environ: dict[str, str], config_dir: Path) -> KeySource:
-    """WORKER_SK_HEX, else TOPS_JOB_KEY_FILE, else the key generated once into the config dir."""
-    if environ.get("WORKER_SK_HEX"):
-        return KeySource(parse_secret_hex(environ["WORKER_SK_HEX"], "WORKER_SK_HEX"), "WORKER_SK_HEX")
-    if environ.get("TOPS_JOB_KEY_FILE"):
-        path = Path(environ["TOPS_JOB_KEY_FILE"]).expanduser()
-        return KeySource(read_key_file(path, "TOPS_JOB_KEY_FILE"), f"TOPS_JOB_KEY_FILE ({path})")
+def resolve_key(secret: bytes | None, key_file: Path | None, config_dir: Path) -> KeySource:
+    """The secret from WORKER_SK_HEX, else TOPS_JOB_KEY_FILE, else the key generated once into
+    the config dir."""
+    if secret is not None:
+        return KeySource(secret, "WORKER_SK_HEX")
+    if key_file is not None:
+        return KeySource(read_key_file(key_file, "TOPS_JOB_KEY_FILE"), f"TOPS_JOB_KEY_FILE ({key_file})")
     path = config_dir / KEY_FILE_NAME
     if path.exists():
         return KeySource(read_key_file(path, "key file"), f"key file ({path})")

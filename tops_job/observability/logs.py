@@ -6,9 +6,11 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Mapping
 from contextvars import ContextVar
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tops_job.config import LogSettings
 
 # The attempt the current thread works on (set by the run loop); JSON lines carry it.
 current_attempt: ContextVar[int | None] = ContextVar("tops_job_attempt", default=None)
@@ -50,12 +52,12 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, separators=(",", ":"))
 
 
-def setup_logging(environ: Mapping[str, str], *, verbose: bool = False, run_id: str | None = None) -> None:
+def setup_logging(settings: LogSettings, *, verbose: bool = False, run_id: str | None = None) -> None:
     root = logging.getLogger("tops_job")
     for handler in list(root.handlers):
         root.removeHandler(handler)
     handler = logging.StreamHandler(sys.stderr)
-    if environ.get("TOPS_JOB_LOG_FORMAT", "text").lower() == "json":
+    if settings.json:
         handler.setFormatter(JsonFormatter(run_id))
     else:
         # On a terminal a log line first clears the progress line (progress.py) it would join.

@@ -31,12 +31,11 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from prometheus_client import CollectorRegistry
 
 from tops_job import __version__
+from tops_job.config import telemetry_export_timeout
 from tops_job.errors import ConfigError
 
 log = logging.getLogger("tops_job.telemetry")
 
-EXPORT_TIMEOUT_VAR = "TOPS_JOB_OTEL_EXPORT_TIMEOUT"
-DEFAULT_EXPORT_TIMEOUT_S = 5.0
 SERVICE_NAME = "tops-job"
 
 # Scheduler identity, read when present: variable -> resource attribute.
@@ -135,18 +134,6 @@ def _install_switch() -> None:
 
 
 # ---------------------------------------------------------------- exporters
-
-def export_timeout(environ: Mapping[str, str]) -> float:
-    text = environ.get(EXPORT_TIMEOUT_VAR, "").strip()
-    if not text:
-        return DEFAULT_EXPORT_TIMEOUT_S
-    try:
-        value = float(text)
-    except ValueError:
-        raise ConfigError(EXPORT_TIMEOUT_VAR, f"{text!r} is not a number of seconds") from None
-    if not 0 < value <= 300:
-        raise ConfigError(EXPORT_TIMEOUT_VAR, f"{value:g} is outside (0, 300] seconds")
-    return value
 
 
 def _exporters_for(signal: str, environ: Mapping[str, str]) -> list[str]:
@@ -298,7 +285,7 @@ def setup_telemetry(config: Any, resource_attrs: Mapping[str, Any],
     OTEL_* or TOPS_JOB_OTEL_* value."""
     global _active
     environ = os.environ if environ is None else environ
-    timeout_s = export_timeout(environ)
+    timeout_s = telemetry_export_timeout(environ)
     resource = make_resource(resource_attrs, environ)
     trace_names = _exporters_for("traces", environ)
     metric_names = _exporters_for("metrics", environ)

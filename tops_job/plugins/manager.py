@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -83,18 +82,15 @@ class PluginManager(pluggy.PluginManager):
         log.warning("[plugins] %s: hook %s failed: %s: %s", plugin_name, hook_name, type(exc).__name__, exc)
 
 
-def _names(text: str | None) -> set[str]:
-    return {name.strip() for name in (text or "").split(",") if name.strip()}
-
-
 def get_plugin_manager(environ: Mapping[str, str] | None = None, *, load_entry_points: bool = True) -> PluginManager:
     """A new manager with the built-ins and the installed plugins registered."""
-    environ = os.environ if environ is None else environ
+    from tops_job.config import plugin_settings
+
+    settings = plugin_settings(environ)
     pm = PluginManager()
     pm.add_hookspecs(hookspecs)
     report = pm.load_report
-    blocked = _names(environ.get("TOPS_JOB_DISABLE_PLUGINS"))
-    only = _names(environ.get("TOPS_JOB_LOAD_PLUGINS")) if "TOPS_JOB_LOAD_PLUGINS" in environ else None
+    blocked, only = settings.disabled, settings.only
     for name, module_name in DEFAULT_PLUGINS.items():
         if name in blocked:
             report.blocked.append(name)
@@ -114,7 +110,7 @@ def get_plugin_manager(environ: Mapping[str, str] | None = None, *, load_entry_p
             version = (dist.metadata["Name"], dist.version) if dist is not None else ("?", "?")
             _register(pm, name, entry_point.load, version)
     pm.check_pending()  # every loaded plugin passed it alone; this only guards the invariant
-    if environ.get("TOPS_JOB_TRACE_PLUGINS", "").strip().lower() not in ("", "0", "false", "no", "off"):
+    if settings.trace:
         pm.trace.root.setwriter(lambda message: log.info("[plugins] %s", message.rstrip()))
         pm.enable_tracing()
     return pm

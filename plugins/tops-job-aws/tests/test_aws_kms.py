@@ -164,4 +164,4 @@ def test_signer_hook_answers_only_when_configured(kms_key, monkeypatch):
     config = load_config({}, need_key=False)
     identity = build_identity(config, pm, signer_name="kms")
     assert identity.signer.name == "kms"
-    assert config.key is None  # no local key was read or generated
+    assert config.key_if_resolved() is None  # no local key was read or generated

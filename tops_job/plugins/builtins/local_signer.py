@@ -7,15 +7,11 @@ reads, needs or generates a local key.
 
 from __future__ import annotations
 
-import os
-
 from tops_job import hookimpl
-from tops_job.keys import resolve_key
+from tops_job.config import Config
 from tops_job.spec.signing import LocalKeySigner
 
 
 @hookimpl(trylast=True)
-def tops_job_signer(config):
-    if config.key is None:
-        config.key = resolve_key(dict(os.environ), config.config_dir)
-    return LocalKeySigner(config.key.secret)
+def tops_job_signer(config: Config) -> LocalKeySigner:
+    return LocalKeySigner(config.key.secret)  # resolved (or generated) on first use
