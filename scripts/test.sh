@@ -14,11 +14,11 @@ command -v munged >/dev/null || need+=(munge)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
+    apt-get -o DPkg::Lock::Timeout=600 update -qq
     # One package at a time: a package missing from this release must not block the rest
     # (its tests then skip and say why).
     for package in "${need[@]}"; do
-      apt-get install -y -qq --no-install-recommends "$package" >/dev/null || echo "warning: could not install $package" >&2
+      apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "$package" >/dev/null || echo "warning: could not install $package" >&2
     done
   else
     echo "note: not root or no apt-get; tests needing ${need[*]} will skip" >&2

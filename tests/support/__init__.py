@@ -7,6 +7,7 @@ health port), `otlp_receiver`, `net`, `gpu_emulator`."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -29,10 +30,14 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def require_tool(name: str, install_hint: str) -> str:
-    """Path of executable `name` (PATH, then beside this Python), or skip saying how to get it."""
+    """Path of executable `name` (PATH, then beside this Python), or skip saying how to get
+    it. In CI (CI=true), where scripts/test.sh installs every tool, a missing one fails."""
     found = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
     if not found:
-        pytest.skip(f"{name} not found; install it with: {install_hint}")
+        message = f"{name} not found; install it with: {install_hint}"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message + " (CI must run every test but the GPU ones)")
+        pytest.skip(message)
     return found
 
 
