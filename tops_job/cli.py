@@ -27,10 +27,9 @@ class JobFailed(click.ClickException):
     """A library error as a CLI error: message on stderr, the error's exit code."""
 
     def __init__(self, error: Exception):
-        super().__init__(str(error))
-        self.exit_code = int(exit_code_of(error))
-        if isinstance(error, ConfigError):
-            self.message = f"configuration error: {error}"
+        super().__init__(f"configuration error: {error}" if isinstance(error, ConfigError) else str(error))
+        # click declares exit_code a class variable; each JobFailed carries its error's code.
+        setattr(self, "exit_code", int(exit_code_of(error)))  # noqa: B010
 
     def show(self, file: Any = None) -> None:
         click.echo(f"tops-job: {self.format_message()}", err=True)
