@@ -18,7 +18,8 @@ then build with the shipped files unchanged, passing the base as a build argumen
 - `cuda` stands in for nvidia/cuda:12.x-runtime-ubuntu24.04 WITHOUT the CUDA libraries
   (they come from NVIDIA's registry only): Ubuntu 24.04 (noble) minbase, main + universe,
   ca-certificates.
-  The archive is debootstrap's own default for Ubuntu suites (UBUNTU_MIRROR overrides it);
+  The archive: the machine's apt source for noble if it has one, else debootstrap's own
+  default for Ubuntu suites (UBUNTU_MIRROR overrides both);
   the archive key is taken from the archive's ubuntu-keyring package and accepted only if
   it holds the Ubuntu archive signing key named below by fingerprint, which then checks
   the Release file debootstrap verifies every package against.
@@ -93,9 +94,12 @@ def debootstrap_script(suite: str) -> Path:
 
 
 def ubuntu_mirror() -> str:
-    """UBUNTU_MIRROR, else the default debootstrap's own script picks for the suite on amd64."""
+    """UBUNTU_MIRROR, else this machine's apt source for the suite (an Ubuntu host), else
+    the default debootstrap's own script picks for the suite on amd64."""
     if os.environ.get("UBUNTU_MIRROR"):
         return os.environ["UBUNTU_MIRROR"]
+    if uris := apt_source_uris(UBUNTU_SUITE):
+        return uris[0]
     probe = subprocess.run(
         ["bash", "-c", 'default_mirror() { echo "$1"; exit 0; }; . "$0"; exit 1',
          str(debootstrap_script(UBUNTU_SUITE))],
