@@ -33,6 +33,7 @@ from tops_job.compute.device_commitment import DeviceCommitment, node_buffer_wor
 from tops_job.compute.nvml import NvmlSampler
 from tops_job.errors import ConfigError, DeviceError
 from tops_job.spec.inputs import ELEMENTS_PER_WORD, padded_size
+from tops_job.spec.receipt import MAX_K
 
 __all__ = ["CupyBackend", "GPU_DTYPES", "gemm_arguments", "check_shape"]
 
@@ -47,6 +48,8 @@ def check_shape(dtype: str, shape: Shape) -> None:
     if gemm.k_multiple > 1 and (shape.k % gemm.k_multiple or shape.n % gemm.k_multiple):
         raise ConfigError("TOPS_JOB_SIZE", f"dtype {dtype} needs k and n multiples of {gemm.k_multiple} "
                           f"(cuBLAS integer GEMM); got {shape}")
+    if shape.k > MAX_K:
+        raise ConfigError("TOPS_JOB_SIZE", f"k must be at most {MAX_K} (spec §3: sums stay exact); got {shape}")
     if max(shape.m, shape.n, shape.k) >= 1 << 31:
         raise ConfigError("TOPS_JOB_SIZE", f"{shape} exceeds cuBLAS's 32-bit dimensions")
 
@@ -170,13 +173,17 @@ class CupyBackend:
     def _gemm_call(self) -> None:
         g, a = self._gemm, self._args
         assert self.a is not None and self.bt is not None and self.c is not None, "multiply() before prepare()"
+        # CuPy's gemmEx binds the handle to the *current* stream on every call: outside this
+        # `with`, the GEMM would run on the legacy null stream, unordered with the fill and
+        # the commitment kernels on ours, and the events would bracket nothing.
         try:
-            self._cublas.gemmEx(
-                self._handle, a["transa"], a["transb"], a["m"], a["n"], a["k"],
-                self._alpha.ctypes.data, self.bt.data.ptr, g.cuda_in, a["lda"],
-                self.a.data.ptr, g.cuda_in, a["ldb"],
-                self._beta.ctypes.data, self.c.data.ptr, g.cuda_out, a["ldc"],
-                g.compute, CUBLAS_GEMM_DEFAULT)
+            with self._stream:
+                self._cublas.gemmEx(
+                    self._handle, a["transa"], a["transb"], a["m"], a["n"], a["k"],
+                    self._alpha.ctypes.data, self.bt.data.ptr, g.cuda_in, a["lda"],
+                    self.a.data.ptr, g.cuda_in, a["ldb"],
+                    self._beta.ctypes.data, self.c.data.ptr, g.cuda_out, a["ldc"],
+                    g.compute, CUBLAS_GEMM_DEFAULT)
         except Exception as exc:
             raise DeviceError(f"cuBLAS GEMM ({self.dtype}, {self.shape}) failed: {exc}") from None
 
