@@ -254,7 +254,7 @@ def make_cublas(device: EmulatedDevice) -> types.ModuleType:
             result = float(alpha_v) * (op_x @ op_y) + (float(beta_v) * out if beta_v else 0)
             out[...] = result.astype(out.dtype)
             device.gemm_calls.append(stream.ptr)
-            device.fault("gemm", out)
+            device.fault("gemm", device.array_at(c, out.dtype, ldc * (n - 1) + m))
         stream.enqueue(gemm, cost_ns=int(2 * m * n * k / (device.gemm_tflops * 1e12) * 1e9) + 1)
 
     for fn in (create, setStream, getStream, setPointerMode, destroy, gemmEx):
