@@ -112,3 +112,53 @@ def test_max_k_is_enforced(device):
             backend.prepare(Shape(4, 4, MAX_K + 4))
     finally:
         backend.close()
+
+
+# ---- kernels that NVRTC cannot build -----------------------------------------------------------
+
+def signed_attempt(backend, attempt=0):
+    from tops_job.job.attempt import Identity, run_attempt
+    from tops_job.spec.signing import LocalKeySigner
+
+    identity = Identity(did="did:peaq:0xemulated", signer=LocalKeySigner(bytes(range(1, 33))))
+    return run_attempt(backend, Shape(32, 48, 24), identity, run_id="emulated", attempt=attempt, tile=8, opens=16)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+def test_a_kernel_build_that_raises_takes_the_host_path_and_receipts_still_verify(device, dtype, caplog):
+    from tops_job.compute import selftest
+    from tops_job.spec.verify import verify_receipt
+
+    device.compile_error = "nvrtc: error: identifier \"__byte_perm\" is undefined"
+    backend = make_backend(dtype)
+    try:
+        assert backend.fallback and "NVRTC cannot build" in backend.fallback
+        assert sum("host from a copy of C" in r.getMessage() for r in caplog.records) == 1  # said once
+        for attempt in range(2):
+            verify_receipt(signed_attempt(backend, attempt).receipt, full=True)
+        assert set(device.gemm_calls) == {backend._stream.ptr}  # the product is still the device's
+        assert selftest.check(backend).ok
+    finally:
+        backend.close()
+
+
+def test_strict_device_fails_instead(device):
+    from tops_job.errors import DeviceError
+
+    device.compile_error = "nvrtc: error"
+    from tops_job.compute.cupy_backend import CupyBackend
+
+    with pytest.raises(DeviceError, match="strict-device"):
+        CupyBackend("float32", telemetry=False, strict_device=True)
+
+
+def test_an_emulated_gpu_receipt_verifies(device):
+    from tops_job.spec.verify import verify_receipt
+
+    backend = make_backend("float16")
+    try:
+        receipt = signed_attempt(backend).receipt
+    finally:
+        backend.close()
+    assert receipt["backend"] == "cupy" and receipt["dtype"] == "float16"
+    verify_receipt(receipt, full=True)

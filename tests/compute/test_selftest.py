@@ -43,8 +43,8 @@ def test_emulated_gpu_passes_on_every_dtype(device, dtype):
     finally:
         backend.close()
     assert result.ok, result.detail
-    assert device.pci_bus_id not in result.device  # no NVML here: the UUID from CUDA names it
-    assert "GPU-10111213" in result.device
+    # The device as an operator finds it: PCI bus id and UUID (from CUDA; NVML's where present).
+    assert result.device == f"{device.name} {device.pci_bus_id} GPU-10111213-1415-1617-1819-1a1b1c1d1e1f"
 
 
 def corrupt_one_word(target):

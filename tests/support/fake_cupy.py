@@ -159,6 +159,14 @@ class DeviceArray(np.ndarray):
         self.device.transfers += 1
         return np.array(self).view(np.ndarray)
 
+    def set(self, host: np.ndarray, stream: Stream | None = None) -> None:
+        """Copy from the host, ordered on `stream` (default: the current stream)."""
+        snapshot = np.array(host, copy=True)
+
+        def copy() -> None:
+            np.ndarray.__setitem__(self, Ellipsis, snapshot.reshape(self.shape))
+        (stream or self.device.current_stream).enqueue(copy)
+
     def __getitem__(self, key):
         if _fancy(key):  # a gather kernel on the current stream: it waits for that stream only
             self.device.current_stream.synchronize()

@@ -130,6 +130,14 @@ class NvmlSampler:
         except Exception:
             return None
 
+    @property
+    def nvml(self) -> Any:
+        return self._nvml
+
+    @property
+    def handle(self) -> Any:
+        return self._handle
+
     def sample(self) -> Sample | None:
         nvml, h = self._nvml, self._handle
         clock = self._call(nvml.nvmlDeviceGetClockInfo, h, NVML_CLOCK_SM)
