@@ -134,6 +134,12 @@ def cli(verbose: bool) -> None:
               help="Ask the aggregator for a run challenge (TOPS_JOB_CHALLENGE; default: when it offers one).")
 @click.option("--health-port", type=click.IntRange(0, 65535), help="Serve /health, /metrics, dashboard (METRICS_ENABLED=1: 8082).")
 @click.option("--metrics-textfile", type=click.Path(path_type=Path), help="Write final metrics here for node_exporter.")
+@click.option("--selftest/--no-selftest", default=None,
+              help="Known-answer test of the device before the first attempt (TOPS_JOB_SELFTEST, on).")
+@click.option("--audit-every", type=click.IntRange(0),
+              help="Verify every Nth receipt on the CPU, and flagged ones; 0 off (TOPS_JOB_AUDIT_EVERY, 10).")
+@click.option("--strict-device", is_flag=True, default=None,
+              help="Fail instead of falling back to the host when the GPU kernels cannot be built (TOPS_JOB_STRICT_DEVICE).")
 @click.option("--devices", envvar="TOPS_JOB_DEVICES",
               help="all|0,1,…: one worker process per GPU, each with its own data dir (TOPS_JOB_DEVICES).")
 def run(submitter_name: str | None, signer_name: str | None, devices: str | None, **flags: Any) -> None:

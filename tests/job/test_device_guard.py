@@ -1,0 +1,158 @@
+"""The device guard in a real run (CLI, NumPy backend, local ledger): the start-up self-test
+and the background self-audit stop a run whose device computes wrongly, with exit 5, the
+device named, and only verified receipts delivered."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from tests.support import read_jsonl
+from tops_job.cli import cli
+from tops_job.compute import selftest
+from tops_job.compute.base import Shape
+from tops_job.compute.numpy_backend import NumpyBackend
+from tops_job.errors import ExitCode
+from tops_job.job.attempt import Identity, run_attempt
+from tops_job.job.device_guard import DeviceGuard, SelfAuditFailed
+from tops_job.spec.signing import LocalKeySigner
+
+
+class FaultyCpu(NumpyBackend):
+    """A CPU whose products go wrong from the `bad_from`-th timed product (the self-test's
+    product not counted): every value off by one, so that any opening shows it."""
+
+    bad_from = 0
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.products = 0
+
+    def multiply(self):
+        elapsed = super().multiply()
+        if self.shape == selftest.SHAPE and self.bad_from > 0:
+            return elapsed  # passes the self-test: the fault is in the run
+        self.products += 1
+        if self.products > self.bad_from:
+            self.c += 1.0
+        return elapsed
+
+
+def run_with(monkeypatch, backend_cls, *args):
+    monkeypatch.setattr("tops_job.job.build.create_backend", lambda *a, **k: backend_cls("float32", threads=1))
+    return CliRunner().invoke(cli, ["run", "--size", "24,40,56", "--tile", "8", *args], catch_exceptions=False)
+
+
+def summary_of(isolated_env) -> dict:
+    (path,) = (isolated_env["data"] / "summaries").glob("*.json")
+    return json.loads(path.read_text())
+
+
+def test_a_healthy_run_self_tests_and_audits_every_nth_receipt_in_order(isolated_env):
+    result = CliRunner().invoke(cli, ["run", "--backend", "numpy", "--size", "24,40,56", "-n", "7",
+                                      "--audit-every", "3"], catch_exceptions=False)
+    assert result.exit_code == ExitCode.OK, result.output
+    checks = summary_of(isolated_env)["device_checks"]
+    assert checks["selftest"]["ok"] and checks["selftest"]["seconds"] > 0
+    assert checks["self_audit"]["audited"] == 3 and checks["self_audit"]["failure"] is None  # attempts 0, 3, 6
+    ledger = read_jsonl(isolated_env["data"] / "ledger.jsonl")
+    assert [e["receipt"]["attempt"] for e in ledger] == list(range(7))  # held receipts keep their place
+    assert "self-test: passed" in result.output and "self-audit: 3 receipts verified" in result.output
+
+
+def test_a_device_that_fails_the_selftest_exits_5_before_any_receipt(isolated_env, monkeypatch):
+    result = run_with(monkeypatch, FaultyCpu, "-n", "3")
+    assert result.exit_code == ExitCode.DEVICE_ERROR, result.output
+    assert "self-test failed" in result.output and "product differ" in result.output
+    summary = summary_of(isolated_env)
+    assert summary["device_checks"]["selftest"]["stage"] == "product"
+    assert summary["attempts"]["ok"] == 0 and summary["errors_by_class"] == {"gpu": 1}
+    assert not (isolated_env["data"] / "ledger.jsonl").exists() or not read_jsonl(isolated_env["data"] / "ledger.jsonl")
+
+
+def test_a_failed_self_audit_stops_the_run_names_the_device_and_withholds_the_receipt(isolated_env, monkeypatch):
+    class LateFault(FaultyCpu):
+        bad_from = 2  # attempts 0 and 1 are right, 2 onwards wrong
+
+    result = run_with(monkeypatch, LateFault, "-n", "12", "--audit-every", "2")
+    assert result.exit_code == ExitCode.DEVICE_ERROR, result.output
+    summary = summary_of(isolated_env)
+    failure = summary["device_checks"]["self_audit"]["failure"]
+    assert failure["attempt"] == 2 and failure["reason"] == "sample" and "wrong_product" in failure["error"]
+    assert failure["device"] == summary["device"]["model"]  # the CPU has no bus id or UUID
+    assert summary["errors_by_class"].get("gpu") == 1 and summary["error"]["class"] == "gpu"
+    assert summary["attempts"]["ok"] < 12  # stopped early
+    assert "DEVICE UNTRUSTWORTHY" in result.output and "self-audit" in result.output
+    delivered = [e["receipt"]["attempt"] for e in read_jsonl(isolated_env["data"] / "ledger.jsonl")]
+    assert 2 not in delivered and delivered[:2] == [0, 1]
+
+
+def identity():
+    return Identity(did="did:peaq:0xguard", signer=LocalKeySigner(bytes(range(1, 33))))
+
+
+def test_attempts_nvml_flags_are_audited_and_a_failure_is_a_span_event():
+    class Throttled(FaultyCpu):
+        bad_from = 1
+
+        def telemetry(self):
+            return {"throttled": 1} if self.products == 2 else {}
+
+    backend = Throttled("float32", threads=1)
+    guard = DeviceGuard(backend, selftest=True, audit_every=100)
+    failures = []
+    guard.attach(failures.append)
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    try:
+        guard.start()
+        delivered = []
+        for attempt in range(3):
+            result = run_attempt(backend, Shape(16, 24, 8), identity(), run_id="guard", attempt=attempt, tile=8, opens=16)
+            delivered += guard.take(attempt, result)
+        delivered += guard.finish()
+        with provider.get_tracer("test").start_as_current_span("run"):
+            error = guard.pending_failure()
+    finally:
+        backend.close()
+    assert isinstance(error, SelfAuditFailed) and error.exit_code == ExitCode.DEVICE_ERROR
+    assert guard.failure.attempt == 1 and guard.failure.reason == "throttled" and guard.flagged == 1
+    assert [r.receipt["attempt"] for r in delivered] == [0, 2]  # 0: sampled and verified; 2: not audited
+    assert failures == ["gpu"]
+    (span,) = exporter.get_finished_spans()
+    (event,) = span.events
+    assert event.name == "device.self_audit_failed" and event.attributes["tops_job.device"] == guard.device
+
+
+@pytest.mark.parametrize("every", [-1])
+def test_bad_audit_interval_is_rejected(every):
+    with pytest.raises(ValueError):
+        DeviceGuard(NumpyBackend("float32", threads=1), audit_every=every)
+
+
+def test_metrics_name_the_device_of_a_failed_check():
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from tops_job.observability.metrics import RunMetrics
+
+    reader = InMemoryMetricReader()
+    metrics = RunMetrics(MeterProvider(metric_readers=[reader]).get_meter("t"))
+    metrics.record_device_checks({"device": "H200 0000:17:00.0 GPU-1", "selftest": {"ok": True},
+                                  "self_audit": {"failure": {"attempt": 3}},
+                                  "health": {"changes": {"ecc_uncorrected": 2, "xid_last": 79}}})
+    points = {m.name: list(m.data.data_points) for rm in reader.get_metrics_data().resource_metrics
+              for sm in rm.scope_metrics for m in sm.metrics}
+    (failure,) = points["tops_job.device.check_failures"]
+    assert failure.value == 1 and failure.attributes == {"check": "self_audit", "device": "H200 0000:17:00.0 GPU-1",
+                                                         "stage": "receipt"}
+    (health,) = points["tops_job.device.health_changes"]
+    assert health.value == 2 and health.attributes["counter"] == "ecc_uncorrected"
+
+
