@@ -18,6 +18,7 @@ that one GPU in a hundred corrupts results. So:
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -34,6 +35,7 @@ from tops_job.spec.receipt import DEFAULT_MIN_OPENS
 from tops_job.spec.verify import verify_receipt
 
 log = logging.getLogger("tops_job.device")
+AUDIT_NICE = 10  # the audit thread's scheduling niceness (Linux)
 FLAG_KEYS = ("throttled", *(f"{key}_new" for key in device_health.BAD_CHANGES))
 
 
@@ -186,6 +188,10 @@ class DeviceGuard:
         return "sample" if attempt % self.audit_every == 0 else None
 
     def _audit_loop(self) -> None:
+        try:  # Linux: a thread is a task with its own nice value; yield the cores to the attempts
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), AUDIT_NICE)
+        except (AttributeError, OSError):
+            pass
         while True:
             item = self._queue.get()
             if item is None:
