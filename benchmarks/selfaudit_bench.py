@@ -40,7 +40,8 @@ def one_run(backend: NumpyBackend, shape: Shape, attempts: int, every: int) -> d
     loop_s = time.perf_counter() - began
     guard.finish()
     assert guard.failure is None
-    return {"duty": product / wall, "median_duty": statistics.median(duties), "loop_s": loop_s, "audited": guard.audited, "audit_cpu_s": guard.audit_s}
+    return {"duty": product / wall, "median_duty": statistics.median(duties), "loop_s": loop_s,
+            "audited": guard.audited, "audit_cpu_s": guard.audit_s}
 
 
 def main(argv=None) -> int:

@@ -313,7 +313,17 @@ def make_cupy(device: EmulatedDevice, cublas: types.ModuleType) -> types.ModuleT
         out[...] = host
         return out
 
-    cp.empty, cp.asarray = empty, asarray
+    def matmul(a: DeviceArray, b: DeviceArray, out: DeviceArray | None = None) -> DeviceArray:
+        """cupy.matmul: queued on the current stream; C in the inputs' dtype."""
+        out = empty((a.shape[0], b.shape[1]), a.dtype) if out is None else out
+        stream = device.current_stream
+
+        def run() -> None:
+            np.ndarray.__setitem__(out, Ellipsis, (np.asarray(a, np.float64) @ np.asarray(b, np.float64)).astype(out.dtype))
+        stream.enqueue(run, cost_ns=int(2 * a.shape[0] * a.shape[1] * b.shape[1] / (device.gemm_tflops * 1e12) * 1e9) + 1)
+        return out
+
+    cp.empty, cp.asarray, cp.matmul = empty, asarray, matmul
     cp.get_default_memory_pool = lambda: pool
     cp.RawKernel = lambda code, name, options=(), **kw: RawKernel(device, code, name, options)
     cp.RawModule = lambda code, options=(), **kw: RawModule(device, code, options)
