@@ -112,19 +112,24 @@ class RunMetrics:
             self.last_success.set(time.time())
 
     def record_device_checks(self, checks: dict[str, Any] | None) -> None:
-        """The summary's `device_checks`: a failed self-test or self-audit, health changes."""
+        """The summary's `device_checks`: a failed self-test or self-audit, health changes.
+        Healthy runs add 0, so the series exist (and alerts see them) before anything fails."""
         if not checks:
             return
         device = str(checks.get("device", ""))
-        selftest = checks.get("selftest") or {}
-        if selftest and not selftest.get("ok", True):
-            self.device_failures.add(1, {"check": "selftest", "device": device, "stage": str(selftest.get("stage"))})
-        failure = (checks.get("self_audit") or {}).get("failure")
-        if failure:
-            self.device_failures.add(1, {"check": "self_audit", "device": device, "stage": "receipt"})
-        for counter, delta in ((checks.get("health") or {}).get("changes") or {}).items():
-            if counter != "xid_last" and delta > 0:
-                self.device_health.add(int(delta), {"counter": counter, "device": device})
+        selftest = checks.get("selftest")
+        if selftest is not None:
+            failed = not selftest.get("ok", True)
+            self.device_failures.add(int(failed), {"check": "selftest", "device": device,
+                                                   "stage": str(selftest.get("stage")) if failed else "none"})
+        audit = checks.get("self_audit") or {}
+        if audit.get("every") or audit.get("failure"):
+            self.device_failures.add(int(bool(audit.get("failure"))),
+                                     {"check": "self_audit", "device": device, "stage": "receipt"})
+        changes = {k: v for k, v in ((checks.get("health") or {}).get("changes") or {}).items()
+                   if k != "xid_last" and v > 0}
+        for counter, delta in (changes or {"ecc_uncorrected": 0}).items():
+            self.device_health.add(int(delta), {"counter": counter, "device": device})
 
     def _observe_outbox(self, options: CallbackOptions) -> Iterable[Observation]:
         yield Observation(int(self.delivery_state().get("outbox_depth", 0) or 0))
