@@ -5,6 +5,7 @@ device named, and only verified receipts delivered."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -79,14 +80,14 @@ def test_a_failed_self_audit_stops_the_run_names_the_device_and_withholds_the_re
     class LateFault(FaultyCpu):
         bad_from = 2  # attempts 0 and 1 are right, 2 onwards wrong
 
-    result = run_with(monkeypatch, LateFault, "-n", "12", "--audit-every", "2")
+    result = run_with(monkeypatch, LateFault, "-n", "300", "--audit-every", "2")
     assert result.exit_code == ExitCode.DEVICE_ERROR, result.output
     summary = summary_of(isolated_env)
     failure = summary["device_checks"]["self_audit"]["failure"]
     assert failure["attempt"] == 2 and failure["reason"] == "sample" and "wrong_product" in failure["error"]
     assert failure["device"] == summary["device"]["model"]  # the CPU has no bus id or UUID
     assert summary["errors_by_class"].get("gpu") == 1 and summary["error"]["class"] == "gpu"
-    assert summary["attempts"]["ok"] < 12  # stopped early
+    assert summary["attempts"]["ok"] < 300  # stopped early (the audit runs beside the attempts)
     assert "DEVICE UNTRUSTWORTHY" in result.output and "self-audit" in result.output
     delivered = [e["receipt"]["attempt"] for e in read_jsonl(isolated_env["data"] / "ledger.jsonl")]
     assert 2 not in delivered and delivered[:2] == [0, 1]
@@ -157,3 +158,15 @@ def test_metrics_name_the_device_of_a_failed_check():
     assert health.value == 2 and health.attributes["counter"] == "ecc_uncorrected"
 
 
+
+
+def test_a_sink_failing_on_receipts_released_at_the_end_still_summarises(isolated_env):
+    # Every receipt held for audit: most are delivered (and written out) only at the end.
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full on this system")
+    result = CliRunner().invoke(cli, ["run", "--backend", "numpy", "--size", "8", "-n", "3", "--audit-every", "1",
+                                      "--receipts-out", "/dev/full"], catch_exceptions=False)
+    assert result.exit_code == ExitCode.INTERNAL_ERROR, result.output
+    summary = summary_of(isolated_env)
+    assert "No space left" in summary["error"]["message"] and summary["errors_by_class"] == {"internal": 1}
+    assert len(read_jsonl(isolated_env["data"] / "ledger.jsonl")) >= 1  # in the outbox before the sink failed

@@ -112,8 +112,7 @@ class JobRun:
                 self.stats.record_failure(ErrorClass.INTERNAL.value)
             finally:
                 current_attempt.set(None)
-                self._deliver(self.guard.finish())  # what the self-audit verified; never a failed one
-                fatal = fatal or self.guard.pending_failure()
+                fatal = self._finish_guard(fatal)
                 self.backend.close()  # helper processes and threads; the receipts are all signed
                 with tracer.start_as_current_span("drain"):
                     delivery_report = self.delivery.finish(config.drain_timeout)
@@ -192,17 +191,31 @@ class JobRun:
             self._deliver(self.guard.take(attempt, result))
             self.stats.record_attempt(result.elapsed_ns, result.wall_ns, result.stages_ns, result.ops,
                                      throttled=bool(result.receipt.get("telemetry", {}).get("throttled")))
-            for sink in self.receipt_sinks:
-                sink(result.receipt)
             self.reporters.on_attempt(AttemptEvent(
                 attempt=attempt, ok=True, elapsed_ns=result.elapsed_ns, wall_ns=result.wall_ns,
                 ops=result.ops, digest=result.digest.hex(), stages_ns=result.stages_ns))
             log.debug("[run] attempt %d: %s -> %.1f ms", attempt, shape, result.elapsed_ns / 1e6)
         return None
 
+    def _finish_guard(self, fatal: Exception | None) -> Exception | None:
+        """Deliver what the self-audit verified (never a receipt that failed it); a failed
+        audit, or a failure while delivering, becomes the run's error unless it has one."""
+        try:
+            self._deliver(self.guard.finish())
+        except Exception as exc:
+            if fatal is None:
+                log.exception("[run] delivering the audited receipts failed")
+                fatal = exc if isinstance(exc, LIBRARY_ERRORS) else TopsJobError(f"internal error: {exc!r}")
+                self.stats.record_failure(error_class_of(fatal).value)
+        return fatal or self.guard.pending_failure()
+
     def _deliver(self, results) -> None:
+        """Into the outbox, then out to --receipts-out and the other sinks: a receipt that
+        anyone outside has seen is always durable (one held for the self-audit is not yet)."""
         for ready in results:
             self.delivery.enqueue(ready.receipt, ready.digest)
+            for sink in self.receipt_sinks:
+                sink(ready.receipt)
 
     def _failed(self, attempt: int, error_class: ErrorClass, message: str) -> None:
         log.warning("[run] attempt %d failed (%s): %s", attempt, error_class.value, message)
