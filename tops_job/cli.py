@@ -304,10 +304,13 @@ def selftest(backend: str | None, dtypes: tuple[str, ...], attempts: int, size: 
     name = config.backend if config.backend != "auto" else ("cupy" if gpu_available() else "numpy")
     if not dtypes:
         if name == "cupy":
-            from tops_job.compute.cuda_kernels import GPU_DTYPES as available
+            from tops_job.compute.cuda_kernels import GPU_DTYPES
+
+            dtypes = GPU_DTYPES
         else:
-            from tops_job.compute.numpy_backend import CPU_DTYPES as available
-        dtypes = tuple(available)
+            from tops_job.compute.numpy_backend import CPU_DTYPES
+
+            dtypes = tuple(CPU_DTYPES)
     side = 4096 if name == "cupy" else 256
     shape = Shape(*size) if size else Shape(side, side, side)
     report = burn_in(name, list(dtypes), attempts=attempts, size=shape, strict_device=strict_device)

@@ -170,3 +170,21 @@ def test_a_sink_failing_on_receipts_released_at_the_end_still_summarises(isolate
     summary = summary_of(isolated_env)
     assert "No space left" in summary["error"]["message"] and summary["errors_by_class"] == {"internal": 1}
     assert len(read_jsonl(isolated_env["data"] / "ledger.jsonl")) >= 1  # in the outbox before the sink failed
+
+
+def test_a_run_on_the_emulated_gpu_whose_kernels_do_not_build_falls_back_and_says_so(isolated_env, monkeypatch):
+    from tests.support import fake_cupy
+
+    device = fake_cupy.install(monkeypatch)
+    device.compile_error = "nvrtc: error: unknown option"
+    args = ["run", "--backend", "cupy", "--dtype", "bfloat16", "--size", "32,48,24", "--tile", "8", "-n", "3",
+            "--audit-every", "1"]
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == ExitCode.OK, result.output
+    checks = summary_of(isolated_env)["device_checks"]
+    assert "NVRTC cannot build" in checks["fallback"] and checks["selftest"]["ok"]
+    assert checks["self_audit"]["audited"] == 3 and checks["self_audit"]["failure"] is None
+    assert "inputs and commitment ran on the host" in result.output
+    assert len(read_jsonl(isolated_env["data"] / "ledger.jsonl")) == 3  # verified by the ledger too
+    strict = CliRunner().invoke(cli, [*args, "--strict-device"], catch_exceptions=False)
+    assert strict.exit_code == ExitCode.DEVICE_ERROR and "strict-device" in strict.output

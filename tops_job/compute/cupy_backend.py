@@ -237,9 +237,9 @@ class CupyBackend:
         ev = self._events
         ev["commit_start"].record(self._stream)
         if self._host is not None:
-            commitment = self._host.commit(self.c, self._stream, tile)
+            host_commitment = self._host.commit(self.c, self._stream, tile)
             ev["commit_end"].record(self._stream)
-            return commitment
+            return host_commitment
         commitment = DeviceCommitment(self._cp, self.c, tile, self._nodes, self._leaf_kernel,
                                       self._level_kernel, self._stream)
         ev["commit_end"].record(self._stream)

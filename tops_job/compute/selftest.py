@@ -87,10 +87,11 @@ def run_selftest(backend: Backend, shape: Shape = SHAPE, tile: int = TILE) -> Se
     a, bt = _cpu_matrix(KEY_A, shape.m, shape.k), _cpu_matrix(KEY_B, shape.n, shape.k)
     c = a @ bt.T  # float64: exact, |Σ| ≤ 64·k
     reference = HostCommitment(c, tile, np.empty((shape.m, shape.n), np.int32))
+    buffers: Any = backend  # a, bt, c: the buffers every backend keeps (not in the Backend protocol)
     comparisons = (
-        ("inputs", lambda: _first_difference("A", _host(backend, backend.a, True), a)
-         or _first_difference("Bt", _host(backend, backend.bt, True), bt)),
-        ("product", lambda: _first_difference("C", _host(backend, backend.c), c)),
+        ("inputs", lambda: _first_difference("A", _host(backend, buffers.a, True), a)
+         or _first_difference("Bt", _host(backend, buffers.bt, True), bt)),
+        ("product", lambda: _first_difference("C", _host(backend, buffers.c), c)),
         ("leaf hashes", lambda: _first_digest_difference("leaf", _levels(commitment)[0], reference.tree.levels[0])),
         ("tree", lambda: _tree_difference(_levels(commitment), reference.tree.levels, commitment.root, reference.root)),
         ("openings", lambda: _openings_difference(openings, make_openings(reference, NONCE, OPENS))),

@@ -30,6 +30,7 @@ from opentelemetry import trace
 
 from tops_job.compute import device_health, selftest
 from tops_job.compute.base import Backend
+from tops_job.compute.selftest import SelfTestResult
 from tops_job.errors import DeviceError
 from tops_job.spec.receipt import DEFAULT_MIN_OPENS
 from tops_job.spec.verify import verify_receipt
@@ -82,7 +83,7 @@ class DeviceGuard:
         self.audit_every = audit_every
         self.device = selftest_device(backend)
         self.health = getattr(backend, "health", None)
-        self.selftest_result: selftest.SelfTestResult | None = None
+        self.selftest_result: SelfTestResult | None = None
         self.health_before: dict[str, int] = {}
         self.health_after: dict[str, int] = {}
         self.audited = 0
