@@ -162,3 +162,19 @@ def test_an_emulated_gpu_receipt_verifies(device):
         backend.close()
     assert receipt["backend"] == "cupy" and receipt["dtype"] == "float16"
     verify_receipt(receipt, full=True)
+
+
+def test_autotune_sees_the_real_product_time(monkeypatch):
+    # With the GEMM outside the events (the null-stream bug) every probe reads ~0 ms and
+    # autotune runs to the largest side; with it inside, it lands near the target.
+    from tops_job.compute.autotune import autotune
+
+    device = fake_cupy.install(monkeypatch, fake_cupy.EmulatedDevice(gemm_tflops=0.05))
+    backend = make_backend()
+    try:
+        profile = autotune(backend, 2, start=128, step=64, max_side=2048)
+    finally:
+        backend.close()
+    expected_side = (2e-3 * device.gemm_tflops * 1e12 / 2) ** (1 / 3)  # ≈ 368
+    assert abs(profile.m - expected_side) <= 64, profile.probes
+    assert 1.0 <= profile.measured_ms <= 4.0
