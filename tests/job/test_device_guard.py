@@ -188,3 +188,29 @@ def test_a_run_on_the_emulated_gpu_whose_kernels_do_not_build_falls_back_and_say
     assert len(read_jsonl(isolated_env["data"] / "ledger.jsonl")) == 3  # verified by the ledger too
     strict = CliRunner().invoke(cli, [*args, "--strict-device"], catch_exceptions=False)
     assert strict.exit_code == ExitCode.DEVICE_ERROR and "strict-device" in strict.output
+
+
+def test_a_flagged_attempt_is_verified_in_full():
+    # One wrong column in 1024: the aggregator's 8 random columns per opening would miss it
+    # about 9 times in 10; a flagged attempt has every revealed value recomputed.
+    class OneBadColumn(NumpyBackend):
+        def multiply(self):
+            elapsed = super().multiply()
+            if self.shape != selftest.SHAPE:
+                self.c[:, 700] += 1.0
+            return elapsed
+
+        def telemetry(self):
+            return {"ecc_uncorrected_new": 1}
+
+    backend = OneBadColumn("float32", threads=1)
+    guard = DeviceGuard(backend, selftest=False, audit_every=1000)
+    try:
+        guard.start()
+        result = run_attempt(backend, Shape(8, 1024, 8), identity(), run_id="full", attempt=1, tile=1024, opens=16)
+        assert guard.take(1, result) == []
+        assert guard.finish() == []
+    finally:
+        backend.close()
+    assert guard.failure is not None and guard.failure.reason == "ecc_uncorrected_new"
+    assert "wrong_product" in guard.failure.error
