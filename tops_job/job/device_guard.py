@@ -167,7 +167,7 @@ class DeviceGuard:
         if self.selftest_result is not None:
             out["selftest"] = self.selftest_result.as_dict()
         out["self_audit"] = {"every": self.audit_every, "audited": self.audited, "flagged": self.flagged,
-                             "cpu_seconds": round(self.audit_s, 4),
+                             "seconds": round(self.audit_s, 4),
                              "failure": self.failure.as_dict() if self.failure else None}
         if self.health_before or self.health_after:
             out["health"] = {"before": self.health_before, "after": self.health_after,

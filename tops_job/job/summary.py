@@ -107,8 +107,8 @@ def device_check_lines(checks: dict[str, Any]) -> list[str]:
                      f"({test['seconds'] * 1e3:.0f} ms)")
     audit = checks.get("self_audit") or {}
     if audit.get("every"):
-        lines.append(f"  - self-audit: {audit['audited']} receipts verified on the CPU (every {audit['every']}th, "
-                     f"{audit['flagged']} flagged by NVML), {audit['cpu_seconds']:.2f} s of CPU")
+        lines.append(f"  - self-audit: {audit['audited']} receipts verified on the CPU (1 in {audit['every']}, "
+                     f"{audit['flagged']} flagged by NVML), {audit['seconds'] * 1e3:.0f} ms in the background")
     if audit.get("failure"):
         f = audit["failure"]
         lines.append(f"  - DEVICE UNTRUSTWORTHY: {f['device']}: attempt {f['attempt']} failed its self-audit: {f['error']}")
