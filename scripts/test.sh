@@ -18,6 +18,7 @@ command -v runc >/dev/null || need+=(runc)
 [ -x /usr/libexec/podman/catatonit ] || command -v catatonit >/dev/null || need+=(catatonit)
 command -v debootstrap >/dev/null || need+=(debootstrap)
 command -v gpg >/dev/null || need+=(gpg)
+command -v g++ >/dev/null || need+=(g++)  # the GPU kernels, compiled as host C++ for the emulated-device tests
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     export DEBIAN_FRONTEND=noninteractive

@@ -134,6 +134,12 @@ def cli(verbose: bool) -> None:
               help="Ask the aggregator for a run challenge (TOPS_JOB_CHALLENGE; default: when it offers one).")
 @click.option("--health-port", type=click.IntRange(0, 65535), help="Serve /health, /metrics, dashboard (METRICS_ENABLED=1: 8082).")
 @click.option("--metrics-textfile", type=click.Path(path_type=Path), help="Write final metrics here for node_exporter.")
+@click.option("--selftest/--no-selftest", default=None,
+              help="Known-answer test of the device before the first attempt (TOPS_JOB_SELFTEST, on).")
+@click.option("--audit-every", type=click.IntRange(0),
+              help="Verify every Nth receipt on the CPU, and flagged ones; 0 off (TOPS_JOB_AUDIT_EVERY, 10).")
+@click.option("--strict-device", is_flag=True, default=None,
+              help="Fail instead of falling back to the host when the GPU kernels cannot be built (TOPS_JOB_STRICT_DEVICE).")
 @click.option("--devices", envvar="TOPS_JOB_DEVICES",
               help="all|0,1,…: one worker process per GPU, each with its own data dir (TOPS_JOB_DEVICES).")
 def run(submitter_name: str | None, signer_name: str | None, devices: str | None, **flags: Any) -> None:
@@ -276,6 +282,42 @@ def autotune(target_ms: int | None, backend: str | None, dtype: str | None, forc
     click.echo(json.dumps({"m": profile.m, "n": profile.n, "k": profile.k, "measured_ms": profile.measured_ms,
                            "backend": profile.backend, "device": profile.device, "dtype": profile.dtype,
                            "target_ms": profile.target_ms, "path": str(store.path_for(profile.key))}))
+
+
+# ---------------------------------------------------------------- selftest
+
+@cli.command()
+@click.option("--backend", type=click.Choice(["auto", "numpy", "cupy"]), help="Compute backend (TOPS_JOB_BACKEND).")
+@click.option("--dtype", "dtypes", type=click.Choice(list(DTYPES)), multiple=True,
+              help="A dtype to check (repeat; default: every dtype the backend has).")
+@click.option("-n", "--attempts", type=click.IntRange(1), default=10, show_default=True,
+              help="Attempts per dtype, every one verified on the CPU.")
+@click.option("--size", type=SizeType(), help="Attempt shape: N or M,N,K (default 4096 on a GPU, 256 on the CPU).")
+@click.option("--strict-device", is_flag=True, help="Fail where the GPU kernels cannot be built (no host fallback).")
+def selftest(backend: str | None, dtypes: tuple[str, ...], attempts: int, size: tuple[int, int, int] | None,
+             strict_device: bool) -> None:
+    """Burn-in check of this node's device: known-answer self-test, self-audit of N attempts
+    and NVML health, per dtype, as a pass/fail table. Exit 0 all passed, 5 a check failed."""
+    from tops_job.compute import gpu_available
+    from tops_job.compute.base import Shape
+    from tops_job.job.burn_in import burn_in
+
+    config = _config({"backend": backend}, need_key=False)
+    name = config.backend if config.backend != "auto" else ("cupy" if gpu_available() else "numpy")
+    if not dtypes:
+        if name == "cupy":
+            from tops_job.compute.cuda_kernels import GPU_DTYPES
+
+            dtypes = GPU_DTYPES
+        else:
+            from tops_job.compute.numpy_backend import CPU_DTYPES
+
+            dtypes = tuple(CPU_DTYPES)
+    side = 4096 if name == "cupy" else 256
+    shape = Shape(*size) if size else Shape(side, side, side)
+    report = burn_in(name, list(dtypes), attempts=attempts, size=shape, strict_device=strict_device)
+    click.echo(report.table())
+    sys.exit(int(report.exit_code))
 
 
 # ---------------------------------------------------------------- verify

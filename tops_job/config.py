@@ -60,6 +60,9 @@ class Config:
     send_concurrency: int = 4  # sender threads
     challenge: bool | None = None  # ask the aggregator for a run challenge (None: when it offers one)
     retune: bool = False
+    selftest: bool = True  # known-answer test of the device before the first attempt
+    audit_every: int = 10  # verify every Nth receipt (and flagged ones) on the CPU; 0: off
+    strict_device: bool = False  # no host fallback when the device kernels cannot be built
     run_id: str = ""
     data_dir: Path = field(default_factory=lambda: Path(platformdirs.user_data_dir(APP)))
     cache_dir: Path = field(default_factory=lambda: Path(platformdirs.user_cache_dir(APP)))
@@ -244,6 +247,9 @@ SETTINGS: dict[str, tuple[tuple[str, ...], Callable[[str, str], Any]]] = {
     "breaker_cooldown_s": (("TOPS_JOB_BREAKER_COOLDOWN",), parse_float(0.0, 86400.0)),
     "send_concurrency": (("TOPS_JOB_SEND_CONCURRENCY",), parse_int(1, 64)),
     "challenge": (("TOPS_JOB_CHALLENGE",), parse_bool),
+    "selftest": (("TOPS_JOB_SELFTEST",), parse_bool),
+    "audit_every": (("TOPS_JOB_AUDIT_EVERY",), parse_int(0, 1_000_000)),
+    "strict_device": (("TOPS_JOB_STRICT_DEVICE",), parse_bool),
     "run_id": (("TOPS_JOB_RUN_ID",), parse_run_id),
     "data_dir": (("TOPS_JOB_DATA_DIR",), parse_path),
     "cache_dir": (("TOPS_JOB_CACHE_DIR",), parse_path),

@@ -155,3 +155,17 @@ def test_cupy_backend_without_gpu_is_a_device_error():
         pytest.skip("a GPU is present")
     with pytest.raises(DeviceError, match="CUDA device"):
         create_backend("cupy", "bfloat16")
+
+
+@pytest.mark.skipif(emu.compiler() is None, reason="g++ not installed")
+def test_leaf_data_converts_like_the_leaf_kernel_one_rounding_rule():
+    # An exact product is all integers; a faulty one need not be. The opened values must be
+    # the values the leaf kernel hashed (round to nearest even), or a path would not verify.
+    c = np.array([[2.5, -2.5, 3.5, 1.49, -0.51, 7.0, 1e3 + 0.5, -3.0]], np.float32)
+    leaf_kernel, level_kernel = emu.commit_kernels_on_cpu("float32")
+    nodes = emu.FakeCupy.empty(node_buffer_words(1, 8, 4) + 8, np.uint32)
+    device = DeviceCommitment(emu.FakeCupy, c.view(emu.HostArray), 4, nodes, leaf_kernel, level_kernel)
+    for leaf in range(2):
+        data = device.leaf_data(leaf)
+        assert root_from_path(leaf_hash(data), leaf, 2, device.audit_path(leaf)) == device.root
+    assert np.frombuffer(device.leaf_data(0), "<i4").tolist() == [2, -2, 4, 1]

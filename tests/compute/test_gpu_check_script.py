@@ -58,3 +58,57 @@ def test_attempt_stand_in_and_table_with_the_cpu_backend(monkeypatch):
            "device_stages_ms": {"inputs": 1, "product": 300, "commitment": 19}, "throttled_attempts": 0}
     lines = module.table([row]).splitlines()
     assert len(lines) == 3 and lines[0].count("|") == lines[1].count("|") == lines[2].count("|")
+
+
+# ---- the whole check on the emulated device -----------------------------------------------------
+
+QUICK_SHAPES = [(1, 1, 4), (37, 52, 20), (64, 96, 40)]
+
+
+def test_the_check_runs_end_to_end_on_the_emulated_device(monkeypatch, tmp_path, capsys):
+    from tests.support import fake_cupy
+
+    fake_cupy.install(monkeypatch)
+    module = load()
+    monkeypatch.setattr(module, "SMALL_SHAPES", QUICK_SHAPES)
+    code = module.main(["--dtypes", "float32,int8", "--target-ms", "1", "--attempts", "3",
+                        "--max-side", "256", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    import json
+
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["note"] == "complete" and report["meta"]["correctness_failures"] == 0
+    assert [r["dtype"] for r in report["rows"]] == ["float32", "int8"]
+    for row in report["rows"]:
+        assert row["shape"] == [256, 256, 256] and row["receipts_checked"] == 2 and not row["receipt_failures"]
+        assert row["product_tflops"] <= row["datasheet_tflops"] and not row["faster_than_peak"]
+    assert "matmul_tflops" in report["rows"][0] and "matmul_tflops" not in report["rows"][1]
+
+
+def test_a_failing_dtype_does_not_stop_the_others_and_an_impossible_rate_fails(monkeypatch, tmp_path, capsys):
+    from tests.support import fake_cupy
+
+    device = fake_cupy.install(monkeypatch)
+    device.gemm_tflops = 5000.0  # faster than any card: what a timing that brackets nothing looks like
+    module = load()
+    monkeypatch.setattr(module, "SMALL_SHAPES", QUICK_SHAPES[:2])
+    from tops_job.compute import cupy_backend
+
+    original = cupy_backend.CupyBackend
+
+    def picky(dtype, *args, **kwargs):
+        if dtype == "float16":
+            raise RuntimeError("cudaErrorIllegalAddress")
+        return original(dtype, *args, **kwargs)
+    monkeypatch.setattr(cupy_backend, "CupyBackend", picky)
+    code = module.main(["--dtypes", "float16,bfloat16", "--target-ms", "1", "--attempts", "3",
+                        "--max-side", "256", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "float16   FAILED to start: RuntimeError: cudaErrorIllegalAddress" in out
+    assert "bfloat16" in out and "DATASHEET PEAK" in out
+    import json
+
+    rows = json.loads((tmp_path / "gpu_check.json").read_text())["rows"]
+    assert [r["dtype"] for r in rows] == ["bfloat16"] and rows[0]["faster_than_peak"]

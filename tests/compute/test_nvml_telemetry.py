@@ -78,3 +78,48 @@ def test_without_nvidia_ml_py_there_is_no_sampler(monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", None)  # import pynvml → ImportError
     assert nvml.load_nvml() is None
     assert NvmlSampler.for_cuda_device(0) is None
+
+
+# ---- review fixes ------------------------------------------------------------------------------
+
+def test_a_power_capped_gemm_at_lower_clocks_is_not_throttled():
+    # Large GEMMs run against the power cap at ~1.3 GHz of 1.98: normal, not a throttled run.
+    capped = [Sample(1300, 700_000, 60, nvml.REASON_SW_POWER_CAP)] * 3
+    assert summarize(capped, 1980)["throttled"] == 0
+    assert summarize([Sample(1300, 700_000, 60, 0)] * 3, 1980)["throttled"] == 1  # slow without a cap: flagged
+
+
+class FieldValue(types.SimpleNamespace):
+    pass
+
+
+class HopperNvml(FakeNvml):
+    """Power: the 1-second average differs from the instantaneous field (Hopper)."""
+
+    def nvmlDeviceGetPowerUsage(self, handle):
+        return 111_000
+
+    def nvmlDeviceGetFieldValues(self, handle, fields):
+        assert fields == [nvml.NVML_FI_DEV_POWER_INSTANT]
+        return [FieldValue(nvmlReturn=0, value=types.SimpleNamespace(uiVal=690_000))]
+
+
+def test_power_is_the_instantaneous_field_where_the_driver_has_it():
+    sampler = NvmlSampler(HopperNvml([1800]), ("dev", 0))
+    assert sampler.sample().power_mw == 690_000
+    assert NvmlSampler(FakeNvml([1800]), ("dev", 0)).sample().power_mw == 650_000  # older drivers: the average
+
+
+def test_samples_taken_outside_the_product_are_left_out():
+    fake = FakeNvml([300, 1800])  # idle clock at start(), then the product's
+    sampler = NvmlSampler(fake, ("dev", 0), interval_s=0.001)
+    real_clock = fake.nvmlDeviceGetClockInfo
+    # Once stop() is called the product is over: the card is back at its idle clock.
+    fake.nvmlDeviceGetClockInfo = lambda h, kind: 250 if sampler._stop.is_set() else real_clock(h, kind)
+    sampler.start()
+    import time
+
+    time.sleep(0.03)
+    out = sampler.stop()
+    assert out["sm_clock_min_mhz"] == 1800 and out["sm_clock_max_mhz"] == 1980
+    assert out["samples"] >= 1

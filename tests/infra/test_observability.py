@@ -39,6 +39,7 @@ METRICS = {
     "tops_job_submit_latency_seconds", "tops_job_rate_limiter_wait_seconds",
     "tops_job_ops_per_second", "tops_job_outbox_depth", "tops_job_breaker_state",
     "tops_job_last_success_timestamp_seconds",
+    "tops_job_device_check_failures_total", "tops_job_device_health_changes_total",
 }
 HISTOGRAMS = {m for m in METRICS if m.endswith("_seconds") and "timestamp" not in m}
 
@@ -110,6 +111,8 @@ def test_alerts_cover_the_failure_modes():
         "TopsJobOutboxGrowing": "tops_job_outbox_depth",
         "TopsJobThroughputDrop": "tops_job_ops_per_second",
         "TopsJobHighRejectionRate": "tops_job_receipts_total",
+        "TopsJobDeviceUntrustworthy": "tops_job_device_check_failures_total",
+        "TopsJobDeviceMemoryErrors": "tops_job_device_health_changes_total",
     }
     for alert, metric in needed.items():
         assert metric in metric_names(by_name[alert]["expr"]), alert

@@ -22,8 +22,10 @@ def gpu_available() -> bool:
         return False
 
 
-def create_backend(name: str, dtype: str | None = None, device_index: int = 0) -> Backend:
-    """The backend `name` for `dtype` (None: the backend's default)."""
+def create_backend(name: str, dtype: str | None = None, device_index: int = 0, *,
+                   strict_device: bool = False) -> Backend:
+    """The backend `name` for `dtype` (None: the backend's default). `strict_device`: fail
+    rather than fall back to the host where the device kernels cannot be built."""
     if name not in BACKEND_NAMES:
         raise ConfigError("TOPS_JOB_BACKEND", f"unknown backend {name!r}; use one of {', '.join(BACKEND_NAMES)}")
     if name == "auto":
@@ -33,7 +35,7 @@ def create_backend(name: str, dtype: str | None = None, device_index: int = 0) -
             raise DeviceError("--backend cupy needs CuPy (pip install 'tops-job[gpu]') and a usable CUDA device; none was found")
         from tops_job.compute.cupy_backend import CupyBackend
 
-        return CupyBackend(dtype or "float32", device_index=device_index)
+        return CupyBackend(dtype or "float32", device_index=device_index, strict_device=strict_device)
     from tops_job.compute.numpy_backend import NumpyBackend
 
     return NumpyBackend(dtype or "float32")

@@ -18,6 +18,8 @@ every SM, so a concurrent kernel would slow the product and inflate `elapsed_ns`
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from tops_job.compute.base import Shape, device_name
@@ -30,9 +32,15 @@ from tops_job.compute.cuda_kernels import (
     build_fill_kernel,
 )
 from tops_job.compute.device_commitment import DeviceCommitment, node_buffer_words
+from tops_job.compute.device_health import DeviceHealth, changes
+from tops_job.compute.host_fallback import HostPath
 from tops_job.compute.nvml import NvmlSampler
 from tops_job.errors import ConfigError, DeviceError
+from tops_job.spec.commitment import HostCommitment
 from tops_job.spec.inputs import ELEMENTS_PER_WORD, padded_size
+from tops_job.spec.receipt import MAX_K
+
+log = logging.getLogger("tops_job.gpu")
 
 __all__ = ["CupyBackend", "GPU_DTYPES", "gemm_arguments", "check_shape"]
 
@@ -47,6 +55,8 @@ def check_shape(dtype: str, shape: Shape) -> None:
     if gemm.k_multiple > 1 and (shape.k % gemm.k_multiple or shape.n % gemm.k_multiple):
         raise ConfigError("TOPS_JOB_SIZE", f"dtype {dtype} needs k and n multiples of {gemm.k_multiple} "
                           f"(cuBLAS integer GEMM); got {shape}")
+    if shape.k > MAX_K:
+        raise ConfigError("TOPS_JOB_SIZE", f"k must be at most {MAX_K} (spec §3: sums stay exact); got {shape}")
     if max(shape.m, shape.n, shape.k) >= 1 << 31:
         raise ConfigError("TOPS_JOB_SIZE", f"{shape} exceeds cuBLAS's 32-bit dimensions")
 
@@ -72,7 +82,8 @@ class CupyBackend:
     # carries about 22 KB of leaf data.
     default_tile = 256
 
-    def __init__(self, dtype: str = "float32", device_index: int = 0, *, telemetry: bool = True):
+    def __init__(self, dtype: str = "float32", device_index: int = 0, *, telemetry: bool = True,
+                 strict_device: bool = False):
         if dtype not in GEMM_TYPES:
             raise ConfigError("TOPS_JOB_DTYPE", f"{dtype!r} is not available on the GPU backend; use one of {', '.join(GPU_DTYPES)}")
         import cupy as cp
@@ -96,6 +107,10 @@ class CupyBackend:
             free, _total = cp.cuda.runtime.memGetInfo()
         except Exception as exc:
             raise DeviceError(f"CUDA device {device_index} is unusable: {exc}") from None
+        try:
+            self.pci_bus_id = str(cp.cuda.runtime.deviceGetPCIBusId(device_index))
+        except Exception:
+            self.pci_bus_id = ""
         name = props["name"]
         self.device_model = device_name(name, "cuda")
         self.device_uuid = _uuid_text(props.get("uuid"))
@@ -104,11 +119,30 @@ class CupyBackend:
         # alpha = 1, beta = 0 in the compute type, read through host pointers.
         scalar = np.int32 if self._gemm.compute == 72 else np.float32
         self._alpha, self._beta = np.ones(1, scalar), np.zeros(1, scalar)
-        self._fill = build_fill_kernel(cp, dtype)
-        self._leaf_kernel, self._level_kernel = build_commit_kernels(cp, self._gemm.product)
+        # The device kernels, compiled now (NVRTC) so a failure shows before the first attempt.
+        # Where they cannot be built, inputs and commitment run on the host from a copy of C
+        # (host_fallback.py), said once, with its cost in the summary; --strict-device: fail.
+        self.fallback: str | None = None
+        self._host: HostPath | None = None
+        try:
+            self._fill = _compiled(build_fill_kernel(cp, dtype))
+            self._leaf_kernel, self._level_kernel = (_compiled(k) for k in build_commit_kernels(cp, self._gemm.product))
+        except Exception as exc:
+            reason = f"NVRTC cannot build the device kernels for {dtype}: {type(exc).__name__}: {str(exc)[:300]}"
+            if strict_device:
+                raise DeviceError(f"{reason} (--strict-device: no host fallback)") from None
+            self.fallback = reason
+            self._host = HostPath(dtype)
+            log.warning("[gpu] %s; inputs and commitment run on the host from a copy of C, which lowers the "
+                        "duty cycle (see the summary); --strict-device makes this an error", reason)
         self._sampler = NvmlSampler.for_cuda_device(device_index) if telemetry else None
-        if self._sampler is not None and self._sampler.uuid:
-            self.device_uuid = self._sampler.uuid
+        self.health: DeviceHealth | None = None
+        self._health_last: dict[str, int] = {}
+        if self._sampler is not None:
+            if self._sampler.uuid:
+                self.device_uuid = self._sampler.uuid
+            self.health = DeviceHealth(self._sampler.nvml, self._sampler.handle)
+            self._health_last = self.health.read()
         self._events = {name: cp.cuda.Event() for name in
                         ("inputs_start", "inputs_end", "start", "end", "commit_start", "commit_end")}
         self._last_telemetry: dict[str, int] = {}
@@ -145,6 +179,11 @@ class CupyBackend:
         ev = self._events
         with self._stream:
             ev["inputs_start"].record(self._stream)
+            if self._host is not None:
+                self._host.fill(self._cp, self._stream, key_a, self._a_flat)
+                self._host.fill(self._cp, self._stream, key_b, self._bt_flat)
+                ev["inputs_end"].record(self._stream)
+                return
             for key, flat in ((key_a, self._a_flat), (key_b, self._bt_flat)):
                 words = flat.size // ELEMENTS_PER_WORD
                 self._fill((blocks_for(words),), (THREADS_PER_BLOCK,), (np.uint64(key), np.uint64(words), flat))
@@ -170,17 +209,21 @@ class CupyBackend:
     def _gemm_call(self) -> None:
         g, a = self._gemm, self._args
         assert self.a is not None and self.bt is not None and self.c is not None, "multiply() before prepare()"
+        # CuPy's gemmEx binds the handle to the *current* stream on every call: outside this
+        # `with`, the GEMM would run on the legacy null stream, unordered with the fill and
+        # the commitment kernels on ours, and the events would bracket nothing.
         try:
-            self._cublas.gemmEx(
-                self._handle, a["transa"], a["transb"], a["m"], a["n"], a["k"],
-                self._alpha.ctypes.data, self.bt.data.ptr, g.cuda_in, a["lda"],
-                self.a.data.ptr, g.cuda_in, a["ldb"],
-                self._beta.ctypes.data, self.c.data.ptr, g.cuda_out, a["ldc"],
-                g.compute, CUBLAS_GEMM_DEFAULT)
+            with self._stream:
+                self._cublas.gemmEx(
+                    self._handle, a["transa"], a["transb"], a["m"], a["n"], a["k"],
+                    self._alpha.ctypes.data, self.bt.data.ptr, g.cuda_in, a["lda"],
+                    self.a.data.ptr, g.cuda_in, a["ldb"],
+                    self._beta.ctypes.data, self.c.data.ptr, g.cuda_out, a["ldc"],
+                    g.compute, CUBLAS_GEMM_DEFAULT)
         except Exception as exc:
             raise DeviceError(f"cuBLAS GEMM ({self.dtype}, {self.shape}) failed: {exc}") from None
 
-    def commit(self, tile: int) -> DeviceCommitment:
+    def commit(self, tile: int) -> DeviceCommitment | HostCommitment:
         shape = self.shape
         assert shape is not None, "commit() before prepare()"
         key = (shape, tile)
@@ -193,6 +236,10 @@ class CupyBackend:
             self._nodes_key = key
         ev = self._events
         ev["commit_start"].record(self._stream)
+        if self._host is not None:
+            host_commitment = self._host.commit(self.c, self._stream, tile)
+            ev["commit_end"].record(self._stream)
+            return host_commitment
         commitment = DeviceCommitment(self._cp, self.c, tile, self._nodes, self._leaf_kernel,
                                       self._level_kernel, self._stream)
         ev["commit_end"].record(self._stream)
@@ -204,6 +251,11 @@ class CupyBackend:
         readings = dict(self._last_telemetry)
         if readings:
             readings["device_index"] = self.device_index
+        if self.health is not None:  # what moved since the last attempt: ECC, rows, Xid
+            now = self.health.read()
+            for key, delta in changes(self._health_last, now).items():
+                readings[f"{key}_new" if key != "xid_last" else key] = delta
+            self._health_last = now
         return readings
 
     def device_stages_ns(self) -> dict[str, int]:
@@ -223,8 +275,19 @@ class CupyBackend:
         self.a = self.bt = self.c = self._nodes = None
         self._a_flat = self._bt_flat = None
         self._cp.get_default_memory_pool().free_all_blocks()
+        if self.health is not None:
+            self.health.close()
         if self._sampler is not None:
             self._sampler.close()
+
+
+def _compiled(kernel):
+    """`kernel`, compiled now where CuPy can (RawKernel/RawFunction.compile), so that NVRTC
+    errors surface here rather than at the first launch."""
+    compile_now = getattr(kernel, "compile", None)
+    if compile_now is not None:
+        compile_now()
+    return kernel
 
 
 def _uuid_text(raw) -> str:

@@ -6,13 +6,16 @@ every `interval_s` between start() and stop(); stop() returns the readings summa
 string → int, the receipt's `telemetry` object:
 
 - sm_clock_mhz: mean SM clock; sm_clock_min_mhz; sm_clock_max_mhz: the device's maximum
-- power_mw: mean board power; power_max_mw
+- power_mw: mean board power; power_max_mw (the instantaneous field where the driver has it:
+  on Hopper nvmlDeviceGetPowerUsage is a one-second average, longer than many products)
 - temp_c: highest GPU temperature
 - throttle_reasons: OR of NVML's clock-event reason bits seen
 - power_capped: 1 when the software power cap held the clocks (normal for large GEMMs)
 - throttled: 1 when thermal or hardware slowdown was seen, or the mean SM clock was below
-  `clock_ratio` of the maximum: the summary counts these runs
-- samples: readings taken
+  `clock_ratio` of the maximum without the power cap to explain it (a large GEMM at the
+  power cap runs well below the maximum clock: that is normal): the summary counts these
+- samples: readings taken while the product ran (the readings at start() and stop() are
+  outside it and count only when the product was too short for any other)
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ SLOWDOWN_REASONS = REASON_HW_SLOWDOWN | REASON_SW_THERMAL | REASON_HW_THERMAL | 
 THROTTLE_CLOCK_RATIO = 0.75
 NVML_CLOCK_SM = 1
 NVML_TEMPERATURE_GPU = 0
+NVML_FI_DEV_POWER_INSTANT = 186  # nvml.h: instantaneous power (mW), driver 535+
 
 
 @dataclass(frozen=True)
@@ -51,7 +55,8 @@ def summarize(samples: list[Sample], max_clock_mhz: int, clock_ratio: float = TH
     for s in samples:
         reasons |= s.reasons
     mean_clock = round(sum(clocks) / len(clocks))
-    slow_clock = max_clock_mhz > 0 and mean_clock < clock_ratio * max_clock_mhz
+    slow_clock = (max_clock_mhz > 0 and mean_clock < clock_ratio * max_clock_mhz
+                  and not reasons & REASON_SW_POWER_CAP)
     return {
         "sm_clock_mhz": mean_clock,
         "sm_clock_min_mhz": min(clocks),
@@ -91,6 +96,8 @@ class NvmlSampler:
         uuid = self._call(nvml.nvmlDeviceGetUUID, handle)
         self.uuid = (uuid.decode() if isinstance(uuid, bytes) else str(uuid or ""))[:64]
         self._samples: list[Sample] = []
+        self._edges: list[Sample] = []
+        self._no_instant_power = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -123,28 +130,47 @@ class NvmlSampler:
         except Exception:
             return None
 
+    @property
+    def nvml(self) -> Any:
+        return self._nvml
+
+    @property
+    def handle(self) -> Any:
+        return self._handle
+
     def sample(self) -> Sample | None:
         nvml, h = self._nvml, self._handle
         clock = self._call(nvml.nvmlDeviceGetClockInfo, h, NVML_CLOCK_SM)
         if clock is None:
             return None
-        power = self._call(nvml.nvmlDeviceGetPowerUsage, h) or 0
+        power = self._instant_power() or self._call(nvml.nvmlDeviceGetPowerUsage, h) or 0
         temp = self._call(nvml.nvmlDeviceGetTemperature, h, NVML_TEMPERATURE_GPU) or 0
         reasons = (self._call(self._reasons_fn, h) if self._reasons_fn else 0) or 0
         return Sample(int(clock), int(power), int(temp), int(reasons))
 
+    def _instant_power(self) -> int | None:
+        fn = getattr(self._nvml, "nvmlDeviceGetFieldValues", None)
+        if fn is None or self._no_instant_power:
+            return None
+        try:
+            value = fn(self._handle, [NVML_FI_DEV_POWER_INSTANT])[0]
+            if getattr(value, "nvmlReturn", 1) == 0:
+                return int(value.value.uiVal)
+        except Exception:
+            pass
+        self._no_instant_power = True  # not on this driver: ask once
+        return None
+
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             reading = self.sample()
-            if reading is not None:
+            if reading is not None and not self._stop.is_set():  # taken while the product ran
                 self._samples.append(reading)
 
     def start(self) -> None:
         self._samples = []
         self._stop.clear()
-        first = self.sample()
-        if first is not None:
-            self._samples.append(first)
+        self._edges = [s for s in (self.sample(),) if s is not None]
         self._thread = threading.Thread(target=self._run, name="tops-nvml", daemon=True)
         self._thread.start()
 
@@ -153,9 +179,9 @@ class NvmlSampler:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        last = self.sample()
-        if last is not None:
-            self._samples.append(last)
+        if not self._samples:  # a product shorter than the interval: the edges are all there is
+            last = self.sample()
+            self._samples = self._edges + ([last] if last is not None else [])
         return summarize(self._samples, self.max_clock_mhz, self.clock_ratio)
 
     def close(self) -> None:

@@ -15,6 +15,7 @@ from tops_job.delivery.outcomes import Submitter
 from tops_job.delivery.protocol import InlineDelivery
 from tops_job.errors import LIBRARY_ERRORS, ConfigError, SignatureError, StorageError
 from tops_job.job.attempt import Identity
+from tops_job.job.device_guard import DeviceGuard
 from tops_job.job.runner import JobRun, StopSignal
 from tops_job.job.summary import write_summary
 from tops_job.observability.events import Reporter, Reporters
@@ -140,7 +141,7 @@ def build_job(config: Config, pm: PluginManager, *, stop: StopSignal,
               receipt_sinks: list[Callable[[dict[str, Any]], None]], submitter_name: str | None = None,
               signer_name: str | None = None) -> JobRun:
     identity = build_identity(config, pm, signer_name)
-    backend = create_backend(config.backend, config.dtype)
+    backend = create_backend(config.backend, config.dtype, strict_device=config.strict_device)
     profile_store = pm.hooks.profile_store(config=config)
     if profile_store is None and not config.size:
         raise ConfigError("TOPS_JOB_SIZE", "no profile store plugin answered (blocked?): give --size or enable one"
@@ -164,5 +165,6 @@ def build_job(config: Config, pm: PluginManager, *, stop: StopSignal,
     return JobRun(config, backend=backend, identity=identity,
                   make_delivery=make_delivery_factory(config, pm, submitter_name, stop), reporters=reporters,
                   profile_store=profile_store, stop=stop, receipt_sinks=receipt_sinks, run_finished=run_finished,
-                  challenge=challenge_source(config, identity.did))
+                  challenge=challenge_source(config, identity.did),
+                  guard=DeviceGuard(backend, selftest=config.selftest, audit_every=config.audit_every))
 

@@ -21,6 +21,7 @@ from tops_job.delivery.outcomes import Outcome
 from tops_job.delivery.protocol import Delivery, DeliveryReport
 from tops_job.errors import LIBRARY_ERRORS, ConfigError, DeviceError, ErrorClass, ExitCode, TopsJobError, error_class_of, exit_code_of
 from tops_job.job.attempt import Identity, run_attempt
+from tops_job.job.device_guard import DeviceGuard
 from tops_job.job.stats import RunStats
 from tops_job.job.summary import build_summary, write_summary
 from tops_job.observability.events import AttemptEvent, ReceiptEvent, Reporters, RunInfo
@@ -65,7 +66,7 @@ class JobRun:
                  reporters: Reporters, profile_store: ProfileCache | None,
                  stop: StopSignal | None = None, receipt_sinks: list[ReceiptSink] | None = None,
                  run_finished: Callable[[dict[str, Any]], None] | None = None,
-                 challenge: Callable[[], bytes | None] | None = None):
+                 challenge: Callable[[], bytes | None] | None = None, guard: DeviceGuard | None = None):
         self.config = config
         self.backend = backend
         self.identity = identity
@@ -76,6 +77,9 @@ class JobRun:
         self.run_finished = run_finished
         self.challenge_source = challenge  # asked once, right before the first attempt (spec §1)
         self.stats = RunStats()
+        # Self-test before the first attempt, self-audit of a sample of receipts (device_guard.py).
+        self.guard = guard or DeviceGuard(backend, selftest=False, audit_every=0)
+        self.guard.attach(self.stats.record_failure)
         self.delivery = make_delivery(self._on_receipt)
         self.reporters.on_delivery(self.delivery)
 
@@ -95,6 +99,7 @@ class JobRun:
             self.reporters.on_run_start(info)
             self.delivery.start()
             try:
+                self.guard.start()
                 shape, profile_info = self._shape()
                 self.reporters.on_profile(profile_info)
                 fatal = self._attempts(shape)
@@ -107,6 +112,7 @@ class JobRun:
                 self.stats.record_failure(ErrorClass.INTERNAL.value)
             finally:
                 current_attempt.set(None)
+                fatal = self._finish_guard(fatal)
                 self.backend.close()  # helper processes and threads; the receipts are all signed
                 with tracer.start_as_current_span("drain"):
                     delivery_report = self.delivery.finish(config.drain_timeout)
@@ -125,6 +131,7 @@ class JobRun:
             delivery={Outcome.PENDING.value: delivery_report.pending, **dict(delivery_report.counts), **delivery_report.detail},
             exit_code=exit_code, reporter_failures=self.reporters.failures, stop_reason=self.stop.reason,
         )
+        summary["device_checks"] = self.guard.section()
         if fatal is not None:
             summary["error"] = {"class": error_class_of(fatal).value, "message": str(fatal)}
         try:
@@ -158,6 +165,8 @@ class JobRun:
             if self.stop.stopped:
                 log.info("[run] stop requested (%s): no new attempts", self.stop.reason)
                 return None
+            if self.guard.failure is not None:
+                return self.guard.pending_failure()
             try:
                 result = run_attempt(self.backend, shape, self.identity, run_id=config.run_id,
                                      attempt=attempt, tile=tile, opens=config.opens, challenge=challenge)
@@ -177,17 +186,36 @@ class JobRun:
                     return TopsJobError(f"{consecutive} attempts in a row failed; last: {exc!r}")
                 continue
             consecutive = 0
-            # Durable first: the receipt is in the outbox before anything else can fail.
-            self.delivery.enqueue(result.receipt, result.digest)
+            # Durable first: the receipt is in the outbox before anything else can fail
+            # (unless held for the self-audit: then once it verified).
+            self._deliver(self.guard.take(attempt, result))
             self.stats.record_attempt(result.elapsed_ns, result.wall_ns, result.stages_ns, result.ops,
                                      throttled=bool(result.receipt.get("telemetry", {}).get("throttled")))
-            for sink in self.receipt_sinks:
-                sink(result.receipt)
             self.reporters.on_attempt(AttemptEvent(
                 attempt=attempt, ok=True, elapsed_ns=result.elapsed_ns, wall_ns=result.wall_ns,
                 ops=result.ops, digest=result.digest.hex(), stages_ns=result.stages_ns))
             log.debug("[run] attempt %d: %s -> %.1f ms", attempt, shape, result.elapsed_ns / 1e6)
         return None
+
+    def _finish_guard(self, fatal: Exception | None) -> Exception | None:
+        """Deliver what the self-audit verified (never a receipt that failed it); a failed
+        audit, or a failure while delivering, becomes the run's error unless it has one."""
+        try:
+            self._deliver(self.guard.finish())
+        except Exception as exc:
+            if fatal is None:
+                log.exception("[run] delivering the audited receipts failed")
+                fatal = exc if isinstance(exc, LIBRARY_ERRORS) else TopsJobError(f"internal error: {exc!r}")
+                self.stats.record_failure(error_class_of(fatal).value)
+        return fatal or self.guard.pending_failure()
+
+    def _deliver(self, results) -> None:
+        """Into the outbox, then out to --receipts-out and the other sinks: a receipt that
+        anyone outside has seen is always durable (one held for the self-audit is not yet)."""
+        for ready in results:
+            self.delivery.enqueue(ready.receipt, ready.digest)
+            for sink in self.receipt_sinks:
+                sink(ready.receipt)
 
     def _failed(self, attempt: int, error_class: ErrorClass, message: str) -> None:
         log.warning("[run] attempt %d failed (%s): %s", attempt, error_class.value, message)

@@ -87,6 +87,7 @@ def human_lines(summary: dict[str, Any]) -> list[str]:
     if summary.get("errors_by_class"):
         lines.append("  - errors by class: " + ", ".join(f"{name} {count}" for name, count in
                                                          sorted(summary["errors_by_class"].items())))
+    lines.extend(device_check_lines(summary.get("device_checks") or {}))
     if attempts.get("throttled"):
         lines.append(f"  - warning: {attempts['throttled']} attempts ran while the GPU was throttled")
     if t["product_ms"]:
@@ -94,4 +95,26 @@ def human_lines(summary: dict[str, Any]) -> list[str]:
         lines.append(f"  - product time: mean {p['mean']:.1f} ms, p50 {p['p50']:.1f} ms, p95 {p['p95']:.1f} ms")
         lines.append(f"  - achieved: {t['gflops_product']:.1f} GFLOP/s over the product, "
                      f"{t['gflops_attempt']:.1f} GFLOP/s over whole attempts (duty {t['duty_cycle']:.2f})")
+    return lines
+
+
+def device_check_lines(checks: dict[str, Any]) -> list[str]:
+    """The self-test, self-audit, fallback and NVML health of the run, for people."""
+    lines = []
+    test = checks.get("selftest")
+    if test:
+        lines.append(f"  - self-test: {'passed' if test['ok'] else 'FAILED at ' + str(test['stage'])} "
+                     f"({test['seconds'] * 1e3:.0f} ms)")
+    audit = checks.get("self_audit") or {}
+    if audit.get("every"):
+        lines.append(f"  - self-audit: {audit['audited']} receipts verified on the CPU (1 in {audit['every']}, "
+                     f"{audit['flagged']} flagged by NVML), {audit['seconds'] * 1e3:.0f} ms in the background")
+    if audit.get("failure"):
+        f = audit["failure"]
+        lines.append(f"  - DEVICE UNTRUSTWORTHY: {f['device']}: attempt {f['attempt']} failed its self-audit: {f['error']}")
+    if checks.get("fallback"):
+        lines.append(f"  - warning: {checks['fallback']}; inputs and commitment ran on the host (see duty)")
+    changes = (checks.get("health") or {}).get("changes")
+    if changes:
+        lines.append(f"  - warning: NVML health counters moved on {checks.get('device')}: {changes}")
     return lines

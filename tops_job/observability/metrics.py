@@ -59,6 +59,12 @@ class RunMetrics:
         self.last_success = meter.create_gauge(
             "tops_job.last_success.timestamp", unit="s",
             description="Unix time of the newest receipt the aggregator holds (accepted or duplicate).")
+        self.device_failures = meter.create_counter(
+            "tops_job.device.check_failures", unit="{failure}",
+            description="Device checks that failed (check: selftest, self_audit), by device (PCI bus id, UUID).")
+        self.device_health = meter.create_counter(
+            "tops_job.device.health_changes", unit="{event}",
+            description="NVML health counters that moved during the run (ECC errors, remapped rows, Xid events).")
         meter.create_observable_gauge(
             "tops_job.outbox.depth", callbacks=[self._observe_outbox], unit="{receipt}",
             description="Receipts waiting in the durable outbox.")
@@ -104,6 +110,26 @@ class RunMetrics:
             self.rate_limiter_wait.record(max(0.0, wait))
         if event.outcome in DELIVERED_OUTCOMES:
             self.last_success.set(time.time())
+
+    def record_device_checks(self, checks: dict[str, Any] | None) -> None:
+        """The summary's `device_checks`: a failed self-test or self-audit, health changes.
+        Healthy runs add 0, so the series exist (and alerts see them) before anything fails."""
+        if not checks:
+            return
+        device = str(checks.get("device", ""))
+        selftest = checks.get("selftest")
+        if selftest is not None:
+            failed = not selftest.get("ok", True)
+            self.device_failures.add(int(failed), {"check": "selftest", "device": device,
+                                                   "stage": str(selftest.get("stage")) if failed else "none"})
+        audit = checks.get("self_audit") or {}
+        if audit.get("every") or audit.get("failure"):
+            self.device_failures.add(int(bool(audit.get("failure"))),
+                                     {"check": "self_audit", "device": device, "stage": "receipt"})
+        changes = {k: v for k, v in ((checks.get("health") or {}).get("changes") or {}).items()
+                   if k != "xid_last" and v > 0}
+        for counter, delta in (changes or {"ecc_uncorrected": 0}).items():
+            self.device_health.add(int(delta), {"counter": counter, "device": device})
 
     def _observe_outbox(self, options: CallbackOptions) -> Iterable[Observation]:
         yield Observation(int(self.delivery_state().get("outbox_depth", 0) or 0))

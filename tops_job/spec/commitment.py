@@ -54,7 +54,11 @@ def make_openings(commitment: Commitment, nonce: bytes, opens: int) -> list[dict
     """The receipt's `openings` array."""
     cache: dict[int, dict[str, Any]] = {}
     openings = []
-    for leaf in opening_indices(commitment.root, nonce, opens, commitment.leaf_count):
+    leaves = opening_indices(commitment.root, nonce, opens, commitment.leaf_count)
+    prefetch = getattr(commitment, "prefetch", None)  # a device commitment batches its transfers
+    if prefetch is not None:
+        prefetch(leaves)
+    for leaf in leaves:
         if leaf not in cache:
             cache[leaf] = {
                 "leaf": leaf,

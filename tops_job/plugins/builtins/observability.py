@@ -61,6 +61,8 @@ class ObservabilityReporter(Reporter):
 
     def on_run_end(self, summary: dict[str, Any]) -> None:
         try:
+            if self.metrics is not None:
+                self.metrics.record_device_checks(summary.get("device_checks"))
             path = getattr(self.config, "metrics_textfile", None)
             if path and self.registry is not None:
                 write_textfile(self.registry, path)

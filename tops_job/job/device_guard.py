@@ -1,0 +1,232 @@
+"""The worker's own check of its device: a known-answer self-test before the first timed
+attempt, a background self-audit of a sample of its receipts, and NVML health around the run.
+
+A fleet must not learn from the aggregator (exit 4, FailJob) that a kernel miscompiled or
+that one GPU in a hundred corrupts results. So:
+
+- start(): NVML health read, then the self-test (compute/selftest.py). A mismatch raises
+  SelfTestFailed: exit 5 before any receipt exists.
+- take(attempt, result): every `audit_every`-th receipt, and any attempt whose telemetry
+  flags the device (throttled, new ECC errors, Xid events), is held and verified on the CPU
+  on a background thread with the aggregator's library (spec.verify): sampled columns as the
+  aggregator does for the every-Nth sample, every revealed value for a flagged attempt. The others, and the
+  held ones once verified, are returned for delivery, on the caller's thread. A receipt that
+  fails is never delivered; the run stops (exit 5) naming the device.
+- finish(): waits for the audits in flight, reads NVML health again, and returns the
+  receipts that verified; `section()` is the summary's `device_checks`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from opentelemetry import trace
+
+from tops_job.compute import device_health, selftest
+from tops_job.compute.base import Backend
+from tops_job.compute.selftest import SelfTestResult
+from tops_job.errors import DeviceError
+from tops_job.spec.receipt import DEFAULT_MIN_OPENS
+from tops_job.spec.verify import verify_receipt
+
+log = logging.getLogger("tops_job.device")
+AUDIT_NICE = 10  # the audit thread's scheduling niceness (Linux)
+FLAG_KEYS = ("throttled", *(f"{key}_new" for key in device_health.BAD_CHANGES))
+
+
+class Signed(Protocol):
+    receipt: dict[str, Any]
+    digest: bytes
+
+
+HELD, READY, FAILED = "held", "ready", "failed"
+
+
+@dataclass
+class _Entry:
+    result: Signed
+    status: str
+
+
+@dataclass(frozen=True)
+class AuditFailure:
+    attempt: int
+    reason: str  # why it was audited: "sample", "throttled", "ecc_uncorrected_new", ...
+    error: str  # what verification said
+    device: str  # model, PCI bus id, UUID
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"attempt": self.attempt, "reason": self.reason, "error": self.error, "device": self.device}
+
+
+class SelfAuditFailed(DeviceError):
+    """A receipt of this worker failed its own verification: the device computes wrongly."""
+
+    def __init__(self, failure: AuditFailure):
+        super().__init__(f"self-audit: the receipt of attempt {failure.attempt} does not verify on the CPU "
+                         f"({failure.error}); device {failure.device} is untrustworthy")
+        self.failure = failure
+
+
+class DeviceGuard:
+    def __init__(self, backend: Backend, *, selftest: bool = True, audit_every: int = 10):
+        if audit_every < 0:
+            raise ValueError("audit_every must be 0 (off) or positive")
+        self.backend = backend
+        self.selftest_enabled = selftest
+        self.audit_every = audit_every
+        self.device = selftest_device(backend)
+        self.health = getattr(backend, "health", None)
+        self.selftest_result: SelfTestResult | None = None
+        self.health_before: dict[str, int] = {}
+        self.health_after: dict[str, int] = {}
+        self.audited = 0
+        self.audit_s = 0.0
+        self.flagged = 0
+        self.failure: AuditFailure | None = None
+        self._record_failure = lambda error_class: None
+        self._reported = False
+        self._queue: queue.Queue = queue.Queue()
+        self._order: deque[_Entry] = deque()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def attach(self, record_failure) -> None:
+        """`record_failure(error_class)`: how a failed audit is counted (RunStats)."""
+        self._record_failure = record_failure
+
+    # ---- the run's edges -------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self.health is not None:
+            self.health_before = self.health.read()
+        if self.selftest_enabled:
+            with trace.get_tracer("tops_job.device").start_as_current_span("selftest"):
+                self.selftest_result = selftest.run_selftest(self.backend)
+            if not self.selftest_result.ok:
+                log.error("[device] self-test failed on %s (%s): %s differ: %s", self.device, self.backend.dtype,
+                          self.selftest_result.stage, self.selftest_result.detail)
+                raise selftest.SelfTestFailed(self.selftest_result)
+            log.info("[device] self-test passed on %s (%s) in %.0f ms", self.device, self.backend.dtype,
+                     self.selftest_result.seconds * 1e3)
+        if self.audit_every:
+            self._thread = threading.Thread(target=self._audit_loop, name="tops-self-audit", daemon=True)
+            self._thread.start()
+
+    def take(self, attempt: int, result: Signed) -> list[Signed]:
+        """The receipts to deliver now, in attempt order: `result` unless it is held for
+        audit or queued behind one that is, and the held ones that have verified since."""
+        reason = self._reason(attempt, result.receipt)
+        entry = _Entry(result, HELD if reason else READY)
+        with self._lock:
+            self._order.append(entry)
+        if reason:
+            self._queue.put((attempt, reason, entry))
+        return self._verified()
+
+    def pending_failure(self) -> SelfAuditFailed | None:
+        """The failed audit as the run's error (counted and reported once), or None."""
+        if self.failure is None:
+            return None
+        if not self._reported:
+            self._reported = True
+            self._record_failure("gpu")
+            f = self.failure
+            log.error("[device] self-audit failed on %s: attempt %d (%s): %s", f.device, f.attempt, f.reason, f.error)
+            trace.get_current_span().add_event("device.self_audit_failed", {
+                "tops_job.attempt": f.attempt, "tops_job.device": f.device, "error.type": "gpu",
+                "tops_job.audit.reason": f.reason, "tops_job.audit.error": f.error})
+        return SelfAuditFailed(self.failure)
+
+    def finish(self) -> list[Signed]:
+        """Wait for the audits in flight; the receipts that verified, to deliver."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+        if self.health is not None:
+            try:
+                self.health_after = self.health.read()
+            except Exception as exc:  # the run's receipts matter more than this reading
+                log.warning("[device] cannot read NVML health at the end: %s", exc)
+            delta = device_health.changes(self.health_before, self.health_after)
+            if device_health.is_bad(delta):
+                log.warning("[device] %s: health counters moved during the run: %s", self.device, delta)
+        return self._verified()
+
+    def section(self) -> dict[str, Any]:
+        """The summary's `device_checks`."""
+        out: dict[str, Any] = {"device": self.device}
+        if self.selftest_result is not None:
+            out["selftest"] = self.selftest_result.as_dict()
+        out["self_audit"] = {"every": self.audit_every, "audited": self.audited, "flagged": self.flagged,
+                             "seconds": round(self.audit_s, 4),
+                             "failure": self.failure.as_dict() if self.failure else None}
+        if self.health_before or self.health_after:
+            out["health"] = {"before": self.health_before, "after": self.health_after,
+                             "changes": device_health.changes(self.health_before, self.health_after)}
+        fallback = getattr(self.backend, "fallback", None)
+        if fallback:
+            out["fallback"] = fallback
+        return out
+
+    # ---- the audit -------------------------------------------------------------------------
+
+    def _reason(self, attempt: int, receipt: dict[str, Any]) -> str | None:
+        if not self.audit_every:
+            return None
+        telemetry = receipt.get("telemetry") or {}
+        for key in FLAG_KEYS:
+            if telemetry.get(key):
+                self.flagged += 1
+                return key
+        return "sample" if attempt % self.audit_every == 0 else None
+
+    def _audit_loop(self) -> None:
+        try:  # Linux: a thread is a task with its own nice value; yield the cores to the attempts
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), AUDIT_NICE)
+        except (AttributeError, OSError):
+            pass
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            attempt, reason, entry = item
+            result = entry.result
+            began = time.perf_counter()
+            try:
+                opens = int(result.receipt.get("opens", DEFAULT_MIN_OPENS))
+                # A sampled receipt is checked as the aggregator checks it (random columns); one
+                # NVML flagged is suspect, so every revealed value is recomputed.
+                verify_receipt(result.receipt, min_opens=min(opens, DEFAULT_MIN_OPENS), full=reason != "sample")
+                error = None
+            except Exception as exc:  # ReceiptInvalid, or anything the receipt makes the verifier do
+                error = str(exc) if hasattr(exc, "code") else f"{type(exc).__name__}: {exc}"
+            with self._lock:
+                self.audit_s += time.perf_counter() - began
+                self.audited += 1
+                entry.status = READY if error is None else FAILED
+                if error is not None and self.failure is None:
+                    self.failure = AuditFailure(attempt, reason, error, self.device)
+
+    def _verified(self) -> list[Signed]:
+        """Release the front of the queue up to the first receipt still being audited; a
+        receipt that failed its audit is dropped, never delivered."""
+        out = []
+        with self._lock:
+            while self._order and self._order[0].status != HELD:
+                entry = self._order.popleft()
+                if entry.status == READY:
+                    out.append(entry.result)
+        return out
+
+
+def selftest_device(backend: Backend) -> str:
+    return selftest.device_label(backend)
