@@ -226,13 +226,26 @@ def test_classify_final_and_transient(status, outcome):
 
 
 def test_classify_200():
-    ok = json.dumps({"ok": True, "digest_hex": DIGEST.hex(), "duplicate": False}).encode()
+    verified = {"ok": True, "sig_ok": True, "proof_ok": True, "digest_hex": DIGEST.hex()}
+    ok = json.dumps({**verified, "duplicate": False}).encode()
     assert classify(200, ok, None, DIGEST).outcome is Outcome.ACCEPTED
-    dup = json.dumps({"ok": True, "digest_hex": DIGEST.hex(), "duplicate": True}).encode()
+    dup = json.dumps({**verified, "duplicate": True}).encode()
     assert classify(200, dup, None, DIGEST).outcome is Outcome.DUPLICATE
-    other = json.dumps({"ok": True, "digest_hex": "11" * 32}).encode()
+    other = json.dumps({"ok": True, "sig_ok": True, "proof_ok": True, "digest_hex": "11" * 32}).encode()
     assert classify(200, other, None, DIGEST).outcome is Outcome.TRANSIENT  # not our receipt: keep it
     assert classify(200, b"<html>", None, DIGEST).outcome is Outcome.TRANSIENT
+
+
+@pytest.mark.parametrize("answer", [
+    {"ok": True},  # a stub, a webhook sink, a misrouted ingress
+    {"ok": True, "digest_hex": DIGEST.hex()},  # names it, but says nothing was verified
+    {"ok": True, "digest_hex": DIGEST.hex(), "sig_ok": True, "proof_ok": False},
+    {"ok": True, "digest_hex": DIGEST.hex(), "sig_ok": "yes", "proof_ok": True},
+], ids=["bare-ok", "no-verdict", "proof-failed", "not-a-boolean"])
+def test_a_200_counts_only_when_it_names_the_digest_and_says_both_verified(answer):
+    result = classify(200, json.dumps(answer).encode(), None, DIGEST)
+    assert result.outcome is Outcome.TRANSIENT and result.error == "unconfirmed_answer"
+    assert result.response == answer  # kept for the report
 
 
 def test_urls():
