@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from tops_job.appendlog import AppendLog
 from tops_job.compute import create_backend
 from tops_job.config import Config
 from tops_job.delivery.outcomes import Submitter
 from tops_job.delivery.protocol import InlineDelivery
-from tops_job.errors import LIBRARY_ERRORS, ConfigError, SignatureError, StorageError
+from tops_job.errors import LIBRARY_ERRORS, ConfigError, SignatureError
 from tops_job.job.attempt import Identity
 from tops_job.job.runner import JobRun, StopSignal
 from tops_job.job.summary import write_summary
@@ -117,23 +117,17 @@ def collect_reporters(config: Config, pm: PluginManager) -> Reporters:
 
 
 class ReceiptsFile:
-    """--receipts-out: every signed receipt as a JSON line, flushed as it is written."""
+    """--receipts-out: every signed receipt as a JSON line, written whole or not at all
+    (the receipt itself is already safe in the outbox or ledger when this is called)."""
 
     def __init__(self, path: Path):
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._handle = open(path, "a", encoding="ascii")
-        except OSError as exc:
-            raise StorageError(f"cannot open --receipts-out {path}: {exc.strerror or exc}", exc) from None
-        self._lock = threading.Lock()
+        self._log = AppendLog(path, what="--receipts-out", sync=False)
 
     def __call__(self, receipt: dict[str, Any]) -> None:
-        with self._lock:
-            self._handle.write(receipt_line(receipt) + "\n")
-            self._handle.flush()
+        self._log.append(receipt_line(receipt) + "\n")
 
     def close(self) -> None:
-        self._handle.close()
+        self._log.close()
 
 
 def build_job(config: Config, pm: PluginManager, *, stop: StopSignal,
