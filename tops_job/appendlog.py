@@ -17,6 +17,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -39,12 +40,14 @@ class AppendLog:
         self._lock = threading.Lock()
         try:
             private_dir(self.path.parent)
-            self._fd = open_no_follow(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT)
+            # A device or FIFO (/dev/stdout) is allowed; only a regular file is repaired and cut back.
+            self._fd = open_no_follow(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, regular_only=False)
+            self._regular = stat.S_ISREG(os.fstat(self._fd).st_mode)
         except OSError as exc:
             raise StorageError(f"cannot open {what} {self.path}: {describe_link_error(exc)}", exc) from None
         try:
             with self._flocked():
-                self.repaired = self._repair()
+                self.repaired = self._repair() if self._regular else 0
         except OSError as exc:
             os.close(self._fd)
             raise StorageError(f"cannot repair the partial last line of {what} {self.path}: "
@@ -89,19 +92,21 @@ class AppendLog:
         if not data.endswith(b"\n"):
             raise ValueError("append whole lines")
         with self._lock, self._flocked():
-            before = os.fstat(self._fd).st_size
+            before = os.fstat(self._fd).st_size if self._regular else -1
             try:
                 view = memoryview(data)
                 while view:
                     written = os.write(self._fd, view)
                     view = view[written:]
-                if self.sync:
+                if self.sync and self._regular:
                     os.fsync(self._fd)
             except OSError as exc:
                 self._cut_back(before)
                 raise StorageError(f"cannot append to {self.what} {self.path}: {exc.strerror or exc}", exc) from None
 
     def _cut_back(self, length: int) -> None:
+        if length < 0:  # not a regular file: nothing to cut
+            return
         try:
             os.ftruncate(self._fd, length)
             os.fsync(self._fd)

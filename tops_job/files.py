@@ -38,12 +38,12 @@ def private_dir(path: Path) -> Path:
     return path
 
 
-def open_no_follow(path: Path, flags: int, mode: int = PRIVATE_FILE_MODE) -> int:
-    """os.open with O_NOFOLLOW and O_CLOEXEC; a symlink at `path` fails with ELOOP, and a
-    path that is not a regular file (a FIFO, a device, a directory) fails with EINVAL."""
+def open_no_follow(path: Path, flags: int, mode: int = PRIVATE_FILE_MODE, *, regular_only: bool = True) -> int:
+    """os.open with O_NOFOLLOW and O_CLOEXEC; a symlink at `path` fails with ELOOP, and (with
+    `regular_only`) a path that is not a regular file (a FIFO, a device) fails with EINVAL."""
     fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, mode)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        if stat.S_ISDIR(os.fstat(fd).st_mode) or regular_only and not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(errno.EINVAL, "not a regular file", str(path))
         os.set_blocking(fd, True)
     except BaseException:

@@ -377,25 +377,16 @@ class Outbox:
 
     def count(self) -> int:
         """Entries waiting (receipt files under their digest), without reading them."""
+        return self.count_in(self.path)
+
+    @staticmethod
+    def count_in(path: Path) -> int:
+        """`count` for an outbox directory this process does not open (nothing is created)."""
         try:
-            return sum(1 for item in os.scandir(self.path)
+            return sum(1 for item in os.scandir(path)
                        if _ENTRY.fullmatch(item.name) and item.is_file(follow_symlinks=False))
         except OSError:
             return 0
-
-    def rejected(self) -> Iterator[tuple[str, dict[str, Any] | None]]:
-        """(digest, the aggregator's answer or None) for each rejected receipt kept."""
-        if not self.rejected_dir.is_dir():
-            return
-        for item in sorted(self.rejected_dir.glob("*.json")):
-            if not _ENTRY.fullmatch(item.name):
-                continue
-            digest = item.name[:-5]
-            try:
-                answer = json.loads((self.rejected_dir / f"{digest}.answer.json").read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                answer = None
-            yield digest, answer
 
     @staticmethod
     def _read(path: Path) -> dict[str, Any] | None:
@@ -416,6 +407,25 @@ class Outbox:
         except (TypeError, ValueError):
             return None
         return receipt
+
+
+def is_entry_name(name: str) -> bool:
+    return bool(_ENTRY.fullmatch(name))
+
+
+def rejected_entries(rejected_dir: Path) -> Iterator[tuple[str, dict[str, Any] | None]]:
+    """(digest, the aggregator's answer or None) for each rejected receipt kept in `rejected_dir`."""
+    if not rejected_dir.is_dir():
+        return
+    for item in sorted(rejected_dir.glob("*.json")):
+        if not _ENTRY.fullmatch(item.name):
+            continue
+        digest = item.name[:-5]
+        try:
+            answer = json.loads((rejected_dir / f"{digest}.answer.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            answer = None
+        yield digest, answer
 
 
 def _kind(item: os.DirEntry) -> str:

@@ -93,7 +93,7 @@ def make_delivery_factory(config: Config, pm: PluginManager, submitter_name: str
     name, factory = choose_submitter(config, pm, submitter_name)
     submitter = factory(config)
     if name == "ledger":
-        return lambda on_receipt: InlineDelivery(submitter, on_receipt)
+        return lambda on_receipt: InlineDelivery(submitter, on_receipt, outbox=config.outbox)
     from tops_job.delivery.sender import OutboxDelivery  # network submitters: durable outbox + background sender
 
     return lambda on_receipt: OutboxDelivery.from_config(config, submitter, on_receipt, stop=stop)

@@ -7,9 +7,8 @@ reporters) and calls `JobRun.run()`; nothing here prints or exits.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from opentelemetry import trace
@@ -22,6 +21,7 @@ from tops_job.delivery.protocol import Delivery, DeliveryReport
 from tops_job.errors import LIBRARY_ERRORS, ConfigError, DeviceError, ErrorClass, ExitCode, TopsJobError, error_class_of, exit_code_of
 from tops_job.job.attempt import Identity, run_attempt
 from tops_job.job.stats import RunStats
+from tops_job.job.stop import StopSignal
 from tops_job.job.summary import build_summary, write_summary
 from tops_job.observability.events import AttemptEvent, ReceiptEvent, Reporters, RunInfo
 from tops_job.observability.logs import current_attempt
@@ -30,22 +30,6 @@ log = logging.getLogger("tops_job.run")
 tracer = trace.get_tracer("tops_job.run")
 
 MAX_CONSECUTIVE_FAILURES = 3  # then the device or signer is taken as broken and the run ends
-
-
-@dataclass
-class StopSignal:
-    """Set by a signal handler: no new attempt starts, and sleeps wake at once."""
-
-    event: threading.Event = field(default_factory=threading.Event)
-    reason: str | None = None  # "SIGTERM", "SIGINT"
-
-    def stop(self, reason: str) -> None:
-        self.reason = self.reason or reason
-        self.event.set()
-
-    @property
-    def stopped(self) -> bool:
-        return self.event.is_set()
 
 
 @dataclass
