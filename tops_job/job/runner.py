@@ -143,8 +143,7 @@ class JobRun:
                 log.info("[run] stop requested (%s): no new attempts", self.stop.reason)
                 return None
             try:
-                result = run_attempt(self.backend, shape, self.identity, run_id=config.run_id,
-                                     attempt=attempt, tile=tile, opens=config.opens, challenge=challenge)
+                result = self._run_attempt(shape, attempt, tile, challenge)
             except LIBRARY_ERRORS as exc:
                 self._failed(attempt, error_class_of(exc), str(exc))
                 if isinstance(exc, DeviceError):
@@ -172,6 +171,21 @@ class JobRun:
                 ops=result.ops, digest=result.digest.hex(), stages_ns=result.stages_ns))
             log.debug("[run] attempt %d: %s -> %.1f ms", attempt, shape, result.elapsed_ns / 1e6)
         return None
+
+    def _run_attempt(self, shape: Shape, attempt: int, tile: int, challenge: bytes | None) -> Any:
+        """One attempt; retried once when a helper process died under it (it was replaced)."""
+        from tops_job.compute.host_workers import HelperLost
+
+        config = self.config
+        for tries_left in (1, 0):
+            try:
+                return run_attempt(self.backend, shape, self.identity, run_id=config.run_id,
+                                   attempt=attempt, tile=tile, opens=config.opens, challenge=challenge)
+            except HelperLost as exc:
+                if not tries_left:
+                    raise
+                log.warning("[run] attempt %d: %s; retrying it once", attempt, exc)
+        raise AssertionError("unreachable")
 
     def _failed(self, attempt: int, error_class: ErrorClass, message: str) -> None:
         log.warning("[run] attempt %d failed (%s): %s", attempt, error_class.value, message)
