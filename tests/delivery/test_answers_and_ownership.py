@@ -75,3 +75,16 @@ def test_three_overlapping_runs_send_each_receipt_exactly_once(tmp_path, aggrega
     counted = sum(s["receipts"]["accepted"] + s["receipts"]["duplicate"] for s in summaries)
     assert counted == len(made) and all(s["receipts"]["duplicate"] == 0 for s in summaries)
     assert summaries[2]["delivery"]["earlier_runs"] >= 6  # D drained the leftovers, B's and C's included
+
+
+def test_a_symlinked_outbox_lock_is_not_followed(tmp_path, aggregator):
+    outbox = tmp_path / "outbox"
+    outbox.mkdir()
+    victim = tmp_path / "victim-lock"
+    (outbox / ".lock").symlink_to(victim)
+    result = run_worker(tmp_path, aggregator.url, "--attempts", "2", "--no-challenge")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert not victim.exists()  # neither created nor locked through the link
+    summary = json.loads((tmp_path / "run.summary.json").read_text())
+    assert summary["delivery"]["outbox_problems"] == {"unusable_lock": 1}
+    assert len(aggregator.digests()) == 2
