@@ -232,3 +232,12 @@ def test_an_unwritable_summary_is_logged_and_the_run_still_ends(tmp_path):
     result = invoke("run", "--attempts", "1", "--size", "8", "--summary", str(blocker / "summary.json"))
     assert result.exit_code == 0, result.output  # the receipts were delivered; only the report failed
     assert "cannot write" in result.output and "[summary] written to" not in result.output
+
+
+def test_verify_skips_a_partial_last_line_with_a_warning(tmp_path):
+    lines = (VECTORS_DIR / "valid.jsonl").read_text().splitlines()[:2]
+    path = tmp_path / "receipts.jsonl"
+    path.write_text(lines[0] + "\n" + lines[1] + "\n" + lines[1][:300])  # cut short by a full disk
+    result = invoke("verify", str(path))
+    assert result.exit_code == 0, result.output
+    assert "partial last line" in result.output and "2 valid, 0 invalid" in result.output

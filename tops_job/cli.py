@@ -381,9 +381,22 @@ def _receipt_texts(files: tuple[str, ...]) -> Iterator[tuple[str, int, str]]:
             continue
         except ValueError:
             pass
-        for line_no, line in enumerate(text.splitlines(), 1):
+        lines = text.splitlines()
+        if not text.endswith("\n") and not _is_json(lines[-1]):  # a write cut short (kill -9, full disk)
+            click.echo(f"{name}:{len(lines)}: warning: partial last line ({len(lines[-1])} bytes, an interrupted "
+                       "write): skipped", err=True)
+            lines.pop()
+        for line_no, line in enumerate(lines, 1):
             if line.strip():
                 yield name, line_no, line
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
 
 
 # ---------------------------------------------------------------- keys

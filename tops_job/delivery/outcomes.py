@@ -58,10 +58,11 @@ UNCONFIRMED = "unconfirmed_answer"
 
 
 def confirmed(result: SubmitResult, digest: bytes) -> SubmitResult:
-    """A delivery counts only when the answer names `digest` and says the proof and the
-    signature verified (spec §9: `digest_hex`, `proof_ok`, `sig_ok`). Anything else, such as
-    a stub, a webhook sink or a misrouted ingress answering `200 {"ok": true}`, keeps the
-    receipt in the outbox, with the answer and what was missing."""
+    """An aggregator's answer counts as a delivery only when it names `digest` and says the
+    proof and the signature verified (spec §9: `digest_hex`, `proof_ok`, `sig_ok`). Anything
+    else, such as a stub, a webhook sink or a misrouted ingress answering `200 {"ok": true}`,
+    keeps the receipt in the outbox (error UNCONFIRMED, the sender parks it with the answer).
+    Submitters that talk to an aggregator call this on their 200s."""
     if not result.delivered:
         return result
     answer = result.response if isinstance(result.response, dict) else {}

@@ -22,7 +22,7 @@ from opentelemetry import trace
 from tops_job.delivery.breaker import CircuitBreaker
 from tops_job.delivery.entries import Entries, Entry, State
 from tops_job.delivery.outbox import Claim, Outbox
-from tops_job.delivery.outcomes import UNCONFIRMED, Outcome, SubmitResult, Submitter, confirmed
+from tops_job.delivery.outcomes import UNCONFIRMED, Outcome, SubmitResult, Submitter
 from tops_job.delivery.protocol import DeliveryReport
 from tops_job.delivery.ratelimit import TokenBucket
 from tops_job.delivery.retry import RetryBudget, RetryPolicy
@@ -271,13 +271,13 @@ class OutboxDelivery:
         return None
 
     def _send(self, receipt: dict[str, Any], key: bytes) -> SubmitResult:
-        """Step 3: one send, and the answer checked: accepted only when it names this
-        receipt's digest and says the proof and the signature verified."""
+        """Step 3: one send. (Whether an aggregator's answer confirms the delivery is the
+        submitter's call: the HTTP one requires the digest and both verdicts, see
+        outcomes.confirmed; a plugin's queue submitter has no verdict to give.)"""
         try:
-            result = self.submitter.submit(receipt, key)
+            return self.submitter.submit(receipt, key)
         except Exception as exc:  # a plugin submitter must not raise, but if it does: transient
             return SubmitResult(Outcome.TRANSIENT, error=f"{type(exc).__name__}: {exc}")
-        return confirmed(result, key)
 
     def _settle(self, entry: Entry, result: SubmitResult) -> bool:
         """Step 4: act on the answer. True when the receipt is final (delivered or rejected)."""
