@@ -43,7 +43,7 @@ def test_three_overlapping_runs_send_each_receipt_exactly_once(tmp_path, aggrega
     earlier run), so each sends only its own receipts; then the lock is free and run D takes
     it while B and C are still sending: D's recovery lists B's and C's receipts. Without
     per-entry claims D re-sent the ones in flight (answered duplicate, counted twice)."""
-    proxy = proxy_factory(default="latency", latency_s=0.4)
+    proxy = proxy_factory(default="latency", latency_s=0.6)
     outbox = tmp_path / "outbox"
     earlier = fill_outbox(outbox, signed_receipts(6))
     holder = Outbox(outbox)
@@ -52,7 +52,7 @@ def test_three_overlapping_runs_send_each_receipt_exactly_once(tmp_path, aggrega
     runs = {}
     try:
         for name in ("b", "c"):
-            runs[name] = start_worker(tmp_path, proxy.url, "--attempts", "12", "--no-challenge", env=env, name=name)
+            runs[name] = start_worker(tmp_path, proxy.url, "--attempts", "16", "--no-challenge", env=env, name=name)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not all(len(signed_digests(tmp_path / f"{n}.jsonl")) >= 6 for n in runs):
             time.sleep(0.05)
@@ -67,7 +67,7 @@ def test_three_overlapping_runs_send_each_receipt_exactly_once(tmp_path, aggrega
             raise
         assert proc.returncode == 0, (name, proc.returncode)
     made = set(earlier) | {d for n in runs for d in signed_digests(tmp_path / f"{n}.jsonl")}
-    assert len(made) == 6 + 12 + 12 + 2
+    assert len(made) == 6 + 16 + 16 + 2
     sent_twice = {key: n for key, n in proxy.keys.items() if n != 1}
     assert not sent_twice, f"{len(sent_twice)} receipts sent more than once"
     assert set(proxy.keys) == made and set(aggregator.digests()) == made and not outbox_digests(outbox)
