@@ -6,6 +6,11 @@ compute loop deliver it through the rate limit, the circuit breaker and the retr
 keeps delivering until the deadline (about a second after SIGTERM/SIGINT), then leaves the
 rest in the outbox and says so. Every wait is on the run's stop event, so a TERM during
 a backoff or a breaker cool-down acts at once.
+
+Each receipt has one state in `entries` (queued, in flight, parked with a reason, final).
+A sender thread takes a queued one and goes through the steps: claim (an flock on the entry
+file: no other run sends it meanwhile), admit (breaker, rate limit, retry budget), send, and
+settle (delivered, rejected, or retry / park).
 """
 
 from __future__ import annotations
