@@ -4,6 +4,7 @@ file must be the user's own regular file, mode 0600."""
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
@@ -70,3 +71,11 @@ def test_a_key_file_must_be_the_users_own_regular_file_mode_0600(tmp_path):
     os.chown(key, 65534, 65534)
     with pytest.raises(ConfigError, match="belongs to uid 65534"):
         read_key_file(key, "TOPS_JOB_KEY_FILE")
+
+
+def test_receipts_out_dash_is_standard_output(tmp_path):
+    """/dev/stdout is itself a symlink (to /proc/self/fd/1), so `-` says standard output."""
+    result = subprocess.run([*CLI, "run", "--size", "16", "--attempts", "2", "--receipts-out", "-"],
+                            env=worker_env(tmp_path), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert [json.loads(line)["attempt"] for line in result.stdout.splitlines()] == [0, 1]

@@ -135,7 +135,8 @@ def cli(verbose: bool) -> None:
 @click.option("--ledger", "ledger_path", type=click.Path(path_type=Path), help="Local ledger file (TOPS_JOB_LEDGER).")
 @click.option("--outbox", "outbox_dir", type=click.Path(path_type=Path), help="Outbox directory (TOPS_JOB_OUTBOX_DIR).")
 @click.option("--summary", "summary_path", type=click.Path(path_type=Path), help="Summary JSON path (TOPS_JOB_SUMMARY).")
-@click.option("--receipts-out", type=click.Path(path_type=Path), help="Append every signed receipt here as JSON lines.")
+@click.option("--receipts-out", type=click.Path(path_type=Path),
+              help="Append every signed receipt here as JSON lines (- for standard output).")
 @click.option("--drain-timeout", type=click.FloatRange(0), help="Seconds to keep sending at the end (TOPS_JOB_DRAIN_TIMEOUT, 30).")
 @click.option("--challenge/--no-challenge", default=None,
               help="Ask the aggregator for a run challenge (TOPS_JOB_CHALLENGE; default: when it offers one).")

@@ -55,5 +55,5 @@ def open_no_follow(path: Path, flags: int, mode: int = PRIVATE_FILE_MODE, *, reg
 def describe_link_error(exc: OSError) -> str:
     """ELOOP from O_NOFOLLOW reads 'Too many levels of symbolic links'; say what it means."""
     if exc.errno == errno.ELOOP:
-        return "is a symbolic link; refusing to follow it"
+        return "is a symbolic link; refusing to follow it (give the file itself; for standard output, -)"
     return exc.strerror or str(exc)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,7 @@ from tops_job.compute import create_backend
 from tops_job.config import Config
 from tops_job.delivery.outcomes import Submitter
 from tops_job.delivery.protocol import InlineDelivery
-from tops_job.errors import LIBRARY_ERRORS, ConfigError, SignatureError
+from tops_job.errors import LIBRARY_ERRORS, ConfigError, SignatureError, StorageError
 from tops_job.job.attempt import Identity
 from tops_job.job.runner import JobRun, StopSignal
 from tops_job.job.summary import write_summary
@@ -118,16 +120,27 @@ def collect_reporters(config: Config, pm: PluginManager) -> Reporters:
 
 class ReceiptsFile:
     """--receipts-out: every signed receipt as a JSON line, written whole or not at all
-    (the receipt itself is already safe in the outbox or ledger when this is called)."""
+    (the receipt itself is already safe in the outbox or ledger when this is called).
+    `-` is standard output (a path is never opened through a symlink, /dev/stdout is one)."""
 
     def __init__(self, path: Path):
-        self._log = AppendLog(path, what="--receipts-out", sync=False)
+        self._log = AppendLog(path, what="--receipts-out", sync=False) if str(path) != "-" else None
+        self._lock = threading.Lock()
 
     def __call__(self, receipt: dict[str, Any]) -> None:
-        self._log.append(receipt_line(receipt) + "\n")
+        line = receipt_line(receipt) + "\n"
+        if self._log is not None:
+            return self._log.append(line)
+        with self._lock:
+            try:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+            except OSError as exc:
+                raise StorageError(f"cannot write --receipts-out to standard output: {exc.strerror or exc}", exc) from None
 
     def close(self) -> None:
-        self._log.close()
+        if self._log is not None:
+            self._log.close()
 
 
 def build_job(config: Config, pm: PluginManager, *, stop: StopSignal,
