@@ -254,8 +254,10 @@ def outbox(ctx: click.Context, outbox_dir: Path | None, as_json: bool) -> None:
     click.echo(f"{listing['outbox']}: {len(listing['pending'])} pending, {len(listing['rejected'])} rejected, "
                f"{len(listing['quarantined'])} quarantined")
     for entry in listing["pending"]:
+        last = entry.get("last_answer")
         click.echo(f"pending   {entry['digest']}  run {entry.get('run_id')} attempt {entry.get('attempt')}  "
-                   f"{entry['age_s']:.0f}s old")
+                   f"{entry['age_s']:.0f}s old" + (f"  last answer {last.get('status')} {last.get('error')}: "
+                                                   f"{json.dumps(last.get('answer'), sort_keys=True)}" if last else ""))
     for entry in listing["rejected"]:
         answer = entry.get("answer") or {}
         click.echo(f"rejected  {entry['digest']}  run {entry.get('run_id')} attempt {entry.get('attempt')}  "

@@ -7,6 +7,7 @@ import json
 import subprocess
 import time
 
+from tests.support import CLI
 from tests.support.peers import (
     CannedServer,
     fill_outbox,
@@ -36,6 +37,11 @@ def test_a_stub_answering_200_ok_keeps_every_receipt(tmp_path):
     assert summary["receipts"]["accepted"] == 0 and summary["receipts"]["pending"] == 5
     assert summary["delivery"]["left_because"] == {"unconfirmed_answer": 5}
     assert "no delivery" in result.stderr and stub.posts == 5  # parked at once, not retried against a stub
+    listing = subprocess.run([*CLI, "outbox", "--json"], env=worker_env(tmp_path), capture_output=True, text=True,
+                             timeout=60)
+    pending = json.loads(listing.stdout)["pending"]
+    assert len(pending) == 5 and all(entry["last_answer"] == {"status": 200, "error": "unconfirmed_answer",
+                                                              "answer": {"ok": True}} for entry in pending)
 
 
 def test_three_overlapping_runs_send_each_receipt_exactly_once(tmp_path, aggregator, proxy_factory):

@@ -27,12 +27,20 @@ def list_outbox(path: Path) -> dict[str, Any]:
         for item in sorted(path.iterdir(), key=_mtime):
             if not is_entry_name(item.name) or not item.is_file() or item.is_symlink():
                 continue
-            pending.append({"digest": item.name[:-5], **_receipt_fields(item),
-                            "age_s": round(max(0.0, now - _mtime(item)), 1)})
+            digest = item.name[:-5]
+            pending.append({"digest": digest, **_receipt_fields(item), "age_s": round(max(0.0, now - _mtime(item)), 1),
+                            "last_answer": _answer(path / "answers" / f"{digest}.json")})
     rejected = [{"digest": digest, **_receipt_fields(path / "rejected" / f"{digest}.json"), "answer": answer}
                 for digest, answer in rejected_entries(path / "rejected")]
     quarantined = sorted(p.name for p in (path / "quarantine").iterdir()) if (path / "quarantine").is_dir() else []
     return {"outbox": str(path), "pending": pending, "rejected": rejected, "quarantined": quarantined}
+
+
+def _answer(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def _mtime(path: Path) -> float:

@@ -5,6 +5,8 @@ Layout (one directory, default `<user data dir>/outbox`):
     <digest hex>.json          a receipt waiting to be delivered (one JSON line)
     rejected/<digest>.json     a receipt the aggregator rejected (final 4xx) ...
     rejected/<digest>.answer.json  ... and its answer
+    answers/<digest>.json      the last answer that did not settle a waiting receipt (a 401, a
+                               stub's `200 {"ok": true}`), for `tops-job outbox`
     quarantine/<name>          an entry that could not be read back (with a warning)
     .lock                      held (flock) by the run that drains earlier runs' entries
 
@@ -127,6 +129,7 @@ class Outbox:
         self.path = Path(path)
         self.rejected_dir = self.path / "rejected"
         self.quarantine_dir = self.path / "quarantine"
+        self.answers_dir = self.path / "answers"
         self._lock_handle: int | None = None
         self._mutex = threading.Lock()
         self.quarantined = 0
@@ -212,7 +215,7 @@ class Outbox:
         entries = []
         for item in items:
             kind = _kind(item)
-            if item.name in ("rejected", "quarantine"):
+            if item.name in ("rejected", "quarantine", "answers"):
                 if kind != "directory":
                     self.problem("misplaced_file", f"{item.path} is a {kind} where a directory belongs; "
                                  f"{item.name} entries are kept in the outbox instead")
@@ -322,9 +325,27 @@ class Outbox:
     def holds(self, digest: str) -> bool:
         return (self.path / f"{digest}.json").exists()
 
+    def note_answer(self, digest: str, answer: dict[str, Any]) -> None:
+        """Keep the last answer that left `digest` waiting (shown by `tops-job outbox`)."""
+        text = json.dumps(answer, sort_keys=True, indent=2) + "\n"
+        try:
+            with self._mutex:
+                private_dir(self.answers_dir)
+            _write_durably(self.answers_dir, f"{digest}.json", text.encode("utf-8"))
+        except OSError as exc:
+            self.problem("unrecordable_answer", f"cannot keep the answer for {digest} in {self.answers_dir} "
+                         f"({exc.strerror or exc})")
+
+    def _forget_answer(self, digest: str) -> None:
+        try:
+            (self.answers_dir / f"{digest}.json").unlink()
+        except OSError:
+            pass
+
     def remove(self, digest: str) -> bool:
         """Delivered (200): the entry goes. False (logged) when it cannot be removed (a
         read-only or failing disk): it stays, and the next run's send is answered duplicate."""
+        self._forget_answer(digest)
         try:
             (self.path / f"{digest}.json").unlink()
             fsync_dir(self.path)
@@ -340,6 +361,7 @@ class Outbox:
         """A final answer: the receipt and the answer move to rejected/. False (logged) when
         they cannot: the receipt then stays in the outbox, with nothing lost."""
         text = json.dumps(answer, sort_keys=True, indent=2) + "\n"
+        self._forget_answer(digest)
         try:
             with self._mutex:
                 private_dir(self.rejected_dir)

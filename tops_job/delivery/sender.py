@@ -241,11 +241,11 @@ class OutboxDelivery:
                 return self._final(entry, result, sends, begun, waited[0], span)
             span.set_attribute("tops_job.outcome", Outcome.PENDING.value)
             if result.error == UNCONFIRMED:  # not an outage: resending at once cannot help
-                return self.entries.park(entry, UNCONFIRMED, result.response)
+                return self._park_answered(entry, UNCONFIRMED, result)
             if not self.policy.may_retry(retries):
-                return self.entries.park(entry, "max_retries", result.response)
+                return self._park_answered(entry, "max_retries", result)
             if not self.budget.try_spend():
-                return self.entries.park(entry, "retry_budget", result.response)
+                return self._park_answered(entry, "retry_budget", result)
             delay = self.policy.delay(retries, result.retry_after)
             retries += 1
             span.add_event("retry", {"tops_job.retry": retries, "error.type": result.error or "transient",
@@ -253,6 +253,13 @@ class OutboxDelivery:
             log.info("[sender] receipt %s: retry %d in %.1fs", entry.digest[:16], retries, delay)
             if self._sleep(delay):
                 return self.entries.park(entry, "stopped")
+
+    def _park_answered(self, entry: Entry, why: str, result: SubmitResult) -> None:
+        """Park `entry`; an answer that left it waiting is kept beside the outbox."""
+        self.entries.park(entry, why, result.response or None)
+        if result.response:
+            self.outbox.note_answer(entry.digest, {"status": result.status, "error": result.error,
+                                                   "answer": result.response})
 
     def _admit(self, entry: Entry, *, first_of_round: bool, waited: list[float]) -> str | None:
         """Step 2: the breaker, the rate limit and (for a later round) the run's retry budget.
