@@ -18,10 +18,6 @@ os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 import importlib
 from typing import TYPE_CHECKING, Any
 
-import pluggy
-
-hookimpl = pluggy.HookimplMarker("tops_job")
-
 # name -> module that defines it
 _PUBLIC = {
     # errors and exit codes
@@ -48,7 +44,10 @@ _PUBLIC = {
 __all__ = ["__version__", "hookimpl", *_PUBLIC]
 
 if TYPE_CHECKING:
+    import pluggy
+
     __version__: str
+    hookimpl: pluggy.HookimplMarker
     from tops_job.compute.autotune import Profile, ProfileCache, profile_from_json
     from tops_job.config import Config
     from tops_job.delivery.outcomes import Outcome, SubmitResult, Submitter
@@ -83,6 +82,11 @@ def __getattr__(name: str) -> Any:
     if name == "__version__":
         globals()["__version__"] = value = _version()
         return value
+    if name == "hookimpl":  # pluggy (and inspect) cost ~10 ms: also loaded on first use
+        import pluggy
+
+        globals()["hookimpl"] = marker = pluggy.HookimplMarker("tops_job")
+        return marker
     module = _PUBLIC.get(name)
     if module is None:
         raise AttributeError(f"module 'tops_job' has no attribute {name!r}")

@@ -7,31 +7,27 @@ the program does, before click, NumPy or the plugins are imported: `install_earl
 called from the top of cli.py when it runs as the program. The run then takes over the
 same StopSignal, so a signal that arrived during start-up is already recorded.
 
-This module imports only the standard library.
+This module imports only os, signal and threading (logging is imported when a signal comes).
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import threading
-from dataclasses import dataclass, field
 from typing import Any
-
-log = logging.getLogger("tops_job.run")
 
 # The commands that stop cleanly on a signal (drain, summary, exit 130/143).
 _STOPPABLE = (("run",), ("outbox", "send"))
 _EXIT_ON_SECOND_INT = 130  # ExitCode.INTERRUPTED (errors.py is not imported here: it pulls in the spec)
 
 
-@dataclass
 class StopSignal:
     """Set by a signal handler: no new attempt starts, and sleeps wake at once."""
 
-    event: threading.Event = field(default_factory=threading.Event)
-    reason: str | None = None  # "SIGTERM", "SIGINT"
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.reason: str | None = None  # "SIGTERM", "SIGINT"
 
     def stop(self, reason: str) -> None:
         self.reason = self.reason or reason
@@ -53,7 +49,10 @@ def install_stop_handlers(stop: StopSignal) -> dict[int, Any]:
         name = signal.Signals(signum).name
         if stop.stopped and signum == signal.SIGINT:
             os._exit(_EXIT_ON_SECOND_INT)
-        log.warning("[run] %s received: finishing the current attempt, then stopping", name)
+        import logging
+
+        logging.getLogger("tops_job.run").warning("[run] %s received: finishing the current attempt, then stopping",
+                                                  name)
         stop.stop(name)
 
     return {signum: signal.signal(signum, on_signal) for signum in (signal.SIGTERM, signal.SIGINT)}
