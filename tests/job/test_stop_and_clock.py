@@ -17,20 +17,22 @@ from tests.support import CLI, TEST_SECRET
 
 
 def _interpreter_start_s() -> float:
-    """How long a bare interpreter takes to start here (a loaded CI machine may need more
-    than 0.05 s before any Python code of ours can run at all)."""
-    best = float("inf")
-    for _ in range(3):
+    """How long a bare interpreter takes to start here (the median of five): on a loaded CI
+    machine no Python code of ours can run at all within 0.05 s of the exec."""
+    times = []
+    for _ in range(5):
         begun = time.monotonic()
         subprocess.run([sys.executable, "-c", "pass"], check=True)
-        best = min(best, time.monotonic() - begun)
-    return best
+        times.append(time.monotonic() - begun)
+    return sorted(times)[2]
 
 
 def test_term_0_05_s_after_start_stops_cleanly_with_a_summary(tmp_path):
     """The handlers used to be installed after the config, the plugins and NumPy: a TERM
-    0.2 s after start killed the worker by the default action, with no summary."""
-    delay = max(0.05, _interpreter_start_s() * 2)
+    0.2 s after start killed the worker by the default action, with no summary. Now they go
+    in a few milliseconds after the interpreter has started: TERM at 0.05 s (or, where the
+    bare interpreter alone takes longer than a third of that, at three times its start-up)."""
+    delay = max(0.05, _interpreter_start_s() * 3)
     env = dict(os.environ, WORKER_SK_HEX=TEST_SECRET)
     for attempt in range(3):
         summary = tmp_path / f"summary-{attempt}.json"
