@@ -213,16 +213,16 @@ def test_no_progress_line_when_stderr_is_not_a_terminal():
     assert result.exit_code == 0 and "[run] attempt" not in result.output and "\033[K" not in result.output
 
 
-def test_an_unexpected_error_still_summarises_and_exits_1(isolated_env):
-    """An error nobody classified (here --receipts-out on a full disk: /dev/full) ends the run
-    with exit 1, the summary written, and the receipt already safe in the ledger."""
+def test_a_full_disk_under_receipts_out_still_summarises_and_exits_6(isolated_env):
+    """--receipts-out on a full disk (/dev/full) ends the run with STORAGE_ERROR (a retry
+    elsewhere can succeed), the summary written, and the receipt already safe in the ledger."""
     if not Path("/dev/full").exists():
         pytest.skip("no /dev/full on this system")
     result = invoke("run", "--attempts", "3", "--size", "8", "--receipts-out", "/dev/full")
-    assert result.exit_code == ExitCode.INTERNAL_ERROR, result.output
+    assert result.exit_code == ExitCode.STORAGE_ERROR, result.output
     summary = json.loads(next((isolated_env["data"] / "summaries").glob("*.json")).read_text())
-    assert summary["exit_code"] == 1 and "No space left" in summary["error"]["message"]
-    assert summary["errors_by_class"] == {"internal": 1}
+    assert summary["exit_code"] == 6 and "No space left" in summary["error"]["message"]
+    assert summary["errors_by_class"] == {"storage": 1}
     assert len(read_jsonl(isolated_env["data"] / "ledger.jsonl")) == 1  # enqueued before the sink failed
 
 
@@ -232,3 +232,12 @@ def test_an_unwritable_summary_is_logged_and_the_run_still_ends(tmp_path):
     result = invoke("run", "--attempts", "1", "--size", "8", "--summary", str(blocker / "summary.json"))
     assert result.exit_code == 0, result.output  # the receipts were delivered; only the report failed
     assert "cannot write" in result.output and "[summary] written to" not in result.output
+
+
+def test_verify_skips_a_partial_last_line_with_a_warning(tmp_path):
+    lines = (VECTORS_DIR / "valid.jsonl").read_text().splitlines()[:2]
+    path = tmp_path / "receipts.jsonl"
+    path.write_text(lines[0] + "\n" + lines[1] + "\n" + lines[1][:300])  # cut short by a full disk
+    result = invoke("verify", str(path))
+    assert result.exit_code == 0, result.output
+    assert "partial last line" in result.output and "2 valid, 0 invalid" in result.output

@@ -16,17 +16,7 @@ import os
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 import importlib
-from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
-
-import pluggy
-
-try:
-    __version__ = version("tops-job")
-except PackageNotFoundError:  # running from a source tree that was not installed
-    __version__ = "0.0.0+source"
-
-hookimpl = pluggy.HookimplMarker("tops_job")
 
 # name -> module that defines it
 _PUBLIC = {
@@ -54,6 +44,10 @@ _PUBLIC = {
 __all__ = ["__version__", "hookimpl", *_PUBLIC]
 
 if TYPE_CHECKING:
+    import pluggy
+
+    __version__: str
+    hookimpl: pluggy.HookimplMarker
     from tops_job.compute.autotune import Profile, ProfileCache, profile_from_json
     from tops_job.config import Config
     from tops_job.delivery.outcomes import Outcome, SubmitResult, Submitter
@@ -73,7 +67,26 @@ if TYPE_CHECKING:
     from tops_job.spec.verify import verify_receipt
 
 
+def _version() -> str:
+    # importlib.metadata costs tens of milliseconds: looked up on first use, so the CLI's
+    # signal handlers go in before it (tops_job/job/stop.py).
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tops-job")
+    except PackageNotFoundError:  # running from a source tree that was not installed
+        return "0.0.0+source"
+
+
 def __getattr__(name: str) -> Any:
+    if name == "__version__":
+        globals()["__version__"] = value = _version()
+        return value
+    if name == "hookimpl":  # pluggy (and inspect) cost ~10 ms: also loaded on first use
+        import pluggy
+
+        globals()["hookimpl"] = marker = pluggy.HookimplMarker("tops_job")
+        return marker
     module = _PUBLIC.get(name)
     if module is None:
         raise AttributeError(f"module 'tops_job' has no attribute {name!r}")

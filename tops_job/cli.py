@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
+if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "tops-job":
+    # The program itself (not a test importing it): handle TERM/INT before anything slow.
+    from tops_job.job.stop import install_early
+
+    install_early(sys.argv[1:])
+
 import json
 import logging
-import os
 import signal
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,7 +22,7 @@ import click
 
 from tops_job import __version__
 from tops_job.compute import DTYPES
-from tops_job.errors import LIBRARY_ERRORS, ConfigError, ExitCode, exit_code_of
+from tops_job.errors import LIBRARY_ERRORS, ConfigError, exit_code_of
 
 if TYPE_CHECKING:
     from tops_job.config import Config
@@ -128,7 +135,8 @@ def cli(verbose: bool) -> None:
 @click.option("--ledger", "ledger_path", type=click.Path(path_type=Path), help="Local ledger file (TOPS_JOB_LEDGER).")
 @click.option("--outbox", "outbox_dir", type=click.Path(path_type=Path), help="Outbox directory (TOPS_JOB_OUTBOX_DIR).")
 @click.option("--summary", "summary_path", type=click.Path(path_type=Path), help="Summary JSON path (TOPS_JOB_SUMMARY).")
-@click.option("--receipts-out", type=click.Path(path_type=Path), help="Append every signed receipt here as JSON lines.")
+@click.option("--receipts-out", type=click.Path(path_type=Path),
+              help="Append every signed receipt here as JSON lines (- for standard output).")
 @click.option("--drain-timeout", type=click.FloatRange(0), help="Seconds to keep sending at the end (TOPS_JOB_DRAIN_TIMEOUT, 30).")
 @click.option("--challenge/--no-challenge", default=None,
               help="Ask the aggregator for a run challenge (TOPS_JOB_CHALLENGE; default: when it offers one).")
@@ -148,7 +156,7 @@ def run(submitter_name: str | None, signer_name: str | None, devices: str | None
         _run_fleet(devices, flags)
     from tops_job.config import log_settings
     from tops_job.job.build import ReceiptsFile, build_job
-    from tops_job.job.runner import StopSignal
+    from tops_job.job.stop import StopSignal, early_stop_signal, install_stop_handlers
     from tops_job.job.summary import human_lines
     from tops_job.observability.logs import set_run_id
     from tops_job.observability.telemetry import setup_for_job
@@ -158,8 +166,8 @@ def run(submitter_name: str | None, signer_name: str | None, devices: str | None
         flags["metrics_enabled"] = True
     config = _config(flags, need_key=False)  # the local signer resolves the key if it is the one used
     set_run_id(config.run_id)
-    stop = StopSignal()
-    previous_handlers = _install_stop_handlers(stop)
+    stop = early_stop_signal() or StopSignal()  # a TERM during start-up is already in it
+    previous_handlers = install_stop_handlers(stop)
     sinks: list[Callable[[dict[str, Any]], None]] = []
     receipts_file = None
     telemetry = None
@@ -234,17 +242,70 @@ def _debug_receipt(receipt: dict[str, Any]) -> None:
     click.echo(receipt_line(receipt), err=True)
 
 
-def _install_stop_handlers(stop: Any) -> dict[int, Any]:
-    """TERM and INT stop new attempts; a second INT exits at once (the outbox is durable)."""
+# ---------------------------------------------------------------- outbox
 
-    def on_signal(signum: int, frame: Any) -> None:
-        name = signal.Signals(signum).name
-        if stop.stopped and signum == signal.SIGINT:
-            os._exit(int(ExitCode.INTERRUPTED))
-        log.warning("[run] %s received: finishing the current attempt, then stopping", name)
-        stop.stop(name)
+@cli.group(invoke_without_command=True)
+@click.option("--outbox", "outbox_dir", type=click.Path(path_type=Path), help="Outbox directory (TOPS_JOB_OUTBOX_DIR).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document instead of lines.")
+@click.pass_context
+def outbox(ctx: click.Context, outbox_dir: Path | None, as_json: bool) -> None:
+    """List the receipts waiting in the outbox and those the aggregator rejected (with its answers)."""
+    ctx.obj = {"outbox_dir": outbox_dir}
+    if ctx.invoked_subcommand is not None:
+        return
+    from tops_job.delivery.drain import list_outbox
 
-    return {signum: signal.signal(signum, on_signal) for signum in (signal.SIGTERM, signal.SIGINT)}
+    listing = list_outbox(_config({"outbox_dir": outbox_dir}, need_key=False).outbox)
+    if as_json:
+        click.echo(json.dumps(listing, indent=2))
+        return
+    click.echo(f"{listing['outbox']}: {len(listing['pending'])} pending, {len(listing['rejected'])} rejected, "
+               f"{len(listing['quarantined'])} quarantined")
+    for entry in listing["pending"]:
+        last = entry.get("last_answer")
+        click.echo(f"pending   {entry['digest']}  run {entry.get('run_id')} attempt {entry.get('attempt')}  "
+                   f"{entry['age_s']:.0f}s old" + (f"  last answer {last.get('status')} {last.get('error')}: "
+                                                   f"{json.dumps(last.get('answer'), sort_keys=True)}" if last else ""))
+    for entry in listing["rejected"]:
+        answer = entry.get("answer") or {}
+        click.echo(f"rejected  {entry['digest']}  run {entry.get('run_id')} attempt {entry.get('attempt')}  "
+                   f"{answer.get('status')} {answer.get('error')}: {json.dumps(answer.get('answer'), sort_keys=True)}")
+    for name in listing["quarantined"]:
+        click.echo(f"quarantined  {name}")
+
+
+@outbox.command("send")
+@click.option("--aggregator-url", help="Aggregator verify URL (AGGREGATOR_URL).")
+@click.option("--submitter", "submitter_name", envvar="TOPS_JOB_SUBMITTER", help="Submitter by name (TOPS_JOB_SUBMITTER).")
+@click.option("--drain-timeout", type=click.FloatRange(0), help="Seconds to keep sending (TOPS_JOB_DRAIN_TIMEOUT, 30).")
+@click.pass_context
+def outbox_send(ctx: click.Context, submitter_name: str | None, **flags: Any) -> None:
+    """Deliver the pending receipts without running attempts (after an outage, from cron).
+
+    Safe beside running workers: each receipt is claimed before it is sent. Exits like
+    `run`: 0 all delivered, 3 some still pending, 4 some rejected, 6 storage, 130/143 stopped."""
+    from tops_job.delivery.drain import send_outbox
+    from tops_job.job.build import choose_submitter
+    from tops_job.job.stop import StopSignal, early_stop_signal, install_stop_handlers
+    from tops_job.plugins.manager import get_plugin_manager
+
+    stop = early_stop_signal() or StopSignal()
+    previous = install_stop_handlers(stop)
+    try:
+        config = _config({**flags, "outbox_dir": ctx.obj["outbox_dir"]}, need_key=False)
+        if not config.aggregator_url and not submitter_name:
+            raise ConfigError("AGGREGATOR_URL", "set it (or --aggregator-url) to say where to send the outbox")
+        _name, factory = choose_submitter(config, get_plugin_manager(), submitter_name)
+        code, report = send_outbox(config, factory(config), stop)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    counts = report.counts
+    click.echo(f"[outbox] {config.outbox}: {counts['accepted']} accepted, {counts['duplicate']} duplicate, "
+               f"{counts['rejected']} rejected, {report.pending} pending"
+               + (f" (left because {report.detail['left_because']})" if report.detail.get("left_because") else ""),
+               err=True)
+    sys.exit(int(code))
 
 
 # ---------------------------------------------------------------- plugins
@@ -367,9 +428,22 @@ def _receipt_texts(files: tuple[str, ...]) -> Iterator[tuple[str, int, str]]:
             continue
         except ValueError:
             pass
-        for line_no, line in enumerate(text.splitlines(), 1):
+        lines = text.splitlines()
+        if not text.endswith("\n") and not _is_json(lines[-1]):  # a write cut short (kill -9, full disk)
+            click.echo(f"{name}:{len(lines)}: warning: partial last line ({len(lines[-1])} bytes, an interrupted "
+                       "write): skipped", err=True)
+            lines.pop()
+        for line_no, line in enumerate(lines, 1):
             if line.strip():
                 yield name, line_no, line
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
 
 
 # ---------------------------------------------------------------- keys

@@ -3,6 +3,7 @@ from a key are protocol: tops_job.spec.identity)."""
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import stat
@@ -13,6 +14,7 @@ from pathlib import Path
 import coincurve
 
 from tops_job.errors import ConfigError
+from tops_job.files import private_dir
 
 _SECRET_HEX = re.compile(r"(0x)?[0-9a-fA-F]{64}")
 KEY_FILE_NAME = "worker.key"
@@ -44,17 +46,30 @@ def parse_secret_hex(text: str, variable: str) -> bytes:
 
 
 def read_key_file(path: Path, variable: str) -> bytes:
-    """A key file holds the secret as hex. Refused when group or world can read it, like ssh."""
+    """A key file holds the secret as hex. Refused, like ssh, when group or world can access
+    it; also when it is a symlink (someone else could point it at their key) or belongs to
+    another user. The checks are made on the open file, not on the name."""
     try:
-        mode = path.stat().st_mode
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ConfigError(variable, f"key file {path} is a symbolic link; give the file itself") from None
         raise ConfigError(variable, f"cannot read key file {path}: {exc.strerror}") from None
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ConfigError(variable, f"key file {path} is accessible by group or others (mode {stat.S_IMODE(mode):04o}); run chmod 600 {path}")
-    try:
-        text = path.read_text(encoding="ascii")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(variable, f"cannot read key file {path}: {exc}") from None
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(variable, f"key file {path} is not a regular file")
+        if info.st_uid != os.geteuid():
+            raise ConfigError(variable, f"key file {path} belongs to uid {info.st_uid}, not to this user "
+                              f"(uid {os.geteuid()}); it must be the user's own file")
+        mode = info.st_mode
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise ConfigError(variable, f"key file {path} is accessible by group or others "
+                              f"(mode {stat.S_IMODE(mode):04o}); run chmod 600 {path}")
+        try:
+            text = handle.read(4096).decode("ascii")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(variable, f"cannot read key file {path}: {exc}") from None
     return parse_secret_hex(text, f"{variable} ({path})")
 
 
@@ -65,7 +80,7 @@ def write_key_file(path: Path, secret: bytes | None = None) -> bytes:
     `path` exists): several workers starting at once may race to create the key, and none
     may read a half-written one."""
     secret = secret or coincurve.PrivateKey().secret
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(path.parent)  # 0700 whatever the umask
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".key-")  # mode 0600
     try:
         with os.fdopen(fd, "w", encoding="ascii") as handle:

@@ -226,13 +226,26 @@ def test_classify_final_and_transient(status, outcome):
 
 
 def test_classify_200():
-    ok = json.dumps({"ok": True, "digest_hex": DIGEST.hex(), "duplicate": False}).encode()
+    verified = {"ok": True, "sig_ok": True, "proof_ok": True, "digest_hex": DIGEST.hex()}
+    ok = json.dumps({**verified, "duplicate": False}).encode()
     assert classify(200, ok, None, DIGEST).outcome is Outcome.ACCEPTED
-    dup = json.dumps({"ok": True, "digest_hex": DIGEST.hex(), "duplicate": True}).encode()
+    dup = json.dumps({**verified, "duplicate": True}).encode()
     assert classify(200, dup, None, DIGEST).outcome is Outcome.DUPLICATE
-    other = json.dumps({"ok": True, "digest_hex": "11" * 32}).encode()
+    other = json.dumps({"ok": True, "sig_ok": True, "proof_ok": True, "digest_hex": "11" * 32}).encode()
     assert classify(200, other, None, DIGEST).outcome is Outcome.TRANSIENT  # not our receipt: keep it
     assert classify(200, b"<html>", None, DIGEST).outcome is Outcome.TRANSIENT
+
+
+@pytest.mark.parametrize("answer", [
+    {"ok": True},  # a stub, a webhook sink, a misrouted ingress
+    {"ok": True, "digest_hex": DIGEST.hex()},  # names it, but says nothing was verified
+    {"ok": True, "digest_hex": DIGEST.hex(), "sig_ok": True, "proof_ok": False},
+    {"ok": True, "digest_hex": DIGEST.hex(), "sig_ok": "yes", "proof_ok": True},
+], ids=["bare-ok", "no-verdict", "proof-failed", "not-a-boolean"])
+def test_a_200_counts_only_when_it_names_the_digest_and_says_both_verified(answer):
+    result = classify(200, json.dumps(answer).encode(), None, DIGEST)
+    assert result.outcome is Outcome.TRANSIENT and result.error == "unconfirmed_answer"
+    assert result.response == answer  # kept for the report
 
 
 def test_urls():
@@ -331,3 +344,78 @@ def test_an_entry_that_cannot_be_read_now_is_kept_not_quarantined(tmp_path, monk
     assert outbox.holds(digest) and not outbox.quarantine_dir.exists()
     monkeypatch.setattr(_Path, "read_bytes", real_read_bytes)
     assert outbox.load(digest) == receipt
+
+
+def _hold_flock_elsewhere(path, *, new_pid_namespace: bool = False):
+    """A process (in a new PID namespace when asked and possible) that holds an flock on `path`."""
+    import shutil
+    import subprocess
+    import sys
+
+    code = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX); "
+            "print('held', flush=True); time.sleep(60)")
+    command = [sys.executable, "-c", code, str(path)]
+    if new_pid_namespace:
+        if os.geteuid() != 0 or not shutil.which("unshare"):
+            pytest.skip("a new PID namespace needs root and unshare (util-linux)")
+        command = ["unshare", "--pid", "--fork", "--kill-child", *command]
+    holder = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def _release(holder, path) -> None:
+    """Kill the holder (unshare --kill-child takes its child along) and wait until the lock is free."""
+    import fcntl
+    import time
+
+    holder.kill()
+    holder.wait()
+    deadline = time.monotonic() + 10
+    while True:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except OSError:
+            assert time.monotonic() < deadline, "the lock holder did not go away"
+            time.sleep(0.02)
+        finally:
+            os.close(fd)
+
+
+def test_a_temp_file_locked_by_a_writer_in_another_pid_namespace_is_left_alone(tmp_path):
+    """Another container on the same volume: its pid means nothing here (here it names a dead
+    process), but its flock on the temp file says it is alive and still writing."""
+    import subprocess
+    import sys
+
+    outbox = Outbox(tmp_path / "outbox")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    tmp = outbox.path / f".tmp-{dead.pid}-abc.part"
+    tmp.write_text('{"sig": "ab')  # half written
+    holder = _hold_flock_elsewhere(tmp, new_pid_namespace=True)
+    try:
+        assert outbox.acquire()
+        assert outbox.recover() == [] and tmp.read_text() == '{"sig": "ab'
+    finally:
+        _release(holder, tmp)
+    assert outbox.recover() == [] and not tmp.exists()  # its writer is gone: now it is a leftover
+
+
+def test_an_entry_claimed_by_a_process_in_another_pid_namespace_is_busy(tmp_path):
+    outbox = Outbox(tmp_path / "outbox")
+    receipt = _vector(5)
+    digest = digest_of(receipt).hex()
+    outbox.put(receipt, bytes.fromhex(digest))
+    holder = _hold_flock_elsewhere(outbox.path / f"{digest}.json", new_pid_namespace=True)
+    try:
+        assert outbox.claim(digest) == "busy"
+    finally:
+        _release(holder, outbox.path / f"{digest}.json")
+    claim = outbox.claim(digest)
+    assert not isinstance(claim, str)
+    outbox.remove(digest)  # delivered while claimed
+    claim.release()
+    assert outbox.claim(digest) == "gone"

@@ -94,7 +94,7 @@ def test_shellcheck():
     assert result.returncode == 0, result.stdout
 
 
-@pytest.mark.parametrize("code, recorded", [(0, 0), (2, 2), (3, 3), (4, 4), (5, 5), (143, 143)])
+@pytest.mark.parametrize("code, recorded", [(0, 0), (2, 2), (3, 3), (4, 4), (5, 5), (6, 6), (143, 143)])
 def test_script_passes_exit_codes_through(stub_env, code, recorded):
     env, summary = stub_env
     env["STUB_EXIT"] = str(code)

@@ -166,9 +166,9 @@ def test_a_sink_failing_on_receipts_released_at_the_end_still_summarises(isolate
         pytest.skip("no /dev/full on this system")
     result = CliRunner().invoke(cli, ["run", "--backend", "numpy", "--size", "8", "-n", "3", "--audit-every", "1",
                                       "--receipts-out", "/dev/full"], catch_exceptions=False)
-    assert result.exit_code == ExitCode.INTERNAL_ERROR, result.output
+    assert result.exit_code == ExitCode.STORAGE_ERROR, result.output  # a full disk: retried elsewhere
     summary = summary_of(isolated_env)
-    assert "No space left" in summary["error"]["message"] and summary["errors_by_class"] == {"internal": 1}
+    assert "No space left" in summary["error"]["message"] and summary["errors_by_class"] == {"storage": 1}
     assert len(read_jsonl(isolated_env["data"] / "ledger.jsonl")) >= 1  # in the outbox before the sink failed
 
 

@@ -78,6 +78,7 @@ class FaultProxy:
         self.hang_s, self.slow_s, self.latency_s = hang_s, slow_s, latency_s
         self.challenge_404 = challenge_404
         self.seen: collections.Counter = collections.Counter()
+        self.keys: collections.Counter = collections.Counter()  # POSTs per Idempotency-Key (receipt digest)
         self.lock = threading.Lock()
         proxy = self
 
@@ -98,6 +99,7 @@ class FaultProxy:
                 with proxy.lock:
                     fault = proxy.faults.popleft() if proxy.faults else proxy.default
                     proxy.seen[fault or "forward"] += 1
+                    proxy.keys[self.headers.get("Idempotency-Key", "")] += 1
                 if fault is None:
                     return self._forward(body)
                 if fault == "lost":
@@ -245,3 +247,31 @@ class CannedServer:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def signed_receipts(count: int, run_id: str = "earlier", size: int = 32) -> list[dict[str, Any]]:
+    """`count` valid receipts signed with the vectors' key, made in this process."""
+    from tests.support import TEST_KEY
+    from tops_job.compute.base import Shape
+    from tops_job.compute.numpy_backend import NumpyBackend
+    from tops_job.job.attempt import Identity, run_attempt
+    from tops_job.spec.signing import LocalKeySigner
+
+    identity = Identity(did=TEST_KEY["did"], signer=LocalKeySigner(bytes.fromhex(TEST_KEY["secret_key_hex"])))
+    backend = NumpyBackend("float32", threads=1)
+    try:
+        return [run_attempt(backend, Shape(size, size, size), identity, run_id=run_id, attempt=i, tile=8,
+                            opens=16).receipt for i in range(count)]
+    finally:
+        backend.close()
+
+
+def fill_outbox(outbox: Path, receipts: list[dict[str, Any]]) -> list[str]:
+    """Store `receipts` in `outbox` as an earlier run would have; their digests."""
+    from tops_job.delivery.outbox import Outbox
+    from tops_job.spec.canonical import digest_of
+
+    box = Outbox(outbox)
+    for receipt in receipts:
+        box.put(receipt, digest_of(receipt))
+    return [digest_of(r).hex() for r in receipts]

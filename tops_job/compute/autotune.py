@@ -13,6 +13,7 @@ from typing import Protocol
 
 from tops_job.atomic import write_atomic
 from tops_job.compute.base import Backend, Shape
+from tops_job.files import private_dir
 
 log = logging.getLogger("tops_job.autotune")
 
@@ -106,7 +107,7 @@ class ProfileStore:
     def save(self, profile: Profile) -> Path:
         path = self.path_for(profile.key)
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
+            private_dir(self.directory)
             write_atomic(path, (json.dumps(asdict(profile), indent=2, sort_keys=True) + "\n").encode("utf-8"))
         except OSError as exc:  # a read-only cache is a warning: the next run tunes again
             log.warning("[autotune] cannot cache profile in %s: %s", self.directory, exc)

@@ -31,6 +31,7 @@ from typing import IO, Any
 
 import numpy as np
 
+from tops_job.errors import TopsJobError
 from tops_job.spec.commitment import commit_rows, split_hashes
 
 log = logging.getLogger("tops_job.backends")
@@ -38,6 +39,14 @@ log = logging.getLogger("tops_job.backends")
 # Below this many elements of C the helpers cost more than they save.
 MIN_SHARED_ELEMENTS = 1 << 20
 _HEADER = struct.Struct("<I")
+
+
+_HELPER_FAILURES = (OSError, EOFError, pickle.UnpicklingError, struct.error, ValueError)
+
+
+class HelperLost(TopsJobError):
+    """A helper process died during a commitment; it has been replaced. The attempt is
+    retried once (runner.py) before it counts as failed."""
 
 
 class SharedArray:
@@ -101,6 +110,17 @@ class Helper:
         except Exception:
             self.proc.kill()
 
+    def kill(self) -> None:
+        for stream in (self.proc.stdin, self.proc.stdout):
+            try:
+                if stream is not None:
+                    stream.close()
+            except OSError:
+                pass
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
 
 class SharedRows:
     """C and its int32 copy in shared memory, committed by this process and its helpers,
@@ -109,6 +129,7 @@ class SharedRows:
     def __init__(self, product: SharedArray, scratch: SharedArray, helpers: list[Helper]):
         self.product, self.scratch, self.helpers = product, scratch, helpers
         self._attached = False  # the helpers' "attach" replies are read at the first commit
+        self._broken = False  # a helper's stream is out of step: replace them all before the next commit
 
     @classmethod
     def create(cls, shape: tuple[int, int], dtype: Any, helpers: list[Helper] | int) -> SharedRows | None:
@@ -128,6 +149,36 @@ class SharedRows:
         return cls(product, scratch, helpers)
 
     def commit(self, tile: int) -> list[bytes]:
+        """The leaf hashes of C. A helper found dead (kill -9, the OOM killer) before the
+        commit is replaced first; one that dies during it is replaced too, and HelperLost
+        tells the caller to retry the attempt."""
+        try:
+            if self._broken or any(helper.proc.poll() is not None for helper in self.helpers):
+                self._restart_helpers("a commitment helper process had exited")
+            return self._commit(tile)
+        except _HELPER_FAILURES as exc:
+            try:
+                self._restart_helpers(f"a commitment helper process failed ({type(exc).__name__}: {exc})")
+            except _HELPER_FAILURES:  # one died again at once: the next commitment tries again
+                self._broken = True
+            raise HelperLost(f"a commitment helper process died during the commitment ({type(exc).__name__}); "
+                             "it was replaced") from None
+
+    def _restart_helpers(self, why: str) -> None:
+        """Replace every helper (a live one may be mid-reply: its stream is out of step) and
+        attach the new ones to the current buffers. In place: the backend holds this list."""
+        log.warning("[backend] %s: starting %d new helper processes", why, len(self.helpers))
+        for helper in self.helpers:
+            helper.kill()
+        self.helpers[:] = [Helper() for _ in self.helpers]
+        for helper in self.helpers:
+            helper.request("attach", self.product.spec, self.scratch.spec)
+        for helper in self.helpers:
+            helper.reply()
+        self._attached = True
+        self._broken = False
+
+    def _commit(self, tile: int) -> list[bytes]:
         if not self._attached:
             for helper in self.helpers:
                 helper.reply()
@@ -144,8 +195,12 @@ class SharedRows:
     def release(self) -> None:
         """Free the buffers; the helpers stay for the next shape."""
         if not self._attached:  # keep each helper's replies in step with its requests
-            for helper in self.helpers:
-                helper.reply()
+            try:
+                for helper in self.helpers:
+                    helper.reply()
+            except _HELPER_FAILURES:  # a dead helper: the next buffers' commit replaces them
+                for helper in self.helpers:
+                    helper.kill()
             self._attached = True
         self.product.close()
         self.scratch.close()

@@ -16,7 +16,7 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from tops_job import __version__
-from tops_job.delivery.outcomes import Outcome, SubmitResult
+from tops_job.delivery.outcomes import Outcome, SubmitResult, confirmed
 from tops_job.delivery.retry import FINAL_STATUSES, TRANSIENT_STATUSES, parse_retry_after
 from tops_job.spec.canonical import receipt_line
 
@@ -100,10 +100,10 @@ def classify(status: int, content: bytes, retry_after: str | None, digest: bytes
     if status == 200:
         if answer.get("ok") is not True:
             return SubmitResult(Outcome.TRANSIENT, status=status, response=answer, error="bad_answer")
-        if answer.get("digest_hex", digest.hex()) != digest.hex():
+        if "digest_hex" in answer and answer["digest_hex"] != digest.hex():
             return SubmitResult(Outcome.TRANSIENT, status=status, response=answer, error="digest_mismatch")
         outcome = Outcome.DUPLICATE if answer.get("duplicate") is True else Outcome.ACCEPTED
-        return SubmitResult(outcome, status=status, response=answer)
+        return confirmed(SubmitResult(outcome, status=status, response=answer), digest)
     error = str(answer.get("error") or f"http_{status}")
     if status in FINAL_STATUSES:
         return SubmitResult(Outcome.REJECTED, status=status, response=answer or {"status": status}, error=error)

@@ -5,11 +5,19 @@ Layout (one directory, default `<user data dir>/outbox`):
     <digest hex>.json          a receipt waiting to be delivered (one JSON line)
     rejected/<digest>.json     a receipt the aggregator rejected (final 4xx) ...
     rejected/<digest>.answer.json  ... and its answer
+    answers/<digest>.json      the last answer that did not settle a waiting receipt (a 401, a
+                               stub's `200 {"ok": true}`), for `tops-job outbox`
     quarantine/<name>          an entry that could not be read back (with a warning)
-    .lock                      held (flock) by the run that drains this outbox
+    .lock                      held (flock) by the run that drains earlier runs' entries
 
 A write is durable before `put` returns: temp file, fsync, rename, fsync the directory.
-An entry leaves only after a 200 (`remove`) or a final answer (`reject`).
+An entry leaves only after a confirmed 200 (`remove`) or a final answer (`reject`).
+Whoever sends an entry first `claim`s it: an flock on the entry file, held while it is in
+flight, so no two runs (processes, containers on one volume) ever send it at once.
+
+Directories are created 0700 and no file is opened through a symlink. Anything in the
+directory that is not as a worker left it (a file where `quarantine/` belongs, a FIFO, a
+link, an entry that cannot be read) is counted in `problems`, logged, and worked around.
 """
 
 from __future__ import annotations
@@ -20,13 +28,19 @@ import json
 import logging
 import os
 import re
+import stat
+import tempfile
 import threading
+import time
+from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tops_job.atomic import fsync_dir, write_atomic
+from tops_job.atomic import fsync_dir
 from tops_job.errors import StorageError
+from tops_job.files import describe_link_error, open_no_follow, private_dir
 from tops_job.spec.canonical import digest_of, receipt_line
 
 log = logging.getLogger("tops_job.outbox")
@@ -36,15 +50,50 @@ _TMP_PREFIX = ".tmp-"
 
 
 def _write_durably(directory: Path, name: str, data: bytes) -> Path:
-    # The temp name is one `_recover` knows: a crash between fsync and rename leaves it.
-    # The temp name carries the writer's pid: `recover` leaves a live writer's files alone.
-    return write_atomic(directory / name, data, sync_dir=True, tmp_prefix=f"{_TMP_PREFIX}{os.getpid()}-",
-                        tmp_suffix=".part")
+    """Temp file, flock, write, fsync, rename, fsync the directory. The temp name is one
+    `recover` knows (a crash between fsync and rename leaves it) and carries the writer's pid;
+    the flock, held until the rename, tells a run in another PID namespace (another container
+    on the same volume) that the writer is alive, which a pid cannot."""
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f"{_TMP_PREFIX}{os.getpid()}-", suffix=".part")  # 0600
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+        os.replace(tmp, directory / name)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    finally:
+        os.close(fd)
+    fsync_dir(directory)
+    return directory / name
+
+
+def _locked_by_a_writer(tmp: Path) -> bool:
+    """Whether a live writer holds `tmp` (its flock), in any PID namespace."""
+    try:
+        fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return True  # gone or unreadable now: leave it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def _written_by_another_live_process(tmp: Path) -> bool:
     """A run that started while another held the lock writes without it; a third run that
     then takes the lock must not promote or delete that run's half-written files."""
+    if _locked_by_a_writer(tmp):
+        return True
     try:
         pid = int(tmp.name[len(_TMP_PREFIX):].split("-", 1)[0])
     except ValueError:
@@ -60,77 +109,157 @@ def _written_by_another_live_process(tmp: Path) -> bool:
     return True
 
 
+@dataclass
+class Claim:
+    """This run's hold on one entry while it sends it: an flock on the entry file itself.
+    Kernel locks, unlike pids, hold across processes, PID namespaces and containers sharing
+    the volume; the kernel drops the lock when the holder dies (kill -9 included)."""
+
+    digest: str
+    fd: int
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # closing the last descriptor drops the flock
+            self.fd = -1
+
+
 class Outbox:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.rejected_dir = self.path / "rejected"
         self.quarantine_dir = self.path / "quarantine"
-        self._lock_handle: Any = None
+        self.answers_dir = self.path / "answers"
+        self._lock_handle: int | None = None
         self._mutex = threading.Lock()
         self.quarantined = 0
+        self.problems: Counter = Counter()  # what was found wrong with the outbox, and how often
         try:
-            self.path.mkdir(parents=True, exist_ok=True)
+            private_dir(self.path)
         except OSError as exc:
             raise StorageError(f"cannot create outbox {self.path}: {exc.strerror or exc}", exc) from None
+
+    def problem(self, what: str, detail: str) -> None:
+        """Something in the outbox is not as this worker left it: counted for the summary,
+        logged, and worked around (the run goes on with what it can use)."""
+        with self._mutex:
+            self.problems[what] += 1
+        log.warning("[outbox] %s: %s", what, detail)
 
     # ---- ownership of earlier runs' entries
 
     def acquire(self) -> bool:
         """Take the outbox's lock (non-blocking). Only the holder drains earlier entries, so
-        two workers sharing a directory never send the same leftovers at once."""
+        two workers sharing a directory do not both queue the same leftovers; each send is
+        also guarded by a per-entry `claim`. False when another run holds it. A lock file
+        that cannot be used (a symlink, a directory, no permission) is reported, and the run
+        drains anyway: the per-entry claims keep runs apart."""
         try:
-            handle = open(self.path / ".lock", "a+")
+            fd = open_no_follow(self.path / ".lock", os.O_RDWR | os.O_CREAT)
         except OSError as exc:
-            raise StorageError(f"cannot open outbox lock in {self.path}: {exc.strerror or exc}", exc) from None
+            self.problem("unusable_lock", f"cannot use {self.path / '.lock'} ({describe_link_error(exc)}); "
+                         "draining without it (each entry is still claimed before it is sent)")
+            return True
         try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
-            handle.close()
+            os.close(fd)
             if exc.errno in (errno.EAGAIN, errno.EACCES):
                 return False
             raise
-        self._lock_handle = handle
+        self._lock_handle = fd
         return True
 
     def release(self) -> None:
         if self._lock_handle is not None:
-            self._lock_handle.close()
+            os.close(self._lock_handle)
             self._lock_handle = None
+
+    def claim(self, digest: str) -> Claim | str:
+        """Hold entry `digest` for sending: a Claim, or why not: "gone" (delivered, rejected
+        or moved by another run), "busy" (another live run is sending it), "unreadable"."""
+        path = self.path / f"{digest}.json"
+        try:
+            fd = open_no_follow(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return "gone"
+        except OSError as exc:
+            self.problem("unreadable_entry", f"cannot open {path.name} ({describe_link_error(exc)}); it stays")
+            return "unreadable"
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return "busy"
+        try:  # the holder before us may have removed or moved it: the name must still be this file
+            now, held = os.stat(path, follow_symlinks=False), os.fstat(fd)
+            same = (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino)
+        except FileNotFoundError:
+            same = False
+        if not same:
+            os.close(fd)
+            return "gone"
+        return Claim(digest, fd)
 
     def recover(self) -> list[str]:
         """Promote complete temp files a crash left behind between fsync and rename, delete
-        incomplete ones, and return the digests waiting, oldest first. Call with the lock."""
+        incomplete ones, set aside what does not belong, and return the digests waiting,
+        oldest first. Call with the lock."""
         for tmp in self.path.glob(_TMP_PREFIX + "*"):
-            if _written_by_another_live_process(tmp):
-                continue
-            try:
-                receipt = self._read(tmp)
-            except OSError:
-                continue  # unreadable now: leave it for the next recovery
-            if receipt is not None:
-                digest = digest_of(receipt).hex()
-                final = self.path / f"{digest}.json"
-                if final.exists() and not self._intact(final, digest):
-                    self._set_aside(final)  # the temp file is the true entry under that name
-                if not final.exists():
-                    os.replace(tmp, final)
-                    log.info("[outbox] recovered %s from an interrupted write", digest)
-                    continue
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
-        fsync_dir(self.path)
+            self._recover_temp(tmp)
+        try:
+            fsync_dir(self.path)
+            items = list(os.scandir(self.path))
+        except OSError as exc:
+            raise StorageError(f"cannot read outbox {self.path}: {exc.strerror or exc}", exc) from None
         entries = []
-        for item in self.path.iterdir():
-            if item.is_file() and _ENTRY.fullmatch(item.name):
+        for item in items:
+            kind = _kind(item)
+            if item.name in ("rejected", "quarantine", "answers"):
+                if kind != "directory":
+                    self.problem("misplaced_file", f"{item.path} is a {kind} where a directory belongs; "
+                                 f"{item.name} entries are kept in the outbox instead")
+            elif item.name == ".lock" or item.name.startswith(_TMP_PREFIX):
+                continue
+            elif _ENTRY.fullmatch(item.name) and kind == "file":
                 try:
-                    entries.append((item.stat().st_mtime_ns, item.name))
+                    entries.append((item.stat(follow_symlinks=False).st_mtime_ns, item.name))
                 except OSError:
                     continue
-            elif item.is_file() and item.name != ".lock" and not item.name.startswith(_TMP_PREFIX):
-                self.quarantine(item, "not an outbox entry name")
+            else:
+                why = "not an outbox entry name" if kind == "file" else f"a {kind}, not a receipt file"
+                self.quarantine(Path(item.path), why)
         return [name[:-5] for _, name in sorted(entries)]
+
+    def _recover_temp(self, tmp: Path) -> None:
+        if _written_by_another_live_process(tmp):
+            return
+        try:
+            info = tmp.lstat()
+            if not stat.S_ISREG(info.st_mode):
+                return self.quarantine(tmp, "a temp name that is not a regular file")
+            receipt = self._read(tmp)
+        except OSError:
+            return  # unreadable now: leave it for the next recovery
+        if receipt is not None:
+            digest = digest_of(receipt).hex()
+            final = self.path / f"{digest}.json"
+            if final.exists() and not self._intact(final, digest):
+                self._set_aside(final)  # the temp file is the true entry under that name
+            if not final.exists():
+                try:
+                    os.replace(tmp, final)
+                except OSError as exc:
+                    self.problem("unrecoverable_temp", f"cannot promote {tmp.name}: {exc.strerror or exc}")
+                    return
+                log.info("[outbox] recovered %s from an interrupted write", digest)
+                return
+        elif info.st_size == 0 and time.time() - info.st_mtime < 60:
+            return  # a writer between mkstemp and its flock: not yet written, leave it
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
 
     # ---- entries
 
@@ -196,44 +325,90 @@ class Outbox:
     def holds(self, digest: str) -> bool:
         return (self.path / f"{digest}.json").exists()
 
-    def remove(self, digest: str) -> None:
-        """Delivered (200): the entry goes."""
+    def note_answer(self, digest: str, answer: dict[str, Any]) -> None:
+        """Keep the last answer that left `digest` waiting (shown by `tops-job outbox`)."""
+        text = json.dumps(answer, sort_keys=True, indent=2) + "\n"
+        try:
+            with self._mutex:
+                private_dir(self.answers_dir)
+            _write_durably(self.answers_dir, f"{digest}.json", text.encode("utf-8"))
+        except OSError as exc:
+            self.problem("unrecordable_answer", f"cannot keep the answer for {digest} in {self.answers_dir} "
+                         f"({exc.strerror or exc})")
+
+    def _forget_answer(self, digest: str) -> None:
+        try:
+            (self.answers_dir / f"{digest}.json").unlink()
+        except OSError:
+            pass
+
+    def remove(self, digest: str) -> bool:
+        """Delivered (200): the entry goes. False (logged) when it cannot be removed (a
+        read-only or failing disk): it stays, and the next run's send is answered duplicate."""
+        self._forget_answer(digest)
         try:
             (self.path / f"{digest}.json").unlink()
+            fsync_dir(self.path)
         except FileNotFoundError:
-            return
-        fsync_dir(self.path)
+            return True
+        except OSError as exc:
+            self.problem("unremovable_entry", f"{digest}.json was delivered but cannot be removed "
+                         f"({exc.strerror or exc}); the next run's send of it is answered duplicate")
+            return False
+        return True
 
-    def reject(self, digest: str, answer: dict[str, Any]) -> None:
-        """A final answer: the receipt and the answer move to rejected/."""
-        with self._mutex:
-            self.rejected_dir.mkdir(exist_ok=True)
+    def reject(self, digest: str, answer: dict[str, Any]) -> bool:
+        """A final answer: the receipt and the answer move to rejected/. False (logged) when
+        they cannot: the receipt then stays in the outbox, with nothing lost."""
         text = json.dumps(answer, sort_keys=True, indent=2) + "\n"
-        _write_durably(self.rejected_dir, f"{digest}.answer.json", text.encode("utf-8"))
+        self._forget_answer(digest)
         try:
+            with self._mutex:
+                private_dir(self.rejected_dir)
+            _write_durably(self.rejected_dir, f"{digest}.answer.json", text.encode("utf-8"))
             os.replace(self.path / f"{digest}.json", self.rejected_dir / f"{digest}.json")
+            fsync_dir(self.rejected_dir)
+            fsync_dir(self.path)
         except FileNotFoundError:
-            return
-        fsync_dir(self.rejected_dir)
-        fsync_dir(self.path)
+            return True
+        except OSError as exc:
+            self.problem("unmovable_rejection", f"cannot move rejected {digest}.json to {self.rejected_dir} "
+                         f"({exc.strerror or exc}); it stays in the outbox")
+            return False
+        return True
 
     def quarantine(self, path: Path, why: str) -> None:
-        with self._mutex:
-            self.quarantine_dir.mkdir(exist_ok=True)
-            self.quarantined += 1
         target = self.quarantine_dir / path.name
         try:
+            with self._mutex:
+                private_dir(self.quarantine_dir)
             os.replace(path, target)
             fsync_dir(self.path)
         except OSError as exc:
-            log.warning("[outbox] cannot quarantine %s (%s): %s", path, why, exc)
+            self.problem("unquarantinable", f"{path.name} ({why}) cannot be moved to {self.quarantine_dir} "
+                         f"({exc.strerror or exc}); it is left in place and skipped")
             return
+        with self._mutex:
+            self.quarantined += 1
         log.warning("[outbox] quarantined %s: %s; it is kept in %s for inspection", path.name, why, self.quarantine_dir)
 
     def pending(self) -> Iterator[str]:
         for item in self.path.glob("*.json"):
             if _ENTRY.fullmatch(item.name):
                 yield item.name[:-5]
+
+    def count(self) -> int:
+        """Entries waiting (receipt files under their digest), without reading them."""
+        return self.count_in(self.path)
+
+    @staticmethod
+    def count_in(path: Path) -> int:
+        """`count` for an outbox directory this process does not open (nothing is created)."""
+        try:
+            return sum(1 for item in os.scandir(path)
+                       if _ENTRY.fullmatch(item.name) and item.is_file(follow_symlinks=False))
+        except OSError:
+            return 0
 
     @staticmethod
     def _read(path: Path) -> dict[str, Any] | None:
@@ -254,3 +429,41 @@ class Outbox:
         except (TypeError, ValueError):
             return None
         return receipt
+
+
+def is_entry_name(name: str) -> bool:
+    return bool(_ENTRY.fullmatch(name))
+
+
+def rejected_entries(rejected_dir: Path) -> Iterator[tuple[str, dict[str, Any] | None]]:
+    """(digest, the aggregator's answer or None) for each rejected receipt kept in `rejected_dir`."""
+    if not rejected_dir.is_dir():
+        return
+    for item in sorted(rejected_dir.glob("*.json")):
+        if not _ENTRY.fullmatch(item.name):
+            continue
+        digest = item.name[:-5]
+        try:
+            answer = json.loads((rejected_dir / f"{digest}.answer.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            answer = None
+        yield digest, answer
+
+
+def _kind(item: os.DirEntry) -> str:
+    """What a directory entry is, without following a symlink."""
+    try:
+        mode = item.stat(follow_symlinks=False).st_mode
+    except OSError:
+        return "vanished entry"
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "directory"
+    if stat.S_ISLNK(mode):
+        return "symbolic link"
+    if stat.S_ISFIFO(mode):
+        return "FIFO"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    return "special file"

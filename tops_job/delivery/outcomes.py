@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import enum
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+log = logging.getLogger("tops_job.sender")
 
 
 class Outcome(str, enum.Enum):
@@ -49,3 +52,25 @@ class Submitter(Protocol):
 
     def close(self) -> None:
         """Release connections and files."""
+
+
+UNCONFIRMED = "unconfirmed_answer"
+
+
+def confirmed(result: SubmitResult, digest: bytes) -> SubmitResult:
+    """An aggregator's answer counts as a delivery only when it names `digest` and says the
+    proof and the signature verified (spec §9: `digest_hex`, `proof_ok`, `sig_ok`). Anything
+    else, such as a stub, a webhook sink or a misrouted ingress answering `200 {"ok": true}`,
+    keeps the receipt in the outbox (error UNCONFIRMED, the sender parks it with the answer).
+    Submitters that talk to an aggregator call this on their 200s."""
+    if not result.delivered:
+        return result
+    answer = result.response if isinstance(result.response, dict) else {}
+    missing = [name for name, want in (("digest_hex", digest.hex()), ("proof_ok", True), ("sig_ok", True))
+               if answer.get(name) != want]
+    if not missing:
+        return result
+    log.warning("[sender] receipt %s: an answer without %s is no delivery; it stays in the outbox",
+                digest.hex()[:16], " and ".join(f"{name}={'<this digest>' if name == 'digest_hex' else 'true'}"
+                                                 for name in missing))
+    return SubmitResult(Outcome.TRANSIENT, status=result.status, response=answer, error=UNCONFIRMED)

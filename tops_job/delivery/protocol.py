@@ -7,15 +7,19 @@ and a background sender (see outbox.py and sender.py).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from tops_job.delivery.outcomes import Outcome, Submitter
 from tops_job.errors import ErrorClass
 from tops_job.observability.events import ReceiptEvent
+
+log = logging.getLogger("tops_job.delivery")
 
 
 @dataclass
@@ -44,13 +48,22 @@ class Delivery(Protocol):
 
 
 class InlineDelivery:
-    def __init__(self, submitter: Submitter, on_receipt: Callable[[ReceiptEvent], None]):
+    """`outbox` (when given) is counted, never drained: receipts an earlier run left there
+    for an aggregator are reported as pending, so a run without AGGREGATOR_URL never says
+    an outbox is empty when it is not (`tops-job outbox send` delivers them)."""
+
+    def __init__(self, submitter: Submitter, on_receipt: Callable[[ReceiptEvent], None],
+                 outbox: Path | None = None):
         self.submitter = submitter
         self.on_receipt = on_receipt
+        self.outbox = outbox
         self.report = DeliveryReport(detail={"submitter": submitter.name})
 
     def start(self) -> None:
-        pass
+        waiting = self._outbox_depth()
+        if waiting:
+            log.warning("[outbox] %d receipts wait in %s for an aggregator; this run (no AGGREGATOR_URL) does not "
+                        "send them: `tops-job outbox send --aggregator-url URL` does", waiting, self.outbox)
 
     def enqueue(self, receipt: dict[str, Any], digest: bytes) -> None:
         begun = time.perf_counter()
@@ -62,9 +75,19 @@ class InlineDelivery:
     def finish(self, deadline_s: float) -> DeliveryReport:
         self.submitter.close()
         self.report.detail.update(self.state())
+        self.report.pending = self.report.detail["outbox_depth"]
+        if self.outbox is not None:
+            self.report.detail["outbox"] = str(self.outbox)
         return self.report
+
+    def _outbox_depth(self) -> int:
+        if self.outbox is None or not self.outbox.is_dir():
+            return 0
+        from tops_job.delivery.outbox import Outbox
+
+        return Outbox.count_in(self.outbox)
 
     def state(self) -> dict[str, Any]:
         rejected = self.report.counts[Outcome.REJECTED.value]
-        return {"outbox_depth": 0, "breaker": "closed",
+        return {"outbox_depth": self._outbox_depth(), "breaker": "closed",
                 "send_errors_by_class": {ErrorClass.VALIDATION.value: rejected} if rejected else {}}

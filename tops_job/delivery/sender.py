@@ -6,6 +6,11 @@ compute loop deliver it through the rate limit, the circuit breaker and the retr
 keeps delivering until the deadline (about a second after SIGTERM/SIGINT), then leaves the
 rest in the outbox and says so. Every wait is on the run's stop event, so a TERM during
 a backoff or a breaker cool-down acts at once.
+
+Each receipt has one state in `entries` (queued, in flight, parked with a reason, final).
+A sender thread takes a queued one and goes through the steps: claim (an flock on the entry
+file: no other run sends it meanwhile), admit (breaker, rate limit, retry budget), send, and
+settle (delivered, rejected, or retry / park).
 """
 
 from __future__ import annotations
@@ -13,19 +18,20 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 from opentelemetry import trace
 
 from tops_job.delivery.breaker import CircuitBreaker
-from tops_job.delivery.outbox import Outbox
-from tops_job.delivery.outcomes import Outcome, SubmitResult, Submitter
+from tops_job.delivery.entries import Entries, Entry, State
+from tops_job.delivery.outbox import Claim, Outbox
+from tops_job.delivery.outcomes import UNCONFIRMED, Outcome, SubmitResult, Submitter
 from tops_job.delivery.protocol import DeliveryReport
 from tops_job.delivery.ratelimit import TokenBucket
 from tops_job.delivery.retry import RetryBudget, RetryPolicy
-from tops_job.errors import ErrorClass
+from tops_job.errors import ErrorClass, StorageError
 from tops_job.observability.events import ReceiptEvent
 
 log = logging.getLogger("tops_job.sender")
@@ -51,19 +57,17 @@ class OutboxDelivery:
         self.stop = stop  # runner.StopSignal or None
         self.workers = max(1, workers)
         self.report = DeliveryReport(detail={"submitter": submitter.name, "outbox": str(outbox.path)})
-        self._cond = threading.Condition()
-        self._queue: deque[str] = deque()
-        self._cache: dict[str, dict[str, Any]] = {}  # some of this run's receipts, saving a read back
-        self._sent: set[str] = set()  # sent at least once in this run and not yet final
-        self._tracked: set[str] = set()  # known and not yet final
-        self._parked: dict[str, str] = {}  # digest -> why it waits for a later round or run
+        self.entries = Entries(CACHE_MAX)  # one state per receipt: queued, in flight, parked, final
+        self._cond = self.entries.cond
         self._closing = False
         self._finished = False
         self._halt = threading.Event()
         self._deadline: float | None = None
         self._threads: list[threading.Thread] = []
         self._earlier = 0
+        self._left_to_other_run = 0
         self._send_errors: Counter = Counter()  # failed sends by error class (network, validation)
+        self._stale: Counter = Counter()  # answered for, but the entry could not leave the outbox
 
     @classmethod
     def from_config(cls, config: Any, submitter: Submitter, on_receipt: Callable[[ReceiptEvent], None],
@@ -78,30 +82,29 @@ class OutboxDelivery:
     # ---- the Delivery protocol
 
     def start(self) -> None:
-        if self.outbox.acquire():
-            earlier = self.outbox.recover()
-            if earlier:
-                log.info("[outbox] %d receipts from earlier runs in %s: sending them first", len(earlier), self.outbox.path)
-            with self._cond:
-                self._queue.extend(earlier)
-                self._tracked.update(earlier)
-                self._earlier = len(earlier)
-        else:
-            log.warning("[outbox] %s is in use by another run: leaving its earlier receipts to that run", self.outbox.path)
+        try:
+            self._queue_earlier()
+        except StorageError as exc:  # the run goes on: its own receipts may still be deliverable
+            self.outbox.problem("unreadable_outbox", f"{exc}; earlier runs' receipts are left for a later run")
         for index in range(self.workers):
             thread = threading.Thread(target=self._work, name=f"tops-job-sender-{index}", daemon=True)
             thread.start()
             self._threads.append(thread)
 
+    def _queue_earlier(self) -> None:
+        if not self.outbox.acquire():
+            self._left_to_other_run = self.outbox.count()
+            log.warning("[outbox] %s is in use by another run: leaving its %d earlier receipts to that run",
+                        self.outbox.path, self._left_to_other_run)
+            return
+        earlier = self.outbox.recover()
+        if earlier:
+            log.info("[outbox] %d receipts from earlier runs in %s: sending them first", len(earlier), self.outbox.path)
+        self._earlier = sum(self.entries.add(digest, earlier=True) for digest in earlier)
+
     def enqueue(self, receipt: dict[str, Any], digest: bytes) -> None:
         self.outbox.put(receipt, digest)  # durable before anything else happens to it
-        key = digest.hex()
-        with self._cond:
-            if len(self._cache) < CACHE_MAX:  # bounded: a long outage must not hold every receipt
-                self._cache[key] = receipt
-            self._tracked.add(key)
-            self._queue.append(key)
-            self._cond.notify()
+        self.entries.add(digest.hex(), receipt=receipt)
 
     def finish(self, deadline_s: float) -> DeliveryReport:
         stopping = self.stop is not None and self.stop.stopped
@@ -117,34 +120,51 @@ class OutboxDelivery:
             self._cond.notify_all()
         for thread in self._threads:  # a sender inside a send returns within its timeout; do not wait for it
             thread.join(timeout=0.05)
+        self._reconcile()
         with self._cond:
             self._finished = True
-            pending = len(self._tracked)
-            parked = dict(self._parked)
+        pending = self.entries.not_final()
         self.report.pending = pending
         self.report.detail.update(self.state())
         self.report.detail["earlier_runs"] = self._earlier
-        if parked:
-            reasons: dict[str, int] = {}
-            for why in parked.values():
-                reasons[why] = reasons.get(why, 0) + 1
+        reasons = self.entries.reasons(State.PARKED)
+        if reasons:
             self.report.detail["left_because"] = reasons
+        in_flight = self.entries.count(State.IN_FLIGHT)
+        if in_flight:
+            self.report.detail["in_flight_at_end"] = in_flight  # counted pending; a late answer may settle it
+        handed = {how: n for how, n in self.entries.reasons(State.FINAL).items() if how in ("gone", "another_run")}
+        if handed:
+            self.report.detail["handled_by_another_run"] = handed
+        if self._left_to_other_run:
+            self.report.detail["left_to_other_run"] = self._left_to_other_run
+        if self._stale:
+            self.report.detail["answered_but_kept_in_outbox"] = dict(self._stale)
+        self.report.detail["outbox_at_end"] = self.outbox.count()
         log.info("[delivery] breaker %s (opened %d times), %d retries, %d refused by the run's retry budget",
                  self.report.detail["breaker"], self.report.detail["breaker_opened"], self.report.detail["retries"],
                  self.report.detail["retries_refused"])
         if pending:
-            log.warning("[outbox] %d receipts left in %s (nothing is lost): the next run sends them first",
-                        pending, self.outbox.path)
+            log.warning("[outbox] %d receipts left in %s (nothing is lost): the next run or `tops-job outbox send` "
+                        "sends them", pending, self.outbox.path)
         self.submitter.close()
         self.outbox.release()
         return self.report
 
+    def _reconcile(self) -> None:
+        """Count each receipt where it actually is: an entry this run still tracks that is no
+        longer in the outbox was delivered or moved by another run."""
+        for entry in self.entries.open_entries():
+            if entry.state is not State.IN_FLIGHT and not self.outbox.holds(entry.digest):
+                self.entries.finalize(entry, "gone")
+
     def state(self) -> dict[str, Any]:
         with self._cond:
-            depth = len(self._tracked)
             errors = dict(self._send_errors)
-        return {"outbox_depth": depth, "breaker": self.breaker.state, "breaker_opened": self.breaker.opened_count,
-                **self.budget.state(), "quarantined": self.outbox.quarantined, "send_errors_by_class": errors}
+        return {"outbox_depth": self.entries.not_final(), "breaker": self.breaker.state,
+                "breaker_opened": self.breaker.opened_count, **self.budget.state(),
+                "quarantined": self.outbox.quarantined, "send_errors_by_class": errors,
+                **({"outbox_problems": dict(self.outbox.problems)} if self.outbox.problems else {})}
 
     def _count_error(self, error_class: ErrorClass) -> None:
         with self._cond:
@@ -155,136 +175,169 @@ class OutboxDelivery:
     def _work(self) -> None:
         while True:
             with self._cond:
-                while not self._queue and not self._closing and not self._halt.is_set():
+                while not self.entries.has_queued() and not self._closing and not self._halt.is_set():
                     self._cond.wait(POLL_S)
-                if self._halt.is_set() or (not self._queue and self._closing):
+                if self._halt.is_set():
                     return
-                digest = self._queue.popleft()
+                entry = self.entries.take()
+                if entry is None:
+                    if self._closing:
+                        return
+                    continue
             try:
-                self._deliver(digest)
+                self._deliver(entry)
             except Exception:  # a bug must not kill the sender; the receipt stays in the outbox
-                log.exception("[sender] delivering %s failed", digest)
-                self._park(digest, "internal_error")
+                log.exception("[sender] delivering %s failed", entry.digest)
+                self.entries.park(entry, "internal_error")
 
-    def _deliver(self, digest: str) -> None:
-        """One receipt through breaker, rate limit and retries, as one `submit` span whose
-        retries are events."""
-        with tracer.start_as_current_span("submit", attributes={"tops_job.digest": digest}) as span:
-            self._deliver_in_span(digest, span)
-
-    def _deliver_in_span(self, digest: str, span: Any) -> None:
-        with self._cond:
-            receipt = self._cache.pop(digest, None)
-        if receipt is None:
-            receipt = self.outbox.load(digest)
-            if receipt is None and self.outbox.holds(digest):  # unreadable this time: a later run sends it
-                return self._park(digest, "unreadable")
-            if receipt is None:  # gone or quarantined
-                with self._cond:
-                    self._tracked.discard(digest)
-                    self._sent.discard(digest)
+    def _deliver(self, entry: Entry) -> None:
+        """One receipt, as one `submit` span whose retries are events: claim it, then admit,
+        send and settle until it is final or parked."""
+        with tracer.start_as_current_span("submit", attributes={"tops_job.digest": entry.digest}) as span:
+            claimed = self._claim(entry)
+            if claimed is None:
                 return
-        key = bytes.fromhex(digest)
+            claim, receipt = claimed
+            try:
+                self._send_until_settled(entry, receipt, span)
+            finally:
+                claim.release()
+            if entry.state is State.IN_FLIGHT:  # never left in flight once released
+                self.entries.park(entry, "internal_error")
+
+    def _claim(self, entry: Entry) -> tuple[Claim, dict[str, Any]] | None:
+        """Step 1: own the entry (an flock on its file, so no other run sends it meanwhile)
+        and have its receipt. None when this run does not send it now (the entry's state says why)."""
+        claim = self.outbox.claim(entry.digest)
+        if isinstance(claim, str):
+            if claim == "unreadable":
+                self.entries.park(entry, "unreadable")
+            else:  # "gone": delivered or moved by another run; "busy": another live run is sending it
+                self.entries.finalize(entry, "gone" if claim == "gone" else "another_run")
+            return None
+        receipt = self.entries.receipt(entry) or self.outbox.load(entry.digest)
+        if receipt is None:
+            claim.release()
+            if self.outbox.holds(entry.digest):  # unreadable this time: a later run sends it
+                self.entries.park(entry, "unreadable")
+            else:  # quarantined or re-filed
+                self.entries.finalize(entry, "gone")
+            return None
+        return claim, receipt
+
+    def _send_until_settled(self, entry: Entry, receipt: dict[str, Any], span: Any) -> None:
+        key = bytes.fromhex(entry.digest)
         retries = sends = 0
         begun = time.perf_counter()
-        waited = 0.0  # in the rate limiter
+        waited = [0.0]  # in the rate limiter
         while True:
-            while not self.breaker.allow():
-                if self._sleep(max(self.breaker.wait_hint(), 0.01)):
-                    return self._park(digest, "breaker_open")
-            asked = time.perf_counter()
-            taken = self.bucket.take(self._sleep)
-            waited += time.perf_counter() - asked
-            if not taken:
-                self.breaker.release_probe()
+            why = self._admit(entry, first_of_round=sends == 0, waited=waited)
+            if why is not None:
                 span.set_attribute("tops_job.outcome", Outcome.PENDING.value)
-                return self._park(digest, "stopped")
-            if sends == 0:
-                if self._sent_before(digest):  # requeued after an earlier round: a retry, paid for
-                    if not self.budget.try_spend():
-                        self.breaker.release_probe()
-                        return self._park(digest, "retry_budget")
-                else:
-                    self.budget.record_first_send()
+                return self.entries.park(entry, why)
             sends += 1
-            try:
-                result = self.submitter.submit(receipt, key)
-            except Exception as exc:  # a plugin submitter must not raise, but if it does: transient
-                result = SubmitResult(Outcome.TRANSIENT, error=f"{type(exc).__name__}: {exc}")
-            if result.outcome in (Outcome.ACCEPTED, Outcome.DUPLICATE):
-                self.breaker.record_success()
-                self.outbox.remove(digest)
-                self._final(digest, result, sends, begun, waited, span)
-                self._requeue_parked()
-                return
-            if result.outcome is Outcome.REJECTED:
-                self._count_error(ErrorClass.VALIDATION)
-                self.breaker.record_success()  # the aggregator is up and answered
-                self.outbox.reject(digest, {"status": result.status, "error": result.error, "answer": result.response})
-                log.warning("[sender] receipt %s rejected (%s %s): moved to %s", digest, result.status, result.error,
-                            self.outbox.rejected_dir)
-                self._final(digest, result, sends, begun, waited, span)
-                return
-            self.breaker.record_failure()
-            self._count_error(ErrorClass.NETWORK)
-            log.info("[sender] receipt %s not delivered (%s%s)", digest[:16], result.error,
-                     f", retry after {result.retry_after:g}s" if result.retry_after is not None else "")
+            result = self._send(receipt, key)
+            if self._settle(entry, result):
+                return self._final(entry, result, sends, begun, waited[0], span)
             span.set_attribute("tops_job.outcome", Outcome.PENDING.value)
+            if result.error == UNCONFIRMED:  # not an outage: resending at once cannot help
+                return self._park_answered(entry, UNCONFIRMED, result)
             if not self.policy.may_retry(retries):
-                return self._park(digest, "max_retries")
+                return self._park_answered(entry, "max_retries", result)
             if not self.budget.try_spend():
-                return self._park(digest, "retry_budget")
+                return self._park_answered(entry, "retry_budget", result)
             delay = self.policy.delay(retries, result.retry_after)
             retries += 1
             span.add_event("retry", {"tops_job.retry": retries, "error.type": result.error or "transient",
                                      "http.response.status_code": result.status or 0, "tops_job.delay_s": delay})
-            log.info("[sender] receipt %s: retry %d in %.1fs", digest[:16], retries, delay)
+            log.info("[sender] receipt %s: retry %d in %.1fs", entry.digest[:16], retries, delay)
             if self._sleep(delay):
-                return self._park(digest, "stopped")
+                return self.entries.park(entry, "stopped")
 
-    def _final(self, digest: str, result: SubmitResult, sends: int, begun: float, waited: float, span: Any) -> None:
+    def _park_answered(self, entry: Entry, why: str, result: SubmitResult) -> None:
+        """Park `entry`; an answer that left it waiting is kept beside the outbox."""
+        self.entries.park(entry, why, result.response or None)
+        if result.response:
+            self.outbox.note_answer(entry.digest, {"status": result.status, "error": result.error,
+                                                   "answer": result.response})
+
+    def _admit(self, entry: Entry, *, first_of_round: bool, waited: list[float]) -> str | None:
+        """Step 2: the breaker, the rate limit and (for a later round) the run's retry budget.
+        None when the send may go; else why the entry waits."""
+        while not self.breaker.allow():
+            if self._sleep(max(self.breaker.wait_hint(), 0.01)):
+                return "breaker_open"
+        asked = time.perf_counter()
+        taken = self.bucket.take(self._sleep)
+        waited[0] += time.perf_counter() - asked
+        if not taken:
+            self.breaker.release_probe()
+            return "stopped"
+        if first_of_round:
+            if self.entries.mark_sent(entry):  # requeued after an earlier round: a retry, paid for
+                if not self.budget.try_spend():
+                    self.breaker.release_probe()
+                    return "retry_budget"
+            else:
+                self.budget.record_first_send()
+        return None
+
+    def _send(self, receipt: dict[str, Any], key: bytes) -> SubmitResult:
+        """Step 3: one send. (Whether an aggregator's answer confirms the delivery is the
+        submitter's call: the HTTP one requires the digest and both verdicts, see
+        outcomes.confirmed; a plugin's queue submitter has no verdict to give.)"""
+        try:
+            return self.submitter.submit(receipt, key)
+        except Exception as exc:  # a plugin submitter must not raise, but if it does: transient
+            return SubmitResult(Outcome.TRANSIENT, error=f"{type(exc).__name__}: {exc}")
+
+    def _settle(self, entry: Entry, result: SubmitResult) -> bool:
+        """Step 4: act on the answer. True when the receipt is final (delivered or rejected)."""
+        digest = entry.digest
+        if result.delivered:
+            self.breaker.record_success()
+            if not self.outbox.remove(digest):
+                with self._cond:
+                    self._stale[result.outcome.value] += 1
+            self._requeue_parked()
+            return True
+        if result.outcome is Outcome.REJECTED:
+            self._count_error(ErrorClass.VALIDATION)
+            self.breaker.record_success()  # the aggregator is up and answered
+            if self.outbox.reject(digest, {"status": result.status, "error": result.error, "answer": result.response}):
+                log.warning("[sender] receipt %s rejected (%s %s): moved to %s", digest, result.status, result.error,
+                            self.outbox.rejected_dir)
+            else:
+                with self._cond:
+                    self._stale[Outcome.REJECTED.value] += 1
+            return True
+        self.breaker.record_failure()
+        self._count_error(ErrorClass.NETWORK)
+        log.info("[sender] receipt %s not delivered (%s%s)", digest[:16], result.error,
+                 f", retry after {result.retry_after:g}s" if result.retry_after is not None else "")
+        return False
+
+    def _final(self, entry: Entry, result: SubmitResult, sends: int, begun: float, waited: float, span: Any) -> None:
         span.set_attribute("tops_job.outcome", result.outcome.value)
         span.set_attribute("tops_job.sends", sends)
         if result.status is not None:
             span.set_attribute("http.response.status_code", result.status)
+        self.entries.finalize(entry, result.outcome.value)
         with self._cond:
-            self._tracked.discard(digest)
-            self._parked.pop(digest, None)
-            self._sent.discard(digest)
             finished = self._finished
             if not finished:
                 self.report.counts[result.outcome.value] += 1
         if not finished:  # after the summary it is only reported by the next run's count
-            self.on_receipt(ReceiptEvent(digest=digest, outcome=result.outcome.value, status=result.status,
+            self.on_receipt(ReceiptEvent(digest=entry.digest, outcome=result.outcome.value, status=result.status,
                                          error=result.error, latency_s=time.perf_counter() - begun, attempts=sends,
                                          rate_limit_wait_s=waited))
-
-    def _sent_before(self, digest: str) -> bool:
-        """Whether this run sent `digest` before; marks it sent."""
-        with self._cond:
-            seen = digest in self._sent
-            self._sent.add(digest)
-        return seen
-
-    def _park(self, digest: str, why: str) -> None:
-        with self._cond:
-            if digest in self._tracked:
-                self._parked[digest] = why
-        return None
 
     def _requeue_parked(self) -> None:
         """The aggregator answered again: give receipts that ran out of retries another round,
         while the run's retry budget lasts (it bounds the rounds)."""
-        if self.budget.exhausted:
+        if self.budget.exhausted or self._halt.is_set():
             return
-        with self._cond:
-            again = [d for d, why in self._parked.items() if why in ("max_retries", "breaker_open")]
-            if not again or self._closing and self._halt.is_set():
-                return
-            for digest in again:
-                del self._parked[digest]
-            self._queue.extend(again)
-            self._cond.notify_all()
+        self.entries.requeue(("max_retries", "breaker_open"))
 
     def _sleep(self, seconds: float) -> bool:
         """Wait `seconds`; True (interrupted) on a stop request, at the drain deadline, or
@@ -301,3 +354,4 @@ class OutboxDelivery:
                 return False
             waiter = self.stop.event if self.stop is not None else self._halt
             waiter.wait(min(remaining, POLL_S))
+

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from tops_job.appendlog import AppendLog
 from tops_job.compute import create_backend
 from tops_job.config import Config
 from tops_job.delivery.outcomes import Submitter
@@ -94,7 +96,7 @@ def make_delivery_factory(config: Config, pm: PluginManager, submitter_name: str
     name, factory = choose_submitter(config, pm, submitter_name)
     submitter = factory(config)
     if name == "ledger":
-        return lambda on_receipt: InlineDelivery(submitter, on_receipt)
+        return lambda on_receipt: InlineDelivery(submitter, on_receipt, outbox=config.outbox)
     from tops_job.delivery.sender import OutboxDelivery  # network submitters: durable outbox + background sender
 
     return lambda on_receipt: OutboxDelivery.from_config(config, submitter, on_receipt, stop=stop)
@@ -118,23 +120,28 @@ def collect_reporters(config: Config, pm: PluginManager) -> Reporters:
 
 
 class ReceiptsFile:
-    """--receipts-out: every signed receipt as a JSON line, flushed as it is written."""
+    """--receipts-out: every signed receipt as a JSON line, written whole or not at all
+    (the receipt itself is already safe in the outbox or ledger when this is called).
+    `-` is standard output (a path is never opened through a symlink, /dev/stdout is one)."""
 
     def __init__(self, path: Path):
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._handle = open(path, "a", encoding="ascii")
-        except OSError as exc:
-            raise StorageError(f"cannot open --receipts-out {path}: {exc.strerror or exc}", exc) from None
+        self._log = AppendLog(path, what="--receipts-out", sync=False) if str(path) != "-" else None
         self._lock = threading.Lock()
 
     def __call__(self, receipt: dict[str, Any]) -> None:
+        line = receipt_line(receipt) + "\n"
+        if self._log is not None:
+            return self._log.append(line)
         with self._lock:
-            self._handle.write(receipt_line(receipt) + "\n")
-            self._handle.flush()
+            try:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+            except OSError as exc:
+                raise StorageError(f"cannot write --receipts-out to standard output: {exc.strerror or exc}", exc) from None
 
     def close(self) -> None:
-        self._handle.close()
+        if self._log is not None:
+            self._log.close()
 
 
 def build_job(config: Config, pm: PluginManager, *, stop: StopSignal,

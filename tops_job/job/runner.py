@@ -7,9 +7,8 @@ reporters) and calls `JobRun.run()`; nothing here prints or exits.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from opentelemetry import trace
@@ -23,6 +22,7 @@ from tops_job.errors import LIBRARY_ERRORS, ConfigError, DeviceError, ErrorClass
 from tops_job.job.attempt import Identity, run_attempt
 from tops_job.job.device_guard import DeviceGuard
 from tops_job.job.stats import RunStats
+from tops_job.job.stop import StopSignal
 from tops_job.job.summary import build_summary, write_summary
 from tops_job.observability.events import AttemptEvent, ReceiptEvent, Reporters, RunInfo
 from tops_job.observability.logs import current_attempt
@@ -31,22 +31,6 @@ log = logging.getLogger("tops_job.run")
 tracer = trace.get_tracer("tops_job.run")
 
 MAX_CONSECUTIVE_FAILURES = 3  # then the device or signer is taken as broken and the run ends
-
-
-@dataclass
-class StopSignal:
-    """Set by a signal handler: no new attempt starts, and sleeps wake at once."""
-
-    event: threading.Event = field(default_factory=threading.Event)
-    reason: str | None = None  # "SIGTERM", "SIGINT"
-
-    def stop(self, reason: str) -> None:
-        self.reason = self.reason or reason
-        self.event.set()
-
-    @property
-    def stopped(self) -> bool:
-        return self.event.is_set()
 
 
 @dataclass
@@ -168,8 +152,7 @@ class JobRun:
             if self.guard.failure is not None:
                 return self.guard.pending_failure()
             try:
-                result = run_attempt(self.backend, shape, self.identity, run_id=config.run_id,
-                                     attempt=attempt, tile=tile, opens=config.opens, challenge=challenge)
+                result = self._run_attempt(shape, attempt, tile, challenge)
             except LIBRARY_ERRORS as exc:
                 self._failed(attempt, error_class_of(exc), str(exc))
                 if isinstance(exc, DeviceError):
@@ -216,6 +199,21 @@ class JobRun:
             self.delivery.enqueue(ready.receipt, ready.digest)
             for sink in self.receipt_sinks:
                 sink(ready.receipt)
+
+    def _run_attempt(self, shape: Shape, attempt: int, tile: int, challenge: bytes | None) -> Any:
+        """One attempt; retried once when a helper process died under it (it was replaced)."""
+        from tops_job.compute.host_workers import HelperLost
+
+        config = self.config
+        for tries_left in (1, 0):
+            try:
+                return run_attempt(self.backend, shape, self.identity, run_id=config.run_id,
+                                   attempt=attempt, tile=tile, opens=config.opens, challenge=challenge)
+            except HelperLost as exc:
+                if not tries_left:
+                    raise
+                log.warning("[run] attempt %d: %s; retrying it once", attempt, exc)
+        raise AssertionError("unreachable")
 
     def _failed(self, attempt: int, error_class: ErrorClass, message: str) -> None:
         log.warning("[run] attempt %d failed (%s): %s", attempt, error_class.value, message)

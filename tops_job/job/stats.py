@@ -12,7 +12,8 @@ import numpy as np
 
 @dataclass
 class RunStats:
-    started: float = field(default_factory=time.time)
+    started: float = field(default_factory=time.time)  # wall clock, for the summary's started_at only
+    started_monotonic: float = field(default_factory=time.monotonic)  # durations and rates: never steps
     attempts_ok: int = 0
     attempts_failed: int = 0
     attempts_by_error: Counter = field(default_factory=Counter)

@@ -11,6 +11,7 @@ from tops_job import __version__
 from tops_job.atomic import write_atomic
 from tops_job.delivery.outcomes import REPORTED_OUTCOMES
 from tops_job.errors import ExitCode
+from tops_job.files import private_dir
 from tops_job.job.stats import RunStats
 
 
@@ -19,7 +20,9 @@ def build_summary(*, run_id: str, config: dict[str, Any], identity: dict[str, st
                   exit_code: ExitCode, reporter_failures: dict[str, int], stop_reason: str | None) -> dict[str, Any]:
     ended = time.time()
     timings = stats.timings()
-    duration = max(ended - stats.started, 1e-9)
+    # The monotonic clock: a wall clock stepped back mid-run (NTP, a VM resume) must not
+    # make the duration 0 and the rates astronomical.
+    duration = max(time.monotonic() - stats.started_monotonic, 1e-9)
     return {
         "schema": "tops-job/summary/1",
         "version": __version__,
@@ -70,7 +73,7 @@ def _iso(ts: float) -> str:
 
 def write_summary(summary: dict[str, Any], path: Path) -> Path:
     """Atomically, so a reader never sees half a summary."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(path.parent)
     return write_atomic(path, (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
 

@@ -37,7 +37,7 @@ class RunView:
         self.registry = registry
         self.metrics = metrics
         self.run_id = run_id
-        self.started = time.time()
+        self.started = time.monotonic()
         self.finished = False
 
     def status(self) -> str:
@@ -50,7 +50,7 @@ class RunView:
         state = self.metrics.delivery_state()
         return {
             "status": self.status(),
-            "uptime_seconds": int(time.time() - self.started),
+            "uptime_seconds": int(time.monotonic() - self.started),
             "version": __version__,
             "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(),
             "run_id": self.run_id,
@@ -59,7 +59,7 @@ class RunView:
         }
 
     def metrics_json(self) -> dict[str, Any]:
-        return seed_json(samples(self.registry), time.time() - self.started, self.status())
+        return seed_json(samples(self.registry), time.monotonic() - self.started, self.status())
 
     def dashboard(self) -> str:
         found = samples(self.registry)
@@ -71,7 +71,7 @@ class RunView:
             value = total(found, "tops_job_receipts_total", outcome=outcome.value)
             if value:
                 outcomes[f"receipt:{outcome.value}"] = value
-        return dashboard.render(health=self.health(), seed=seed_json(found, time.time() - self.started, self.status()),
+        return dashboard.render(health=self.health(), seed=seed_json(found, time.monotonic() - self.started, self.status()),
                                 series=self.metrics.throughput_series(),
                                 product_buckets=histogram_counts(found, "tops_job_product_duration_seconds"),
                                 outcomes=outcomes)

@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from tops_job.atomic import write_atomic
 from tops_job.delivery.outcomes import DELIVERED_OUTCOMES, Outcome
+from tops_job.files import private_dir
 from tops_job.observability.events import AttemptEvent, ReceiptEvent
 
 BREAKER_STATES = {"closed": 0, "half_open": 1, "half-open": 1, "open": 2}
@@ -200,5 +201,5 @@ def write_textfile(registry: CollectorRegistry, path: Path) -> Path:
     """For node_exporter's textfile collector: written atomically so the collector never
     reads half a file; world-readable like its others."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(path.parent)
     return write_atomic(path, prometheus_text(registry), mode=0o644)
