@@ -92,12 +92,12 @@ class Connection(Protocol):
 def migrate(conn: Connection, dialect: str, begin: str) -> int:
     """Bring the schema to LATEST; returns the version found before. `conn` is in
     autocommit mode; `begin` starts a write transaction ("BEGIN IMMEDIATE" or "BEGIN")."""
-    conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY,"
-                 " description TEXT NOT NULL, applied_ms BIGINT NOT NULL)")
     conn.execute(begin)
     try:
-        if dialect == "postgres":
+        if dialect == "postgres":  # before any DDL: concurrent CREATE … IF NOT EXISTS can collide in PostgreSQL
             conn.execute(f"SELECT pg_advisory_xact_lock({_LOCK_KEY})")
+        conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY,"
+                     " description TEXT NOT NULL, applied_ms BIGINT NOT NULL)")
         applied = {row[0] for row in conn.execute("SELECT version FROM schema_migrations").fetchall()}
         found = max(applied, default=0)
         if found > LATEST:

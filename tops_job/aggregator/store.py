@@ -149,7 +149,7 @@ class Store:
     def fleet_rows(self) -> list[tuple[Any, ...]]:
         """(did, receipts, ops, first accepted, last accepted, runs) per did."""
         return [tuple(row) for row in self._conn().execute(
-            "SELECT did, COUNT(*), SUM(ops), MIN(accepted_ms), MAX(accepted_ms), COUNT(DISTINCT run_id)"
+            "SELECT did, COUNT(*), CAST(SUM(ops) AS BIGINT), MIN(accepted_ms), MAX(accepted_ms), COUNT(DISTINCT run_id)"
             " FROM receipts GROUP BY did ORDER BY did").fetchall()]
 
     def did_rows(self, did: str) -> list[tuple[Any, ...]]:

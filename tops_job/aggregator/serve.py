@@ -1,0 +1,230 @@
+"""How the aggregator serves: waitress on poll(), guarded, in one process or several.
+
+Waitress with `select()` dies on the first file descriptor ≥ 1024 and lets a client hold a
+connection open forever by sending a header line now and then. Here:
+
+- poll() (no descriptor ceiling), and a connection limit computed from RLIMIT_NOFILE (raised
+  to its hard limit first) so the process never runs out of descriptors;
+- at the limit, the longest-idle connections are closed to make room rather than honest
+  clients waiting behind them;
+- a request must deliver its headers within `header_timeout` and its body within
+  `body_timeout` of its first byte, however slowly it trickles; an idle keep-alive
+  connection is closed after `idle_timeout`.
+
+Several processes (`workers`): the parent binds the port once, opens the database (and
+migrates it) to fail fast, then forks workers that all accept on the same listening socket —
+verification is CPU-bound Python, so threads of one process share one core through the GIL
+while processes use every core. A worker that dies is replaced. Pre-fork over gunicorn:
+the parent keeps the `serving on` line and exit codes the tests and operators rely on, the
+guards above live in one server class, and nothing new is installed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from waitress.adjustments import Adjustments
+from waitress.channel import HTTPChannel
+from waitress.server import TcpWSGIServer
+
+log = logging.getLogger("tops_job.aggregator")
+
+FD_RESERVE = 64  # descriptors kept for the database, logs, the trigger pipe and the listener
+
+
+def raise_fd_limit() -> int:
+    """Raise RLIMIT_NOFILE's soft limit to the hard one where allowed; the soft limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+def connection_limit(requested: int | None, threads: int) -> int:
+    """The most connections one process may hold: what was asked, and safely under the
+    descriptor limit whatever was asked."""
+    ceiling = max(16, raise_fd_limit() - FD_RESERVE - 2 * threads)
+    return min(requested, ceiling) if requested else ceiling
+
+
+class GuardedChannel(HTTPChannel):
+    request_began = 0.0  # monotonic time the first byte of the request being read arrived
+
+    def received(self, data: bytes) -> bool:
+        if self.request is None and data:
+            self.request_began = time.monotonic()
+        return bool(super().received(data))
+
+
+class GuardedServer(TcpWSGIServer):
+    channel_class = GuardedChannel
+    header_timeout = 10.0
+    body_timeout = 30.0
+    on_maintenance: Callable[[GuardedServer], None] | None = None
+    shed_count = 0
+    slow_closed = 0
+
+    def maintenance(self, now: float) -> None:
+        super().maintenance(now)  # idle keep-alive connections (channel_timeout)
+        mono = time.monotonic()
+        for channel in list(self.active_channels.values()):
+            request = getattr(channel, "request", None)
+            if request is None or channel.requests or channel.will_close:
+                continue
+            limit = self.header_timeout if not request.headers_finished else self.header_timeout + self.body_timeout
+            if mono - channel.request_began > limit:
+                channel.will_close = True
+                self.slow_closed += 1
+        if self.on_maintenance is not None:
+            self.on_maintenance(self)
+
+    def readable(self) -> bool:
+        if self.accepting and len(self._map) >= self.adj.connection_limit:
+            self._shed()
+        return bool(super().readable())
+
+    def _shed(self) -> None:
+        """Close the longest-idle connections (none being served) to make room."""
+        now = time.time()
+        idle = [c for c in self.active_channels.values()
+                if not c.requests and not c.will_close and not c.total_outbufs_len and now - c.last_activity >= 1.0]
+        if not idle:
+            return
+        idle.sort(key=lambda c: c.last_activity)
+        for channel in idle[: max(1, self.adj.connection_limit // 20)]:
+            channel.will_close = True
+            self.shed_count += 1
+
+
+def bind(host: str, port: int, backlog: int = 2048) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(backlog)
+    sock.setblocking(False)
+    return sock
+
+
+def make_server(app: Any, sock: socket.socket, *, threads: int, limit: int, header_timeout: float, body_timeout: float,
+                idle_timeout: int, max_request_body_size: int) -> GuardedServer:
+    adj = Adjustments(sockets=[sock], threads=threads, connection_limit=limit, channel_timeout=idle_timeout,
+                      cleanup_interval=1, asyncore_use_poll=True, max_request_body_size=max_request_body_size,
+                      backlog=2048, ident="tops-job-aggregator", clear_untrusted_proxy_headers=True)
+    server = GuardedServer(app, map={}, _start=True, _sock=sock, adj=adj,
+                           sockinfo=(sock.family, sock.type, sock.proto, sock.getsockname()), bind_socket=False)
+    server.header_timeout = header_timeout
+    server.body_timeout = body_timeout
+    return server
+
+
+def _serve_forever(server: GuardedServer) -> None:
+    def on_signal(signum: int, frame: Any) -> None:
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, on_signal)  # also as PID 1, where TERM is otherwise ignored
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        server.run()
+    except (KeyboardInterrupt, SystemExit):
+        pass
+    finally:
+        server.close()
+
+
+Built = tuple[Any, Callable[[], None], Callable[[Any], None]]  # (WSGI app, close, once-a-second tick)
+
+
+def run(build: Callable[[], Built], sock: socket.socket, *, workers: int,
+        server_options: dict[str, Any], on_worker_exit: Callable[[int], None] | None = None) -> int:
+    """Serve until TERM or INT. `build()` makes (WSGI app, close, tick) in the process that
+    serves it (after the fork: database connections never cross one). Returns the exit status."""
+    if workers <= 1:
+        _serve_built(build, sock, server_options)
+        return 0
+    return _prefork(build, sock, workers, server_options, on_worker_exit)
+
+
+def _serve_built(build: Callable[[], Built], sock: socket.socket, server_options: dict[str, Any]) -> None:
+    app, close, tick = build()
+    try:
+        server = make_server(app, sock, **server_options)
+        server.on_maintenance = tick
+        _serve_forever(server)
+    finally:
+        close()
+
+
+def _prefork(build: Callable[[], Built], sock: socket.socket, workers: int,
+             server_options: dict[str, Any], on_worker_exit: Callable[[int], None] | None) -> int:
+    children: dict[int, float] = {}  # pid -> start time
+    stopping = False
+    quick_deaths = 0
+
+    def spawn() -> None:
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the worker
+            status = 0
+            try:
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                _serve_built(build, sock, server_options)
+            except BaseException:
+                log.exception("aggregator worker %d failed", os.getpid())
+                status = 1
+            finally:
+                sys.stderr.flush()
+                os._exit(status)
+        children[pid] = time.monotonic()
+
+    def on_stop(signum: int, frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in list(children):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    for _ in range(workers):
+        spawn()
+    status = 0
+    while children:
+        try:
+            pid, code = os.wait()
+        except InterruptedError:
+            continue
+        except ChildProcessError:
+            break
+        started = children.pop(pid, None)
+        if started is None:
+            continue
+        if on_worker_exit is not None:
+            on_worker_exit(pid)
+        if stopping:
+            continue
+        log.error("aggregator worker %d exited (status %d); starting another", pid, os.waitstatus_to_exitcode(code))
+        quick_deaths = quick_deaths + 1 if time.monotonic() - started < 2.0 else 0
+        if quick_deaths >= 5:
+            log.error("aggregator workers keep dying at start; stopping")
+            on_stop(signal.SIGTERM, None)
+            status = 1
+            continue
+        spawn()
+    sock.close()
+    return status
