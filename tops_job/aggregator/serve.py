@@ -3,10 +3,10 @@
 Waitress with `select()` dies on the first file descriptor ≥ 1024 and lets a client hold a
 connection open forever by sending a header line now and then. Here:
 
-- poll() (no descriptor ceiling), and a connection limit computed from RLIMIT_NOFILE (raised
+- poll() (no descriptor ceiling), connections accepted in batches, and a connection limit computed from RLIMIT_NOFILE (raised
   to its hard limit first) so the process never runs out of descriptors;
-- at the limit, the longest-idle connections are closed to make room rather than honest
-  clients waiting behind them;
+- near the limit, the least recently active connections not being served are closed to
+  make room, rather than honest clients waiting behind them;
 - a request must deliver its headers within `header_timeout` and its body within
   `body_timeout` of its first byte, however slowly it trickles; an idle keep-alive
   connection is closed after `idle_timeout`.
@@ -21,6 +21,7 @@ guards above live in one server class, and nothing new is installed.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import os
 import resource
@@ -37,6 +38,7 @@ from waitress.server import TcpWSGIServer
 
 log = logging.getLogger("tops_job.aggregator")
 
+ACCEPT_BATCH = 256
 FD_RESERVE = 64  # descriptors kept for the database, logs, the trigger pipe and the listener
 
 
@@ -91,20 +93,40 @@ class GuardedServer(TcpWSGIServer):
         if self.on_maintenance is not None:
             self.on_maintenance(self)
 
+    def handle_accept(self) -> None:
+        """Accept every waiting connection (up to a batch), not one per loop: each turn of the
+        loop visits every open connection, so one accept a turn drains a backlog of thousands
+        of connections slowly, and an honest client waits behind it."""
+        for _ in range(ACCEPT_BATCH):
+            if len(self._map) >= self.adj.connection_limit:
+                return
+            try:
+                accepted = self.accept()
+                if accepted is None:
+                    return
+                conn, addr = accepted
+                self.set_socket_options(conn)
+            except OSError:
+                return
+            self.channel_class(self, conn, self.fix_addr(addr), self.adj, map=self._map)
+
     def readable(self) -> bool:
-        if self.accepting and len(self._map) >= self.adj.connection_limit:
+        if self.accepting:
             self._shed()
         return bool(super().readable())
 
     def _shed(self) -> None:
-        """Close the longest-idle connections (none being served) to make room."""
-        now = time.time()
-        idle = [c for c in self.active_channels.values()
-                if not c.requests and not c.will_close and not c.total_outbufs_len and now - c.last_activity >= 1.0]
-        if not idle:
+        """Near the limit, close the least recently active connections that are not being
+        served, so that new clients are accepted at once instead of queueing behind them
+        (least recent first: a client that just connected and is sending is the newest)."""
+        limit = self.adj.connection_limit
+        soft = limit - max(8, limit // 10)
+        excess = len(self._map) - soft - sum(1 for c in self.active_channels.values() if c.will_close)
+        if excess <= 0:
             return
-        idle.sort(key=lambda c: c.last_activity)
-        for channel in idle[: max(1, self.adj.connection_limit // 20)]:
+        candidates = (c for c in self.active_channels.values()
+                      if not c.requests and not c.will_close and not c.total_outbufs_len)
+        for channel in heapq.nsmallest(excess, candidates, key=lambda c: c.last_activity):
             channel.will_close = True
             self.shed_count += 1
 
