@@ -24,10 +24,11 @@ def identity(did: str | None = None) -> Identity:
     return Identity(did=did or TEST_KEY["did"], signer=LocalKeySigner(bytes.fromhex(TEST_KEY["secret_key_hex"])))
 
 
-def make_receipts(count: int, *, run_id: str = "load", did: str | None = None, shape: Shape = Shape(16, 16, 32),
+def make_receipts(count: int, *, run_id: str = "load", did: str | None = None, shape: Shape | None = None,
                   tile: int = 8, opens: int = 16, challenge: bytes | None = None, first_attempt: int = 0) -> list[dict]:
     backend = NumpyBackend("float32")
     who = identity(did)
+    shape = shape or Shape(16, 16, 32)
     return [run_attempt(backend, shape, who, run_id=run_id, attempt=first_attempt + i, tile=tile, opens=opens,
                         challenge=challenge).receipt for i in range(count)]
 

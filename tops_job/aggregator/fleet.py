@@ -79,17 +79,17 @@ def did_report(store: Any, did: str) -> dict[str, Any] | None:
     runs: dict[str, list[tuple[Any, ...]]] = {}
     for run_id, ops, accepted_ms, challenge, elapsed in rows:
         runs.setdefault(run_id, []).append((ops, accepted_ms, challenge, elapsed))
-    run_list = []
+    run_list: list[dict[str, Any]] = []
     for run_id, items in runs.items():
         floors = challenge_floors(items, store.challenge)
         run_list.append({"run_id": run_id, "receipts": len(items), "ops_total": sum(int(i[0]) for i in items),
                          "last_accepted_ms": max(i[1] for i in items), "challenges": floors})
     run_list.sort(key=lambda run: run["last_accepted_ms"])
-    latest_floor = None
+    latest_floor: float | None = None
     for run in reversed(run_list):
-        floors = [c["rate_floor_ops_per_s"] for c in run["challenges"] if c["rate_floor_ops_per_s"] is not None]
-        if floors:
-            latest_floor = max(floors)
+        rates: list[float] = [c["rate_floor_ops_per_s"] for c in run["challenges"] if c["rate_floor_ops_per_s"] is not None]
+        if rates:
+            latest_floor = max(rates)
             break
     return {"did": did, "receipts": len(rows), "ops_total": sum(int(row[1]) for row in rows),
             "first_accepted_ms": rows[0][2], "last_seen_ms": rows[-1][2], "runs": run_list,

@@ -49,13 +49,16 @@ def receipt_cost(receipt: Any, *, full: bool) -> int | None:
     is not well-formed enough to say (the verifier then rejects it cheaply)."""
     if not isinstance(receipt, dict):
         return None
-    values = [receipt.get(name) for name in ("n", "k", "tile", "opens")]
-    if not all(type(v) is int and v > 0 for v in values):
-        return None
+    values: list[int] = []
+    for name in ("n", "k", "tile", "opens"):
+        value = receipt.get(name)
+        if type(value) is not int or value <= 0:
+            return None
+        values.append(value)
     n, k, tile, opens = values
     width = min(tile, n)
     columns = width if full else min(width, SPOT_COLUMNS)
-    return int(opens) * int(k) * (1 + int(columns))
+    return opens * k * (1 + columns)
 
 
 class VerifyGate:
