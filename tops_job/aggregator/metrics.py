@@ -42,6 +42,9 @@ def enable_multiprocess(directory: str) -> None:
 
 class AggregatorMetrics(Events):
     def __init__(self) -> None:
+        import prometheus_client
+
+        prometheus_client.disable_created_metrics()  # no *_created series beside each counter and histogram
         self.multiprocess = MULTIPROC_ENV in os.environ
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
