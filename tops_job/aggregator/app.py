@@ -160,7 +160,8 @@ class AggregatorApp:
         if cost is not None and cost > self.max_cost:
             return _error(422, "too_costly", f"verifying this receipt generates {cost} elements (opens × k × (1 + columns));"
                           f" this aggregator verifies at most {self.max_cost}")
-        resent = self._resend(receipt)
+        line = _line_or_none(receipt)
+        resent = self._resend(receipt, line)
         if resent is not None:
             return resent
         if not self.gate.acquire():
@@ -191,19 +192,20 @@ class AggregatorApp:
         outcome = self.store.add_receipt(
             digest=verified.digest.hex(), did=verified.did, nonce=verified.nonce, pubkey=verified.pubkey.hex(),
             run_id=verified.run_id, attempt=verified.attempt, ops=verified.ops, started_ms=verified.started_ms,
-            challenge=challenge, accepted_ms=int(self.clock() * 1000), receipt=receipt_line(receipt),
+            challenge=challenge, accepted_ms=int(self.clock() * 1000), receipt=line or receipt_line(receipt),
             challenge_elapsed_ms=elapsed_ms)
         if outcome in (ACCEPTED, DUPLICATE):
             return 200, verified.response(duplicate=outcome == DUPLICATE), {}
         self._rejected(receipt, "replayed_nonce")
         return _error(409, "replayed_nonce", "this (did, nonce) was accepted with another digest")
 
-    def _resend(self, receipt: Any) -> Response | None:
+    def _resend(self, receipt: Any, line: str | None) -> Response | None:
         """The answer to a byte-for-byte resend of an accepted receipt, from the store and
         without verifying it again; None for anything else."""
+        if line is None:
+            return None
         try:
             digest = digest_of(receipt)
-            line = receipt_line(receipt)
         except (TypeError, ValueError, AttributeError):
             return None
         stored = self.store.stored_receipt(digest.hex())
@@ -247,6 +249,14 @@ class AggregatorApp:
             return _error(429, "too_many_challenges", "this did holds too many unused challenges; use one or wait",
                           {"Retry-After": "60"})
         return 200, issued, {}
+
+
+def _line_or_none(receipt: Any) -> str | None:
+    """The receipt's stored form (computed once a request), None where it has none."""
+    try:
+        return receipt_line(receipt)
+    except (TypeError, ValueError):
+        return None
 
 
 def _query(environ: dict[str, Any]) -> dict[str, str]:

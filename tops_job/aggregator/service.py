@@ -100,7 +100,9 @@ def start(settings: Settings, announce: Callable[[str], None]) -> int:
     def build() -> serve.Built:
         if multiproc_dir:
             enable_multiprocess(multiproc_dir)
-        worker_store = open_store(settings.db) if settings.workers > 1 else store
+        from tops_job.aggregator.group_commit import GroupCommitStore
+
+        worker_store = GroupCommitStore(open_store(settings.db) if settings.workers > 1 else store)
         metrics = AggregatorMetrics()
         app, _gate = build_app(settings, worker_store, metrics)
         return app, worker_store.close, metrics.server_tick

@@ -61,26 +61,36 @@ class Store:
                     challenge_elapsed_ms: int | None = None) -> str:
         """ACCEPTED (stored now), DUPLICATE (this digest was stored before) or REPLAY
         (the (did, nonce) was stored with another digest)."""
+        return self.add_receipts([dict(digest=digest, did=did, nonce=nonce, pubkey=pubkey, run_id=run_id, attempt=attempt,
+                                       ops=ops, started_ms=started_ms, challenge=challenge, accepted_ms=accepted_ms,
+                                       receipt=receipt, challenge_elapsed_ms=challenge_elapsed_ms)])[0]
+
+    def add_receipts(self, items: list[dict[str, Any]]) -> list[str]:
+        """add_receipt for several receipts in one transaction (one commit, one fsync): the
+        outcome of each, in order. A digest twice in `items` is ACCEPTED then DUPLICATE."""
         conn = self._conn()
         conn.execute(self.begin)
         try:
-            cursor = conn.execute(
-                "INSERT INTO receipts (digest, did, nonce, pubkey, run_id, attempt, ops, started_ms, challenge,"
-                " accepted_ms, receipt, challenge_elapsed_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT DO NOTHING",
-                (digest, did, nonce, pubkey, run_id, attempt, ops, started_ms, challenge, accepted_ms, receipt,
-                 challenge_elapsed_ms))
-            if cursor.rowcount == 1:
-                outcome = ACCEPTED
-            elif conn.execute("SELECT 1 FROM receipts WHERE digest = ?", (digest,)).fetchone():
-                outcome = DUPLICATE
-            else:
-                outcome = REPLAY
+            outcomes = []
+            for item in items:
+                cursor = conn.execute(
+                    "INSERT INTO receipts (digest, did, nonce, pubkey, run_id, attempt, ops, started_ms, challenge,"
+                    " accepted_ms, receipt, challenge_elapsed_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                    " ON CONFLICT DO NOTHING",
+                    (item["digest"], item["did"], item["nonce"], item["pubkey"], item["run_id"], item["attempt"], item["ops"],
+                     item["started_ms"], item["challenge"], item["accepted_ms"], item["receipt"],
+                     item.get("challenge_elapsed_ms")))
+                if cursor.rowcount == 1:
+                    outcomes.append(ACCEPTED)
+                elif conn.execute("SELECT 1 FROM receipts WHERE digest = ?", (item["digest"],)).fetchone():
+                    outcomes.append(DUPLICATE)
+                else:
+                    outcomes.append(REPLAY)
             conn.execute("COMMIT")
         except BaseException:
             rollback_quietly(conn)
             raise
-        return outcome
+        return outcomes
 
     def stored_receipt(self, digest: str) -> tuple[str, str] | None:
         """(pubkey hex, receipt line) of an accepted receipt, to answer a resend without
