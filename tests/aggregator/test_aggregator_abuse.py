@@ -299,3 +299,51 @@ def test_two_workers_share_the_port_and_their_metrics(tmp_path):
     finally:
         agg.stop()
     assert agg.proc.returncode == 0
+
+
+def test_under_a_small_descriptor_limit_a_flood_of_connections_is_survived(tmp_path, receipt_body):
+    """RLIMIT_NOFILE 256: the connection limit is derived under it, so 600 connections
+    neither crash the process (EMFILE, select()) nor lock honest clients out."""
+
+    def small_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+    agg = Aggregator(tmp_path / "agg.sqlite3", preexec_fn=small_limit)
+    port = int(agg.base.rsplit(":", 1)[1])
+    held = []
+    try:
+        for _ in range(600):
+            held.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+        latencies = _honest_latencies(agg.base, receipt_body, 2.0)
+        assert _p99(latencies) < 1.0 and agg.proc.poll() is None
+        assert _metric(agg.base, "tops_job_aggregator_connection_limit") <= 256 - 64
+    finally:
+        for sock in held:
+            sock.close()
+        agg.stop()
+
+
+def test_a_body_that_trickles_in_is_cut_off(tmp_path):
+    agg = Aggregator(tmp_path / "agg.sqlite3", "--header-timeout", "1", "--body-timeout", "1")
+    port = int(agg.base.rsplit(":", 1)[1])
+    try:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        sock.sendall(b"POST /verify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n")
+        began = time.monotonic()
+        closed_after = None
+        sock.settimeout(0.2)
+        while time.monotonic() - began < 8:
+            try:
+                sock.sendall(b" ")  # one byte of body every 0.2 s: never idle, never done
+                if sock.recv(1) == b"":
+                    closed_after = time.monotonic() - began
+                    break
+            except TimeoutError:
+                continue
+            except OSError:
+                closed_after = time.monotonic() - began
+                break
+        sock.close()
+        assert closed_after is not None and closed_after < 5, closed_after
+    finally:
+        agg.stop()

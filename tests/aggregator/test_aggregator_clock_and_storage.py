@@ -131,3 +131,34 @@ def test_migrations_adopt_a_first_release_database_and_refuse_a_newer_one(tmp_pa
     with pytest.raises(Exception, match="newer than this aggregator"):
         migrate(conn, "sqlite", "BEGIN IMMEDIATE")
     conn.close()
+
+
+def test_no_free_verification_slot_is_503_busy_not_a_rejection(tmp_path):
+    from tops_job.aggregator.guard import VerifyGate
+
+    store = Store(tmp_path / "agg.sqlite3")
+    gate = VerifyGate(1, wait_s=0.2)
+    app = AggregatorApp(store, gate=gate)
+    assert gate.acquire()  # the one slot is taken by a long verification
+    (receipt,) = make_receipts(1, run_id="busy")
+    status, body, headers = call(app, "POST", "/verify", receipt_line(receipt).encode())
+    assert (status, body["error"], headers["Retry-After"]) == (503, "busy", "1")
+    gate.release()
+    assert call(app, "POST", "/verify", receipt_line(receipt).encode())[0] == 200
+    store.close()
+
+
+def test_running_out_of_memory_while_verifying_is_503_not_a_final_4xx(tmp_path, monkeypatch):
+    import tops_job.aggregator.app as app_module
+
+    def out_of_memory(*args, **kwargs):  # fault injection: what numpy raises when an allocation fails
+        raise MemoryError("Unable to allocate 12.0 GiB for an array")
+
+    store = Store(tmp_path / "agg.sqlite3")
+    app = AggregatorApp(store)
+    monkeypatch.setattr(app_module, "verify_receipt", out_of_memory)
+    (receipt,) = make_receipts(1, run_id="oom")
+    status, body, headers = call(app, "POST", "/verify", receipt_line(receipt).encode())
+    assert status == 503 and body["error"] == "out_of_memory" and int(headers["Retry-After"]) > 0
+    assert app.gate.busy == 0  # the slot was given back
+    store.close()
