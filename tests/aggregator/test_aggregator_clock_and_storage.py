@@ -162,3 +162,21 @@ def test_running_out_of_memory_while_verifying_is_503_not_a_final_4xx(tmp_path, 
     assert status == 503 and body["error"] == "out_of_memory" and int(headers["Retry-After"]) > 0
     assert app.gate.busy == 0  # the slot was given back
     store.close()
+
+
+def test_rejection_counts_are_batched_not_a_commit_each(tmp_path):
+    from tops_job.aggregator.group_commit import GroupCommitStore
+
+    store = Store(tmp_path / "agg.sqlite3")
+    batched = GroupCommitStore(store, flush_s=3600)  # flushed by the test, not the clock
+    (receipt,) = make_receipts(1, run_id="known")
+    app = AggregatorApp(batched)
+    assert call(app, "POST", "/verify", receipt_line(receipt).encode())[0] == 200
+    forged = dict(receipt, sig=receipt["sig"][:-2] + ("00" if receipt["sig"][-2:] != "00" else "01"))
+    for _ in range(200):
+        assert call(app, "POST", "/verify", receipt_line(forged).encode())[0] == 422
+    assert store.rejections() == []  # nothing written per rejection...
+    batched.flush_rejections()
+    ((did, reason, count, _),) = store.rejections()  # ...one upsert for all 200
+    assert (did, count) == (TEST_KEY["did"], 200) and reason
+    batched.close()

@@ -13,6 +13,7 @@ import requests
 
 from tests.support import TEST_KEY, require_tool
 from tests.support.load import JSON, make_receipts
+from tests.support.net import wait_for
 from tests.support.peers import Aggregator
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -38,7 +39,9 @@ def fleet(tmp_path_factory):
 
 def test_dids_lists_each_device_with_its_work_and_rejections(fleet):
     agg, mine, theirs = fleet
-    body = requests.get(f"{agg.base}/dids", timeout=10).json()
+    # Rejection counts are written in the background, at most a second late.
+    body = wait_for(lambda: (lambda b: b if any(d["rejections"] for d in b["dids"]) else None)(
+        requests.get(f"{agg.base}/dids", timeout=10).json()), 10, "the rejection to be counted", interval=0.2)
     by_did = {d["did"]: d for d in body["dids"]}
     assert set(by_did) == {TEST_KEY["did"], OTHER}
     me = by_did[TEST_KEY["did"]]
@@ -46,7 +49,11 @@ def test_dids_lists_each_device_with_its_work_and_rejections(fleet):
     assert me["rate_floor_ops_per_s"] > 0 and me["last_seen_ms"] >= me["first_accepted_ms"]
     assert me["rejections"] and sum(me["rejections"].values()) == 1
     assert by_did[OTHER]["rate_floor_ops_per_s"] is None and by_did[OTHER]["rejections"] == {}
-    assert body["receipts"] == 5
+    assert body["receipts"] == 5 and body["next"] is None
+    first = requests.get(f"{agg.base}/dids", params={"limit": 1}, timeout=10).json()
+    second = requests.get(f"{agg.base}/dids", params={"limit": 1, "after": first["next"]}, timeout=10).json()
+    assert [d["did"] for d in first["dids"] + second["dids"]] == sorted(by_did) and second["next"] is None
+    assert requests.get(f"{agg.base}/dids", params={"limit": "x"}, timeout=10).status_code == 400
 
 
 def test_one_did_shows_its_runs(fleet):

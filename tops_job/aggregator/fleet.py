@@ -1,7 +1,8 @@
 """The fleet view: what the aggregator has accepted, per did and per run.
 
 GET /dids             every did: accepted receipts, verified ops, runs, last seen, its best
-                      current rate floor and its rejections by reason (JSON)
+                      current rate floor and its rejections by reason (JSON); a page of
+                      ?limit= (default 200, at most 1000) dids after ?after=, with `next`
 GET /dids/<did>       one did, with each of its runs and their rate floors (JSON)
 GET /fleet            the same drawn as a page (server-side HTML and SVG; no script, no
                       external resource; refreshes itself)
@@ -18,7 +19,7 @@ import json
 import re
 from collections.abc import Callable, Iterable
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import parse_qs, unquote
 
 _DID_PATH = re.compile(r"/dids/(.{1,256})", re.S)
 
@@ -97,18 +98,22 @@ def did_report(store: Any, did: str) -> dict[str, Any] | None:
             "rejections": {reason: count for _, reason, count, _ in store.rejections(did)}}
 
 
-def fleet_report(store: Any) -> dict[str, Any]:
-    rejections: dict[str, dict[str, int]] = {}
-    for did, reason, count, _ in store.rejections():
-        rejections.setdefault(did, {})[reason] = int(count)
+DEFAULT_PAGE, MAX_PAGE = 200, 1000
+
+
+def fleet_report(store: Any, after: str = "", limit: int = DEFAULT_PAGE) -> dict[str, Any]:
+    rows = store.fleet_rows(after, limit + 1)
+    more = len(rows) > limit
+    rows = rows[:limit]
     dids = []
-    for did, receipts, ops, first, last, runs in store.fleet_rows():
+    for did, receipts, ops, first, last, runs in rows:
         report = did_report(store, did) or {}
         dids.append({"did": did, "receipts": int(receipts), "ops_total": int(ops or 0), "runs": int(runs),
                      "first_accepted_ms": first, "last_seen_ms": last,
                      "rate_floor_ops_per_s": report.get("rate_floor_ops_per_s"),
-                     "rejections": rejections.get(did, {})})
-    return {"dids": dids, "receipts": sum(d["receipts"] for d in dids), "ops_total": sum(d["ops_total"] for d in dids)}
+                     "rejections": report.get("rejections", {})})
+    return {"dids": dids, "receipts": sum(d["receipts"] for d in dids), "ops_total": sum(d["ops_total"] for d in dids),
+            "next": rows[-1][0] if more else None}
 
 
 class FleetViews:
@@ -126,19 +131,27 @@ class FleetViews:
             return _send(start_response, 405, {"ok": False, "error": "method_not_allowed", "detail": f"{path} answers GET"},
                          [("Allow", "GET")])
         try:
+            if path in ("/dids", "/fleet"):
+                query = parse_qs(str(environ.get("QUERY_STRING", "")), max_num_fields=10)
+                after = query.get("after", [""])[0][:256]
+                try:
+                    limit = min(MAX_PAGE, max(1, int(query.get("limit", [DEFAULT_PAGE])[0])))
+                except ValueError:
+                    return _send(start_response, 400, {"ok": False, "error": "bad_limit", "detail": "limit is a number"})
+                report = fleet_report(self.store, after, limit)
             if path == "/dids":
-                return _send(start_response, 200, fleet_report(self.store))
+                return _send(start_response, 200, report)
             if path == "/fleet":
-                page = render_page(fleet_report(self.store)).encode("utf-8")
+                page = render_page(report).encode("utf-8")
                 start_response("200 OK", [("Content-Type", "text/html; charset=utf-8"), ("Content-Length", str(len(page))),
                                           ("Cache-Control", "no-store")])
                 return [page]
             match = _DID_PATH.fullmatch(path)
             did = unquote(match.group(1)) if match else ""
-            report = did_report(self.store, did) if did else None
-            if report is None:
+            one = did_report(self.store, did) if did else None
+            if one is None:
                 return _send(start_response, 404, {"ok": False, "error": "unknown_did", "detail": "no accepted receipts for this did"})
-            return _send(start_response, 200, report)
+            return _send(start_response, 200, one)
         except Exception as exc:  # the database failed: the same transient answer as the API's
             from tops_job.aggregator.app import _storage_errors
 
@@ -192,7 +205,8 @@ def render_page(report: dict[str, Any]) -> str:
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:first-child{{text-align:left}}</style></head>
 <body><h1>Fleet</h1>
-<p id="totals">{len(dids)} dids, {report["receipts"]} accepted receipts, {report["ops_total"]:.3e} verified ops</p>
+<p id="totals">{len(dids)} dids, {report["receipts"]} accepted receipts, {report["ops_total"]:.3e} verified ops
+{f'(first page; <a href="?after={html.escape(report["next"], quote=True)}">next</a>)' if report.get("next") else ""}</p>
 <svg id="ops-by-did" class="chart" data-points="{len(dids)}" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}">
 {"".join(bars)}</svg>
 <table id="dids"><thead><tr><th>did</th><th>receipts</th><th>verified ops</th><th>runs</th><th>rate floor</th>

@@ -141,6 +141,22 @@ class Store:
             " ON CONFLICT (did, reason) DO UPDATE SET count = rejections.count + 1, last_ms = excluded.last_ms",
             (did, reason, now_ms, did))
 
+    def record_rejections(self, items: list[tuple[str, str, int, int]]) -> None:
+        """record_rejection for many (did, reason, count, last_ms) at once, in one transaction."""
+        conn = self._conn()
+        conn.execute(self.begin)
+        try:
+            for did, reason, count, last_ms in items:
+                conn.execute(
+                    "INSERT INTO rejections (did, reason, count, last_ms) SELECT ?, ?, ?, ?"
+                    " WHERE EXISTS (SELECT 1 FROM receipts WHERE did = ?)"
+                    " ON CONFLICT (did, reason) DO UPDATE SET count = rejections.count + excluded.count,"
+                    " last_ms = excluded.last_ms", (did, reason, count, last_ms, did))
+            conn.execute("COMMIT")
+        except BaseException:
+            rollback_quietly(conn)
+            raise
+
     def run_report(self, run_id: str, did: str | None = None) -> dict[str, Any] | None:
         """Accepted receipts of a run, total ops and, per run challenge, the verified rate
         floor (spec §8, §9)."""
@@ -156,11 +172,12 @@ class Store:
             return None
         return run_report(run_id, rows, self.challenge)
 
-    def fleet_rows(self) -> list[tuple[Any, ...]]:
-        """(did, receipts, ops, first accepted, last accepted, runs) per did."""
+    def fleet_rows(self, after: str = "", limit: int = 1_000_000) -> list[tuple[Any, ...]]:
+        """(did, receipts, ops, first accepted, last accepted, runs) per did, in did order,
+        from the first did after `after`."""
         return [tuple(row) for row in self._conn().execute(
             "SELECT did, COUNT(*), CAST(SUM(ops) AS BIGINT), MIN(accepted_ms), MAX(accepted_ms), COUNT(DISTINCT run_id)"
-            " FROM receipts GROUP BY did ORDER BY did").fetchall()]
+            " FROM receipts WHERE did > ? GROUP BY did ORDER BY did LIMIT ?", (after, limit)).fetchall()]
 
     def did_rows(self, did: str) -> list[tuple[Any, ...]]:
         """(run_id, ops, accepted_ms, challenge, challenge_elapsed_ms) of each receipt of `did`."""
