@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import os
 import resource
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -18,6 +20,7 @@ import requests
 
 from tests.support import CLI, TEST_KEY
 from tests.support.load import JSON, make_receipts
+from tests.support.net import wait_for
 from tests.support.peers import Aggregator
 from tops_job.compute.base import Shape
 from tops_job.spec.canonical import receipt_line
@@ -295,7 +298,18 @@ def test_two_workers_share_the_port_and_their_metrics(tmp_path):
         for _ in range(4):
             assert _metric(agg.base, "tops_job_aggregator_receipts_total", 'reason="none",verdict="accepted"') == 40
         children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(agg.proc.pid)], capture_output=True, text=True)
-        assert len(children.stdout.split()) == 2
+        pids = [int(pid) for pid in children.stdout.split()]
+        assert len(pids) == 2
+        os.kill(pids[0], signal.SIGKILL)  # a worker dies: the parent starts another
+
+        def replaced():
+            now = subprocess.run(["ps", "-o", "pid=", "--ppid", str(agg.proc.pid)], capture_output=True, text=True)
+            alive = [int(pid) for pid in now.stdout.split()]
+            return len(alive) == 2 and pids[0] not in alive
+
+        wait_for(replaced, 20, "a replacement worker", interval=0.2)
+        (late,) = make_receipts(1, run_id="after-crash")
+        assert requests.post(agg.url, data=json.dumps(late), headers=JSON, timeout=30).status_code == 200
     finally:
         agg.stop()
     assert agg.proc.returncode == 0
