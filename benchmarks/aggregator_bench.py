@@ -77,6 +77,27 @@ def in_process(receipts: list[dict], seconds: float) -> float:
     return done / (time.process_time() - began)
 
 
+def _verify_for(args: tuple[list[dict], float]) -> int:
+    from tops_job.spec.verify import verify_receipt
+
+    receipts, seconds = args
+    done, wall = 0, time.perf_counter()
+    while time.perf_counter() - wall < seconds:
+        verify_receipt(receipts[done % len(receipts)])
+        done += 1
+    return done
+
+
+def alone_in_processes(receipts: list[dict], procs: int, seconds: float) -> float:
+    """Receipts/s (wall) of the verification alone in `procs` processes at once: what this
+    machine gives right now to CPU-bound work in that many processes."""
+    with ProcessPoolExecutor(procs) as pool:
+        list(pool.map(_verify_for, [(receipts[:4], 0.2)] * procs))  # warm: imports, first calls
+        began = time.perf_counter()
+        total = sum(pool.map(_verify_for, [(receipts, seconds)] * procs))
+        return total / (time.perf_counter() - began)
+
+
 def _request(host: str, port: int, body: bytes) -> bytes:
     return (f"POST /verify HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n").encode() + body
@@ -100,11 +121,12 @@ def _read_answer(sock: socket.socket, buffer: bytearray) -> tuple[int, bytes]:
     return status, rest[:length]
 
 
-def through_http(bodies: list[bytes], workers: int, clients: int, seconds: float, threads: int) -> dict[str, float]:
+def through_http(bodies: list[bytes], workers: int, clients: int, seconds: float, threads: int,
+                 db: str | None = None) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(os.environ, PYTHONPATH=str(REPO))
         server = subprocess.Popen([sys.executable, "-m", "tops_job.cli", "aggregator", "serve", "--port", "0",
-                                   "--db", f"{tmp}/agg.sqlite3", "--threads", str(threads), "--workers", str(workers)],
+                                   "--db", db or f"{tmp}/agg.sqlite3", "--threads", str(threads), "--workers", str(workers)],
                                   stderr=subprocess.PIPE, text=True, env=env)
         try:
             line = server.stderr.readline()
@@ -164,6 +186,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--threads", type=int, default=8, help="server threads per worker")
+    parser.add_argument("--db", help="a postgresql:// DSN of an empty database per run (default: a fresh SQLite file)")
     args = parser.parse_args()
     if args.make:
         m, n, k = (int(x) for x in args.shape.split(","))
@@ -180,11 +203,14 @@ def main() -> None:
     print(f"verification in-process: {alone:.0f} receipts/s per core")
     results = {}
     for workers in (int(w) for w in args.workers.split(",")):
-        r = through_http(bodies, workers, args.clients, args.seconds, args.threads)
+        parallel = alone_in_processes(receipts, workers, min(args.seconds, 3.0))
+        r = through_http(bodies, workers, args.clients, args.seconds, args.threads, args.db)
         results[workers] = r
         print(f"HTTP, {workers} worker(s), {args.clients} clients: {r['receipts']} verified in {r['wall']:.1f}s ="
               f" {r['per_s']:.0f} receipts/s; server CPU {r['cpu']:.1f}s = {r['per_core']:.0f} receipts/s per core"
-              f" ({r['per_core'] / alone:.2f} of verification alone; {r['errors']} errors)")
+              f" ({r['per_core'] / alone:.2f} of verification alone; {r['errors']} errors);"
+              f" verification alone in {workers} process(es) just before: {parallel:.0f} receipts/s"
+              f" (HTTP reaches {r['per_s'] / parallel:.2f} of it)")
     if 1 in results and len(results) > 1:
         for workers, r in results.items():
             if workers != 1:

@@ -141,8 +141,15 @@ def bind(host: str, port: int, backlog: int = 2048) -> socket.socket:
     return sock
 
 
+def quiet_queue_warnings() -> None:
+    """waitress warns "Task queue depth is N" whenever every thread is busy: with bounded
+    verification slots that is the expected state under load, not news for the log."""
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+
+
 def make_server(app: Any, sock: socket.socket, *, threads: int, limit: int, header_timeout: float, body_timeout: float,
                 idle_timeout: int, max_request_body_size: int) -> GuardedServer:
+    quiet_queue_warnings()
     adj = Adjustments(sockets=[sock], threads=threads, connection_limit=limit, channel_timeout=idle_timeout,
                       cleanup_interval=1, asyncore_use_poll=True, max_request_body_size=max_request_body_size,
                       recv_bytes=65536,  # a 100-300 KB receipt in a few reads, not dozens of loop turns

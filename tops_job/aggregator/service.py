@@ -52,7 +52,7 @@ def open_store(db: str) -> Any:
         return _open(db)
     except (sqlite3.Error, OSError, StorageUnavailable, SchemaTooNew) as exc:
         what = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UnusableDatabase(f"cannot use the database {describe(db)}: {what}") from None
+        raise UnusableDatabase(f"cannot use the database {describe(db)} (--db / TOPS_JOB_AGGREGATOR_DB): {what}") from None
 
 
 def describe(db: str) -> str:
