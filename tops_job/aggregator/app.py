@@ -164,6 +164,15 @@ class AggregatorApp:
         resent = self._resend(receipt, line)
         if resent is not None:
             return resent
+        # A challenge this aggregator never issued to this did is refused before the work
+        # (the did is the signed one once verification has passed).
+        challenge = receipt.get("challenge") if isinstance(receipt, dict) else None
+        issued = None
+        if isinstance(challenge, str):
+            issued = self.store.challenge(challenge)
+            if issued is None or issued["did"] != receipt.get("did"):
+                self._rejected(receipt, "unknown_challenge")
+                return _error(422, "unknown_challenge", "this aggregator did not issue that challenge to this did")
         if not self.gate.acquire():
             return _error(503, "busy", "every verification slot is taken; retry later", {"Retry-After": "1"})
         began = time.perf_counter()
@@ -181,14 +190,7 @@ class AggregatorApp:
         finally:
             self.gate.release()
             self.events.verify_seconds(time.perf_counter() - began)
-        challenge = receipt.get("challenge")
-        elapsed_ms = None
-        if challenge is not None:
-            issued = self.store.challenge(challenge)
-            if issued is None or issued["did"] != verified.did:
-                self._rejected(receipt, "unknown_challenge")
-                return _error(422, "unknown_challenge", "this aggregator did not issue that challenge to this did")
-            elapsed_ms = self._since_issue(issued)
+        elapsed_ms = self._since_issue(issued) if issued is not None else None
         outcome = self.store.add_receipt(
             digest=verified.digest.hex(), did=verified.did, nonce=verified.nonce, pubkey=verified.pubkey.hex(),
             run_id=verified.run_id, attempt=verified.attempt, ops=verified.ops, started_ms=verified.started_ms,
