@@ -11,10 +11,12 @@ connection open forever by sending a header line now and then. Here:
   `body_timeout` of its first byte, however slowly it trickles; an idle keep-alive
   connection is closed after `idle_timeout`.
 
-Several processes (`workers`): the parent binds the port once, opens the database (and
-migrates it) to fail fast, then forks workers that all accept on the same listening socket —
-verification is CPU-bound Python, so threads of one process share one core through the GIL
-while processes use every core. A worker that dies is replaced. Pre-fork over gunicorn:
+Several processes (`workers`): the parent binds the port once (SO_REUSEPORT, not listening:
+it holds the port), opens the database (and migrates it) to fail fast, then forks workers
+that each listen on the port with a socket of their own, so the kernel spreads connections
+evenly over them (one shared socket let whichever worker woke first take a whole burst of
+keep-alive connections) — verification is CPU-bound Python, so threads of one process share
+one core through the GIL while processes use every core. A worker that dies is replaced. Pre-fork over gunicorn:
 the parent keeps the `serving on` line and exit codes the tests and operators rely on, the
 guards above live in one server class, and nothing new is installed.
 """
@@ -131,12 +133,18 @@ class GuardedServer(TcpWSGIServer):
             self.shed_count += 1
 
 
-def bind(host: str, port: int, backlog: int = 2048) -> socket.socket:
+def bind(host: str, port: int, backlog: int = 2048, *, shared: bool = False, listen: bool = True) -> socket.socket:
+    """A TCP socket on (host, port). `shared`: SO_REUSEPORT, so each worker can listen on
+    the port with its own socket and the kernel spreads connections over them; the parent
+    keeps one bound but not listening (it holds the port, and takes no connections)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if shared:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
-    sock.listen(backlog)
+    if listen:
+        sock.listen(backlog)
     sock.setblocking(False)
     return sock
 
@@ -211,7 +219,10 @@ def _prefork(build: Callable[[], Built], sock: socket.socket, workers: int,
             status = 0
             try:
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                _serve_built(build, sock, server_options)
+                host, port = sock.getsockname()[:2]
+                own = bind(host, port, shared=True)  # this worker's queue of the port's connections
+                sock.close()
+                _serve_built(build, own, server_options)
             except BaseException:
                 log.exception("aggregator worker %d failed", os.getpid())
                 status = 1

@@ -91,7 +91,8 @@ def start(settings: Settings, announce: Callable[[str], None]) -> int:
     from tops_job.aggregator.metrics import AggregatorMetrics, enable_multiprocess
 
     store = open_store(settings.db)  # fail fast, in one place; migrations run once, here
-    sock = serve.bind(settings.host, settings.port)
+    many = settings.workers > 1
+    sock = serve.bind(settings.host, settings.port, shared=many, listen=not many)
     limit = serve.connection_limit(settings.connection_limit, settings.threads)
     multiproc_dir = tempfile.mkdtemp(prefix="tops-job-aggregator-metrics-") if settings.workers > 1 else None
     if settings.workers > 1:
