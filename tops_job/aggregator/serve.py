@@ -214,11 +214,20 @@ def _prefork(build: Callable[[], Built], sock: socket.socket, workers: int,
 
     def spawn() -> None:
         sys.stderr.flush()
+        stop_signals = {signal.SIGTERM, signal.SIGINT}
+        signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)  # none may land between fork and the handlers
         pid = os.fork()
+        if pid != 0:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
         if pid == 0:  # the worker
             status = 0
             try:
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                # Until it serves, a TERM or INT ends the worker at once (not the parent's
+                # handler, which would swallow it and leave a worker nobody stops).
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
                 host, port = sock.getsockname()[:2]
                 own = bind(host, port, shared=True)  # this worker's queue of the port's connections
                 sock.close()
