@@ -156,7 +156,7 @@ def through_http(bodies: list[bytes], workers: int, clients: int, seconds: float
                         errors[index] += 1
                 sock.close()
 
-            cpu0, wall0 = tree_cpu(server.pid), time.perf_counter()
+            cpu0, wall0, mine0 = tree_cpu(server.pid), time.perf_counter(), time.process_time()
             pool = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
             for thread in pool:
                 thread.start()
@@ -165,11 +165,12 @@ def through_http(bodies: list[bytes], workers: int, clients: int, seconds: float
             for thread in pool:
                 thread.join()
             wall, cpu = time.perf_counter() - wall0, tree_cpu(server.pid) - cpu0
+            clients_cpu = time.process_time() - mine0
             total = sum(counts)
             if total >= len(bodies):
                 print(f"  note: all {len(bodies)} receipts were used before {seconds}s; make more for a longer window")
             return {"receipts": total, "wall": wall, "per_s": total / wall, "cpu": cpu, "per_core": total / cpu,
-                    "errors": sum(errors)}
+                    "errors": sum(errors), "clients_cpu": clients_cpu}
         finally:
             server.terminate()
             server.wait(15)
@@ -210,7 +211,7 @@ def main() -> None:
               f" {r['per_s']:.0f} receipts/s; server CPU {r['cpu']:.1f}s = {r['per_core']:.0f} receipts/s per core"
               f" ({r['per_core'] / alone:.2f} of verification alone; {r['errors']} errors);"
               f" verification alone in {workers} process(es) just before: {parallel:.0f} receipts/s"
-              f" (HTTP reaches {r['per_s'] / parallel:.2f} of it)")
+              f" (HTTP reaches {r['per_s'] / parallel:.2f} of it); the clients used {r['clients_cpu']:.1f} CPU-s")
     if 1 in results and len(results) > 1:
         for workers, r in results.items():
             if workers != 1:
