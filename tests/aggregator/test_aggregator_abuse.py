@@ -23,6 +23,7 @@ from tests.support.load import JSON, make_receipts
 from tests.support.net import wait_for
 from tests.support.peers import Aggregator
 from tops_job.compute.base import Shape
+from tops_job.compute.numpy_backend import NumpyBackend
 from tops_job.spec.canonical import receipt_line
 
 IDLE, SLOWLORIS = 2000, 1000
@@ -359,5 +360,62 @@ def test_a_body_that_trickles_in_is_cut_off(tmp_path):
                 break
         sock.close()
         assert closed_after is not None and closed_after < 5, closed_after
+    finally:
+        agg.stop()
+
+
+class _CheatingBackend(NumpyBackend):
+    """A worker that reports a product it did not compute (C + 1): its receipts are signed and
+    their Merkle paths check, so every verification runs to the end before it fails."""
+
+    def multiply(self) -> int:
+        elapsed = super().multiply()
+        self.c += 1
+        return elapsed
+
+
+def test_costly_receipts_within_the_cap_do_not_hold_up_cheap_honest_ones(tmp_path, capsys):
+    from tests.support.load import identity
+    from tops_job.job.attempt import run_attempt
+
+    agg = Aggregator(tmp_path / "agg.sqlite3")  # the default cap, 2^25
+    try:
+        costly = run_attempt(_CheatingBackend("float32"), Shape(16, 16, 131072), identity(), run_id="cheat", attempt=0,
+                             tile=16, opens=16).receipt  # 16 × 131072 × 9 = 18.9 M elements: under the cap
+        honest = [receipt_line(r) for r in make_receipts(400, run_id="honest-new")]
+        stop = threading.Event()
+        seen: list[tuple[int, str]] = []
+
+        def abuser() -> None:
+            session = requests.Session()
+            body = json.dumps(costly)
+            while not stop.is_set():
+                answer = session.post(agg.url, data=body, headers=JSON, timeout=60)
+                seen.append((answer.status_code, answer.json().get("error", "")))
+
+        abusers = [threading.Thread(target=abuser) for _ in range(16)]
+        for thread in abusers:
+            thread.start()
+        latencies = []
+        try:
+            time.sleep(1.0)  # the verification slots are full of costly work
+            session = requests.Session()
+            for body in honest:  # new receipts: each needs its own verification
+                began = time.perf_counter()
+                answer = session.post(agg.url, data=body, headers=JSON, timeout=60)
+                latencies.append(time.perf_counter() - began)
+                assert answer.status_code == 200 and answer.json()["duplicate"] is False, answer.text
+                if len(latencies) >= 40 and sum(latencies) > 4:
+                    break
+        finally:
+            stop.set()
+            for thread in abusers:
+                thread.join()
+        assert {code for _, code in seen} <= {"wrong_product", "busy"} and any(c == "wrong_product" for _, c in seen)
+        with capsys.disabled():
+            print(f"\n[abuse] 16 clients posting costly forged receipts ({len(seen)} verified and refused):"
+                  f" {len(latencies)} new honest receipts, p50 {sorted(latencies)[len(latencies) // 2] * 1000:.1f} ms,"
+                  f" p99 {_p99(latencies) * 1000:.1f} ms")
+        assert _p99(latencies) < 1.0
     finally:
         agg.stop()

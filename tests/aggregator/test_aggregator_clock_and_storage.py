@@ -139,11 +139,16 @@ def test_no_free_verification_slot_is_503_busy_not_a_rejection(tmp_path):
     store = Store(tmp_path / "agg.sqlite3")
     gate = VerifyGate(1, wait_s=0.2)
     app = AggregatorApp(store, gate=gate)
-    assert gate.acquire()  # the one slot is taken by a long verification
-    (receipt,) = make_receipts(1, run_id="busy")
+    (receipt, other) = make_receipts(2, run_id="busy")
+    slot = gate.acquire()  # the one slot is taken by a long verification
+    assert slot == "slot"
+    assert call(app, "POST", "/verify", receipt_line(other).encode())[0] == 200  # a cheap receipt has its own lane
+    lane = gate.acquire(cost=1)  # and now that lane is taken too
+    assert lane == "cheap"
     status, body, headers = call(app, "POST", "/verify", receipt_line(receipt).encode())
     assert (status, body["error"], headers["Retry-After"]) == (503, "busy", "1")
-    gate.release()
+    gate.release(slot)
+    gate.release(lane)
     assert call(app, "POST", "/verify", receipt_line(receipt).encode())[0] == 200
     store.close()
 

@@ -173,7 +173,8 @@ class AggregatorApp:
             if issued is None or issued["did"] != receipt.get("did"):
                 self._rejected(receipt, "unknown_challenge")
                 return _error(422, "unknown_challenge", "this aggregator did not issue that challenge to this did")
-        if not self.gate.acquire():
+        token = self.gate.acquire(cost)
+        if token is None:
             return _error(503, "busy", "every verification slot is taken; retry later", {"Retry-After": "1"})
         began = time.perf_counter()
         try:
@@ -188,7 +189,7 @@ class AggregatorApp:
             log.warning("verifier failed on a receipt (%s: %s); rejected", type(exc).__name__, exc)
             return _error(422, "unverifiable", "the receipt could not be verified")
         finally:
-            self.gate.release()
+            self.gate.release(token)
             self.events.verify_seconds(time.perf_counter() - began)
         elapsed_ms = self._since_issue(issued) if issued is not None else None
         outcome = self.store.add_receipt(

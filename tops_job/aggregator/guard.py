@@ -62,27 +62,41 @@ def receipt_cost(receipt: Any, *, full: bool) -> int | None:
 
 
 class VerifyGate:
-    """At most `slots` verifications at once in this process; a request that waits longer
-    than `wait_s` for a slot is answered 503 (transient) rather than queued without bound."""
+    """At most `slots` verifications at once in this process, plus one lane kept for cheap
+    receipts (cost ≤ `cheap_cost`): a flood of costly receipts, each within the cap, fills the
+    slots but never makes an ordinary receipt wait behind all of them. A request that waits
+    longer than `wait_s` is answered 503 (transient) rather than queued without bound."""
 
-    def __init__(self, slots: int, wait_s: float = 5.0):
+    def __init__(self, slots: int, wait_s: float = 5.0, cheap_cost: int = DEFAULT_MAX_COST // 16):
         self.slots = slots
         self.wait_s = wait_s
+        self.cheap_cost = cheap_cost
         self._sem = threading.BoundedSemaphore(slots)
+        self._cheap = threading.BoundedSemaphore(1)
         self._lock = threading.Lock()
         self.busy = 0
 
-    def acquire(self) -> bool:
-        if not self._sem.acquire(timeout=self.wait_s):
-            return False
+    def acquire(self, cost: int | None = None) -> str | None:
+        """A token for release(), or None when no slot freed in time."""
+        if cost is not None and cost <= self.cheap_cost:
+            if self._sem.acquire(blocking=False):
+                token = "slot"
+            elif self._cheap.acquire(timeout=self.wait_s):
+                token = "cheap"
+            else:
+                return None
+        elif self._sem.acquire(timeout=self.wait_s):
+            token = "slot"
+        else:
+            return None
         with self._lock:
             self.busy += 1
-        return True
+        return token
 
-    def release(self) -> None:
+    def release(self, token: str = "slot") -> None:
         with self._lock:
             self.busy -= 1
-        self._sem.release()
+        (self._cheap if token == "cheap" else self._sem).release()
 
 
 class RateLimiter:

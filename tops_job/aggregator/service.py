@@ -76,7 +76,7 @@ def build_app(settings: Settings, store: Any, metrics: Any) -> tuple[Any, Any]:
     from tops_job.aggregator.metrics import MetricsMiddleware, TimedStore
 
     timed = TimedStore(store, metrics)
-    gate = guard.VerifyGate(settings.verify_slots)
+    gate = guard.VerifyGate(settings.verify_slots, cheap_cost=max(1, settings.max_cost // 16))
     app = AggregatorApp(timed, max_body=settings.max_body, min_opens=settings.min_opens, allow=settings.allow,  # type: ignore[arg-type]
                         full=settings.full, max_cost=settings.max_cost, gate=gate,
                         challenge_limiter=guard.RateLimiter(rate=settings.challenge_rate, burst=max(1, int(settings.challenge_rate * 5))),
