@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 # System tools the tests drive for real: promtool, headless Chromium, a one-node Slurm,
 # podman (runc: crun refuses hybrid cgroups; catatonit: a pod's infra process) and
-# debootstrap for the images' stand-in bases, libfaketime. (kubectl, hadolint and shellcheck come from
+# debootstrap for the images' stand-in bases, libfaketime, PostgreSQL. (kubectl, hadolint and shellcheck come from
 # PyPI with the test extra.) Installed only when missing, so a developer's second run is fast.
 need=()
 command -v promtool >/dev/null || need+=(prometheus)
@@ -21,6 +21,8 @@ command -v gpg >/dev/null || need+=(gpg)
 command -v g++ >/dev/null || need+=(g++)  # the GPU kernels, compiled as host C++ for the emulated-device tests
 # libfaketime steps the wall clock under a run (tests/job/test_stop_and_clock.py).
 compgen -G '/usr/lib/*/faketime/libfaketime.so.1' >/dev/null || need+=(faketime)
+# A throw-away PostgreSQL cluster for the aggregator's replica tests (initdb is not on PATH).
+compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need+=(postgresql)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     export DEBIAN_FRONTEND=noninteractive

@@ -25,10 +25,10 @@ from tests.support import CLI, TEST_SECRET
 class Aggregator:
     """`tops-job aggregator serve --port 0` in a subprocess."""
 
-    def __init__(self, db: Path, *extra: str):
+    def __init__(self, db: Path, *extra: str, **popen: Any):
         self.db = db
         self.proc = subprocess.Popen([*CLI, "aggregator", "serve", "--port", "0", "--db", str(db), *extra],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **popen)
         deadline = time.monotonic() + 30
         line = ""
         while time.monotonic() < deadline:

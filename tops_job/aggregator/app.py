@@ -6,8 +6,13 @@ GET  /challenge    ?did=… a run challenge, remembered with the time it was iss
 GET  /runs/<id>    accepted receipts, total ops, and the rate floor of challenged runs
 GET  /health       liveness and the number of receipts held
 
+Before any verification work: stored strings are length-capped, the receipt's cost is read
+from its header and capped, and a resend of an accepted receipt is answered from the store.
+Verifications run at most `gate.slots` at once (guard.py).
+
 Bad input never gets a 5xx: every failure of the request is a 4xx with a stable `error`
-code. The only 5xx is 503 (with Retry-After) when the database itself fails.
+code. The only 5xx is 503 (with Retry-After) when the database itself fails or the
+process is out of verification slots or memory.
 """
 
 from __future__ import annotations
@@ -21,9 +26,11 @@ from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import parse_qs
 
-from tops_job.aggregator.store import ACCEPTED, DUPLICATE, Store
+from tops_job.aggregator import guard
+from tops_job.aggregator.migrations import StorageUnavailable
+from tops_job.aggregator.store import ACCEPTED, DUPLICATE, Store, TooManyChallenges
 from tops_job.errors import ReceiptInvalid
-from tops_job.spec.canonical import receipt_line
+from tops_job.spec.canonical import digest_of, receipt_line
 from tops_job.spec.receipt import DEFAULT_MIN_OPENS, parse_json
 from tops_job.spec.verify import verify_receipt
 
@@ -37,7 +44,22 @@ _DID = re.compile(r"[\x21-\x7e]{1,256}")
 Response = tuple[int, dict[str, Any], dict[str, str]]
 REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
            409: "Conflict", 411: "Length Required", 413: "Content Too Large", 415: "Unsupported Media Type",
-           422: "Unprocessable Content", 500: "Internal Server Error", 503: "Service Unavailable"}
+           422: "Unprocessable Content", 429: "Too Many Requests", 500: "Internal Server Error", 503: "Service Unavailable"}
+
+
+def _storage_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean the database failed, whichever engine."""
+    return (sqlite3.Error, StorageUnavailable)
+
+
+class Events:
+    """Hooks for what only the application sees (metrics.py counts them); no-ops here."""
+
+    def verify_seconds(self, seconds: float) -> None:
+        pass
+
+    def challenges_purged(self, count: int) -> None:
+        pass
 
 
 def _error(status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> Response:
@@ -46,19 +68,29 @@ def _error(status: int, code: str, detail: str, headers: dict[str, str] | None =
 
 class AggregatorApp:
     def __init__(self, store: Store, *, max_body: int = DEFAULT_MAX_BODY, min_opens: int = DEFAULT_MIN_OPENS,
-                 allow: set[str] | None = None, full: bool = False, clock: Callable[[], float] = time.time):
+                 allow: set[str] | None = None, full: bool = False, clock: Callable[[], float] = time.time,
+                 monotonic_ns: Callable[[], int] = time.monotonic_ns, max_cost: int = guard.DEFAULT_MAX_COST,
+                 gate: guard.VerifyGate | None = None, challenge_limiter: guard.RateLimiter | None = None,
+                 challenge_ttl_ms: int = CHALLENGE_TTL_MS, events: Events | None = None):
         self.store = store
         self.max_body = max_body
         self.min_opens = min_opens
         self.allow = allow
         self.full = full
-        self.clock = clock
+        self.clock = clock  # wall clock: timestamps people read
+        self.monotonic_ns = monotonic_ns  # step-free clock: intervals (rate floors)
+        self.clock_domain = guard.clock_domain()
+        self.max_cost = max_cost
+        self.gate = gate or guard.VerifyGate(2)
+        self.challenge_limiter = challenge_limiter or guard.RateLimiter(rate=20.0, burst=100)
+        self.challenge_ttl_ms = challenge_ttl_ms
+        self.events = events or Events()
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         try:
             status, body, headers = self.route(environ)
-        except sqlite3.Error as exc:
-            log.error("database failure: %s", exc)
+        except _storage_errors() as exc:
+            log.error("database failure (%s): %s", type(exc).__name__, exc)
             status, body, headers = _error(503, "storage_unavailable", "the database failed; retry later",
                                            {"Retry-After": "1"})
         except Exception:  # a bug: logged; still a well-formed answer
@@ -121,25 +153,85 @@ class AggregatorApp:
             pubkey = receipt.get("pubkey") if isinstance(receipt, dict) else None
             if not isinstance(pubkey, str) or pubkey not in self.allow:  # a list or object is unhashable
                 return _error(403, "pubkey_not_allowed", "this pubkey may not submit here")
+        problem = guard.string_problem(receipt)
+        if problem:
+            return _error(422, *problem)
+        cost = guard.receipt_cost(receipt, full=self.full)
+        if cost is not None and cost > self.max_cost:
+            return _error(422, "too_costly", f"verifying this receipt generates {cost} elements (opens × k × (1 + columns));"
+                          f" this aggregator verifies at most {self.max_cost}")
+        line = _line_or_none(receipt)
+        resent = self._resend(receipt, line)
+        if resent is not None:
+            return resent
+        # A challenge this aggregator never issued to this did is refused before the work
+        # (the did is the signed one once verification has passed).
+        challenge = receipt.get("challenge") if isinstance(receipt, dict) else None
+        issued = None
+        if isinstance(challenge, str):
+            issued = self.store.challenge(challenge)
+            if issued is None or issued["did"] != receipt.get("did"):
+                self._rejected(receipt, "unknown_challenge")
+                return _error(422, "unknown_challenge", "this aggregator did not issue that challenge to this did")
+        token = self.gate.acquire(cost)
+        if token is None:
+            return _error(503, "busy", "every verification slot is taken; retry later", {"Retry-After": "1"})
+        began = time.perf_counter()
         try:
             verified = verify_receipt(receipt, min_opens=self.min_opens, full=self.full)
         except ReceiptInvalid as exc:
+            self._rejected(receipt, exc.code)
             return _error(422, exc.code, exc.detail)
+        except MemoryError:  # a resource failure, not the receipt's: transient
+            log.error("out of memory verifying a receipt of cost %s", cost)
+            return _error(503, "out_of_memory", "the aggregator ran out of memory; retry later", {"Retry-After": "5"})
         except Exception as exc:  # input the verifier did not foresee: still a rejection, never a 5xx
             log.warning("verifier failed on a receipt (%s: %s); rejected", type(exc).__name__, exc)
             return _error(422, "unverifiable", "the receipt could not be verified")
-        challenge = receipt.get("challenge")
-        if challenge is not None:
-            issued = self.store.challenge(challenge)
-            if issued is None or issued["did"] != verified.did:
-                return _error(422, "unknown_challenge", "this aggregator did not issue that challenge to this did")
+        finally:
+            self.gate.release(token)
+            self.events.verify_seconds(time.perf_counter() - began)
+        elapsed_ms = self._since_issue(issued) if issued is not None else None
         outcome = self.store.add_receipt(
             digest=verified.digest.hex(), did=verified.did, nonce=verified.nonce, pubkey=verified.pubkey.hex(),
             run_id=verified.run_id, attempt=verified.attempt, ops=verified.ops, started_ms=verified.started_ms,
-            challenge=challenge, accepted_ms=int(self.clock() * 1000), receipt=receipt_line(receipt))
+            challenge=challenge, accepted_ms=int(self.clock() * 1000), receipt=line or receipt_line(receipt),
+            challenge_elapsed_ms=elapsed_ms)
         if outcome in (ACCEPTED, DUPLICATE):
             return 200, verified.response(duplicate=outcome == DUPLICATE), {}
+        self._rejected(receipt, "replayed_nonce")
         return _error(409, "replayed_nonce", "this (did, nonce) was accepted with another digest")
+
+    def _resend(self, receipt: Any, line: str | None) -> Response | None:
+        """The answer to a byte-for-byte resend of an accepted receipt, from the store and
+        without verifying it again; None for anything else."""
+        if line is None:
+            return None
+        try:
+            digest = digest_of(receipt)
+        except (TypeError, ValueError, AttributeError):
+            return None
+        stored = self.store.stored_receipt(digest.hex())
+        if stored is None or stored[1] != line:
+            return None
+        return 200, {"ok": True, "sig_ok": True, "proof_ok": True, "pubkey_hex": stored[0], "digest_hex": digest.hex(),
+                     "duplicate": True}, {}
+
+    def _since_issue(self, issued: dict[str, Any]) -> int:
+        """Milliseconds from a challenge's issue to now on a clock that does not step: this
+        host's CLOCK_MONOTONIC when it issued the challenge, else (another host) the wall
+        clocks' difference, which a stepped clock can make non-positive (then no floor)."""
+        if issued.get("issuer") == self.clock_domain and issued.get("issued_mono_ns") is not None:
+            return (self.monotonic_ns() - int(issued["issued_mono_ns"])) // 1_000_000
+        return int(self.clock() * 1000) - int(issued["issued_ms"])
+
+    def _rejected(self, receipt: Any, reason: str) -> None:
+        did = receipt.get("did") if isinstance(receipt, dict) else None
+        if isinstance(did, str) and 0 < len(did) <= guard.MAX_STRING["did"]:
+            try:
+                self.store.record_rejection(did, reason, int(self.clock() * 1000))
+            except _storage_errors() as exc:  # a count for the fleet view; the answer stands
+                log.warning("could not record a rejection (%s): %s", type(exc).__name__, exc)
 
     # ---- GET /challenge
 
@@ -147,7 +239,27 @@ class AggregatorApp:
         did = _query(environ).get("did")
         if not did or not _DID.fullmatch(did):
             return _error(400, "bad_did", "give ?did= (printable ASCII, no spaces, up to 256 characters)")
-        return 200, self.store.issue_challenge(did, int(self.clock() * 1000), CHALLENGE_TTL_MS), {}
+        wait = self.challenge_limiter.take(str(environ.get("REMOTE_ADDR", "")))
+        if wait > 0:
+            return _error(429, "too_many_challenges", "this client asks for challenges too often",
+                          {"Retry-After": str(max(1, int(wait + 0.999)))})
+        now_ms = int(self.clock() * 1000)
+        self.events.challenges_purged(self.store.purge_challenges(now_ms))
+        try:
+            issued = self.store.issue_challenge(did, now_ms, self.challenge_ttl_ms, issuer=self.clock_domain,
+                                                mono_ns=self.monotonic_ns())
+        except TooManyChallenges:
+            return _error(429, "too_many_challenges", "this did holds too many unused challenges; use one or wait",
+                          {"Retry-After": "60"})
+        return 200, issued, {}
+
+
+def _line_or_none(receipt: Any) -> str | None:
+    """The receipt's stored form (computed once a request), None where it has none."""
+    try:
+        return receipt_line(receipt)
+    except (TypeError, ValueError):
+        return None
 
 
 def _query(environ: dict[str, Any]) -> dict[str, str]:

@@ -1,11 +1,11 @@
-"""`tops-job aggregator serve`: the reference aggregator on waitress (threads)."""
+"""`tops-job aggregator serve`: the reference aggregator on waitress (poll, guarded; one
+process or several: aggregator/serve.py), on SQLite or PostgreSQL."""
 
 from __future__ import annotations
 
 import logging
 import os
 import re
-import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -52,45 +52,57 @@ def aggregator() -> None:
 @click.option("--host", default="127.0.0.1", show_default=True, envvar="TOPS_JOB_AGGREGATOR_HOST", help="Address to listen on.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8081, show_default=True,
               envvar="TOPS_JOB_AGGREGATOR_PORT", help="Port (0: any free port, printed at start).")
-@click.option("--db", type=click.Path(dir_okay=False, path_type=Path), envvar="TOPS_JOB_AGGREGATOR_DB",
-              help="SQLite database (default: <TOPS_JOB_DATA_DIR or user data dir>/aggregator.sqlite3).")
+@click.option("--db", envvar="TOPS_JOB_AGGREGATOR_DB",
+              help="SQLite database path, or a postgresql://… DSN (default: <TOPS_JOB_DATA_DIR or user data dir>/aggregator.sqlite3).")
 @click.option("--allow", multiple=True, help="Only these pubkeys may submit: hex, or a file of them (repeatable).")
 @click.option("--max-body", type=click.IntRange(1024), default=4 * 1024 * 1024, show_default=True,
               help="Largest receipt body in bytes (413 above).")
 @click.option("--min-opens", type=click.IntRange(1, 256), default=16, show_default=True, help="Minimum openings.")
 @click.option("--full", is_flag=True, help="Recompute every revealed value, not a sample of columns.")
-@click.option("--threads", type=click.IntRange(1, 256), default=8, show_default=True, help="Server threads.")
-def serve(host: str, port: int, db: Path | None, allow: tuple[str, ...], max_body: int, min_opens: int,
-          full: bool, threads: int) -> None:
+@click.option("--threads", type=click.IntRange(1, 256), default=8, show_default=True, help="Server threads per worker.")
+@click.option("--workers", type=click.IntRange(0, 256), default=1, show_default=True, envvar="TOPS_JOB_AGGREGATOR_WORKERS",
+              help="Worker processes sharing the port (0: one per core).")
+@click.option("--connection-limit", type=click.IntRange(16), default=None,
+              help="Connections per worker (default and ceiling: what the file-descriptor limit allows).")
+@click.option("--header-timeout", type=click.FloatRange(0.5), default=10.0, show_default=True,
+              help="Seconds a request may take to send its headers.")
+@click.option("--body-timeout", type=click.FloatRange(0.5), default=30.0, show_default=True,
+              help="Seconds a request may take to send its body after the headers.")
+@click.option("--idle-timeout", type=click.IntRange(1), default=60, show_default=True, help="Idle keep-alive seconds.")
+@click.option("--max-cost", type=click.IntRange(1), default=1 << 25, show_default=True,
+              help="Largest verification cost, opens × k × (1 + columns) (422 too_costly above).")
+@click.option("--verify-slots", type=click.IntRange(1, 64), default=2, show_default=True,
+              help="Verifications at once per worker (503 busy when none frees within 5 s).")
+@click.option("--challenge-ttl", type=click.IntRange(1), default=24 * 3600, show_default=True, help="Challenge lifetime, seconds.")
+@click.option("--challenge-rate", type=click.FloatRange(0.01), default=20.0, show_default=True,
+              help="Challenges per second per client address (bursts of 5 s worth).")
+def serve(host: str, port: int, db: str | None, allow: tuple[str, ...], max_body: int, min_opens: int,
+          full: bool, threads: int, **guards: Any) -> None:
     """Verify and count receipts over HTTP until TERM or INT."""
+
     import platformdirs
-    from waitress.server import create_server
 
-    from tops_job.aggregator.app import AggregatorApp
-    from tops_job.aggregator.store import Store
+    from tops_job.aggregator.service import Settings, UnusableDatabase, start
+    from tops_job.errors import ExitCode
 
-    db = db or Path(os.environ.get("TOPS_JOB_DATA_DIR") or platformdirs.user_data_dir("tops-job")) / "aggregator.sqlite3"
+    db = db or str(Path(os.environ.get("TOPS_JOB_DATA_DIR") or platformdirs.user_data_dir("tops-job")) / "aggregator.sqlite3")
     allowed = load_allow(allow)
-    store = Store(db)
-    app = AggregatorApp(store, max_body=max_body, min_opens=min_opens, allow=allowed, full=full)
-    # waitress answers its own (plain) 413 only far above our limit; up to there the app answers in JSON
-    server = create_server(app, host=host, port=port, threads=threads, max_request_body_size=4 * max_body + 65536,
-                           connection_limit=1000, channel_timeout=60, ident="tops-job-aggregator",
-                           clear_untrusted_proxy_headers=True)
-    bound = getattr(server, "effective_port", port)
-    click.echo(f"[aggregator] serving on http://{host}:{bound} (db {db}, min opens {min_opens}"
-               + (f", {len(allowed)} allowed keys" if allowed is not None else "") + ")", err=True)
-    sys.stderr.flush()
+    guards["workers"] = guards["workers"] or os.cpu_count() or 1
+    guards["challenge_ttl_s"] = guards.pop("challenge_ttl")
+    settings = Settings(db=db, host=host, port=port, allow=allowed, max_body=max_body, min_opens=min_opens, full=full,
+                        threads=threads, **guards)
 
-    def on_signal(signum: int, frame: Any) -> None:
-        raise SystemExit(0)
+    def announce(line: str) -> None:
+        click.echo(f"[aggregator] {line}", err=True)
+        sys.stderr.flush()
 
-    signal.signal(signal.SIGTERM, on_signal)  # also as PID 1, where TERM is otherwise ignored
     try:
-        server.run()
-    except (KeyboardInterrupt, SystemExit):
-        pass
-    finally:
-        server.close()
-        store.close()
-        click.echo("[aggregator] stopped", err=True)
+        status = start(settings, announce)
+    except UnusableDatabase as exc:
+        click.echo(f"[aggregator] error: {exc}", err=True)
+        sys.exit(ExitCode.CONFIG_ERROR)
+    except OSError as exc:
+        click.echo(f"[aggregator] error: cannot listen on {host}:{port}: {exc.strerror or exc}", err=True)
+        sys.exit(ExitCode.CONFIG_ERROR)
+    click.echo("[aggregator] stopped", err=True)
+    sys.exit(status)

@@ -3,6 +3,8 @@
 Each server thread has its own connection; writes are short `BEGIN IMMEDIATE`
 transactions, so concurrent requests serialise on the database, never on verification.
 A receipt is counted once: `digest` is the primary key and `(did, nonce)` is unique.
+The schema is `migrations.MIGRATIONS`; `store_pg.PostgresStore` runs these same queries on
+PostgreSQL (the SQL here is the dialect both speak).
 """
 
 from __future__ import annotations
@@ -13,97 +15,154 @@ import threading
 from pathlib import Path
 from typing import Any
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS receipts (
-    digest TEXT PRIMARY KEY,
-    did TEXT NOT NULL,
-    nonce TEXT NOT NULL,
-    pubkey TEXT NOT NULL,
-    run_id TEXT NOT NULL,
-    attempt INTEGER NOT NULL,
-    ops INTEGER NOT NULL,
-    started_ms INTEGER NOT NULL,
-    challenge TEXT,
-    accepted_ms INTEGER NOT NULL,
-    receipt TEXT NOT NULL,
-    UNIQUE (did, nonce)
-);
-CREATE INDEX IF NOT EXISTS receipts_run ON receipts (run_id);
-CREATE TABLE IF NOT EXISTS challenges (
-    challenge TEXT PRIMARY KEY,
-    did TEXT NOT NULL,
-    issued_ms INTEGER NOT NULL,
-    expires_ms INTEGER NOT NULL
-);
-"""
+from tops_job.aggregator.migrations import migrate, rollback_quietly
 
 ACCEPTED, DUPLICATE, REPLAY = "accepted", "duplicate", "replay"
+MAX_OPEN_CHALLENGES_PER_DID = 64  # unexpired challenges no receipt has used yet
+
+
+class TooManyChallenges(Exception):
+    """This did holds MAX_OPEN_CHALLENGES_PER_DID unused, unexpired challenges already."""
 
 
 class Store:
+    dialect = "sqlite"
+    begin = "BEGIN IMMEDIATE"
+
     def __init__(self, path: Path | str):
         self.path = str(path)
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        self._all: list[sqlite3.Connection] = []
+        self._all: list[Any] = []
         self._lock = threading.Lock()
         conn = self._conn()
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.executescript(SCHEMA)
+        if self.dialect == "sqlite":
+            conn.execute("PRAGMA journal_mode=WAL")
+        migrate(conn, self.dialect, self.begin)
 
-    def _conn(self) -> sqlite3.Connection:
+    def _connect(self) -> Any:
+        conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA synchronous=FULL")  # a 200 means it survives power loss
+        conn.execute("PRAGMA busy_timeout=30000")
+        return conn
+
+    def _conn(self) -> Any:
         conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA synchronous=FULL")  # a 200 means it survives power loss
-            conn.execute("PRAGMA busy_timeout=30000")
+        if conn is None or getattr(conn, "broken", False):
+            conn = self._connect()
             self._local.conn = conn
             with self._lock:
                 self._all.append(conn)
         return conn
 
     def add_receipt(self, *, digest: str, did: str, nonce: str, pubkey: str, run_id: str, attempt: int, ops: int,
-                    started_ms: int, challenge: str | None, accepted_ms: int, receipt: str) -> str:
+                    started_ms: int, challenge: str | None, accepted_ms: int, receipt: str,
+                    challenge_elapsed_ms: int | None = None) -> str:
         """ACCEPTED (stored now), DUPLICATE (this digest was stored before) or REPLAY
         (the (did, nonce) was stored with another digest)."""
+        return self.add_receipts([dict(digest=digest, did=did, nonce=nonce, pubkey=pubkey, run_id=run_id, attempt=attempt,
+                                       ops=ops, started_ms=started_ms, challenge=challenge, accepted_ms=accepted_ms,
+                                       receipt=receipt, challenge_elapsed_ms=challenge_elapsed_ms)])[0]
+
+    def add_receipts(self, items: list[dict[str, Any]]) -> list[str]:
+        """add_receipt for several receipts in one transaction (one commit, one fsync): the
+        outcome of each, in order. A digest twice in `items` is ACCEPTED then DUPLICATE."""
         conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
+        conn.execute(self.begin)
         try:
-            cursor = conn.execute(
-                "INSERT OR IGNORE INTO receipts (digest, did, nonce, pubkey, run_id, attempt, ops, started_ms, challenge,"
-                " accepted_ms, receipt) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (digest, did, nonce, pubkey, run_id, attempt, ops, started_ms, challenge, accepted_ms, receipt))
-            if cursor.rowcount == 1:
-                outcome = ACCEPTED
-            elif conn.execute("SELECT 1 FROM receipts WHERE digest = ?", (digest,)).fetchone():
-                outcome = DUPLICATE
-            else:
-                outcome = REPLAY
+            outcomes = []
+            for item in items:
+                cursor = conn.execute(
+                    "INSERT INTO receipts (digest, did, nonce, pubkey, run_id, attempt, ops, started_ms, challenge,"
+                    " accepted_ms, receipt, challenge_elapsed_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                    " ON CONFLICT DO NOTHING",
+                    (item["digest"], item["did"], item["nonce"], item["pubkey"], item["run_id"], item["attempt"], item["ops"],
+                     item["started_ms"], item["challenge"], item["accepted_ms"], item["receipt"],
+                     item.get("challenge_elapsed_ms")))
+                if cursor.rowcount == 1:
+                    outcomes.append(ACCEPTED)
+                elif conn.execute("SELECT 1 FROM receipts WHERE digest = ?", (item["digest"],)).fetchone():
+                    outcomes.append(DUPLICATE)
+                else:
+                    outcomes.append(REPLAY)
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            rollback_quietly(conn)
             raise
-        return outcome
+        return outcomes
 
-    def issue_challenge(self, did: str, now_ms: int, ttl_ms: int) -> dict[str, Any]:
+    def stored_receipt(self, digest: str) -> tuple[str, str] | None:
+        """(pubkey hex, receipt line) of an accepted receipt, to answer a resend without
+        verifying it again."""
+        row = self._conn().execute("SELECT pubkey, receipt FROM receipts WHERE digest = ?", (digest,)).fetchone()
+        return None if row is None else (row[0], row[1])
+
+    def issue_challenge(self, did: str, now_ms: int, ttl_ms: int, *, issuer: str | None = None,
+                        mono_ns: int | None = None) -> dict[str, Any]:
+        """A fresh challenge for `did`. Raises TooManyChallenges when `did` already holds
+        its share of unused, unexpired ones."""
+        conn = self._conn()
+        open_count = conn.execute(
+            "SELECT COUNT(*) FROM challenges c WHERE c.did = ? AND c.expires_ms >= ?"
+            " AND NOT EXISTS (SELECT 1 FROM receipts r WHERE r.challenge = c.challenge)", (did, now_ms)).fetchone()[0]
+        if open_count >= MAX_OPEN_CHALLENGES_PER_DID:
+            raise TooManyChallenges(did)
         challenge = secrets.token_hex(32)
-        self._conn().execute("INSERT INTO challenges (challenge, did, issued_ms, expires_ms) VALUES (?, ?, ?, ?)",
-                             (challenge, did, now_ms, now_ms + ttl_ms))
+        conn.execute("INSERT INTO challenges (challenge, did, issued_ms, expires_ms, issuer, issued_mono_ns)"
+                     " VALUES (?, ?, ?, ?, ?, ?)", (challenge, did, now_ms, now_ms + ttl_ms, issuer, mono_ns))
         return {"challenge": challenge, "issued_ms": now_ms, "expires_ms": now_ms + ttl_ms}
 
+    def purge_challenges(self, now_ms: int) -> int:
+        """Delete expired challenges no receipt names (those stay: they date a rate floor)."""
+        cursor = self._conn().execute(
+            "DELETE FROM challenges WHERE expires_ms < ?"
+            " AND NOT EXISTS (SELECT 1 FROM receipts r WHERE r.challenge = challenges.challenge)", (now_ms,))
+        return max(cursor.rowcount, 0)
+
     def challenge(self, challenge: str) -> dict[str, Any] | None:
-        row = self._conn().execute("SELECT did, issued_ms, expires_ms FROM challenges WHERE challenge = ?",
-                                   (challenge,)).fetchone()
-        return None if row is None else {"did": row[0], "issued_ms": row[1], "expires_ms": row[2]}
+        row = self._conn().execute("SELECT did, issued_ms, expires_ms, issuer, issued_mono_ns FROM challenges"
+                                   " WHERE challenge = ?", (challenge,)).fetchone()
+        return None if row is None else {"did": row[0], "issued_ms": row[1], "expires_ms": row[2],
+                                         "issuer": row[3], "issued_mono_ns": row[4]}
 
     def count(self) -> int:
         return self._conn().execute("SELECT COUNT(*) FROM receipts").fetchone()[0]
 
+    def count_challenges(self) -> int:
+        return self._conn().execute("SELECT COUNT(*) FROM challenges").fetchone()[0]
+
+    def record_rejection(self, did: str, reason: str, now_ms: int) -> None:
+        """Count a rejection against a did the fleet view knows (one with an accepted
+        receipt): a rejected receipt's did is unauthenticated, so strangers are not stored."""
+        self._conn().execute(
+            "INSERT INTO rejections (did, reason, count, last_ms) SELECT ?, ?, 1, ?"
+            " WHERE EXISTS (SELECT 1 FROM receipts WHERE did = ?)"
+            " ON CONFLICT (did, reason) DO UPDATE SET count = rejections.count + 1, last_ms = excluded.last_ms",
+            (did, reason, now_ms, did))
+
+    def record_rejections(self, items: list[tuple[str, str, int, int]]) -> None:
+        """record_rejection for many (did, reason, count, last_ms) at once, in one transaction."""
+        conn = self._conn()
+        conn.execute(self.begin)
+        try:
+            for did, reason, count, last_ms in items:
+                conn.execute(
+                    "INSERT INTO rejections (did, reason, count, last_ms) SELECT ?, ?, ?, ?"
+                    " WHERE EXISTS (SELECT 1 FROM receipts WHERE did = ?)"
+                    " ON CONFLICT (did, reason) DO UPDATE SET count = rejections.count + excluded.count,"
+                    " last_ms = excluded.last_ms", (did, reason, count, last_ms, did))
+            conn.execute("COMMIT")
+        except BaseException:
+            rollback_quietly(conn)
+            raise
+
     def run_report(self, run_id: str, did: str | None = None) -> dict[str, Any] | None:
         """Accepted receipts of a run, total ops and, per run challenge, the verified rate
-        floor Σ ops / (last accepted − challenge issued) (spec §8)."""
-        query = "SELECT did, ops, accepted_ms, challenge FROM receipts WHERE run_id = ?"
+        floor (spec §8, §9)."""
+        from tops_job.aggregator.fleet import run_report
+
+        query = "SELECT did, ops, accepted_ms, challenge, challenge_elapsed_ms FROM receipts WHERE run_id = ?"
         args: tuple[Any, ...] = (run_id,)
         if did is not None:
             query += " AND did = ?"
@@ -111,32 +170,26 @@ class Store:
         rows = self._conn().execute(query, args).fetchall()
         if not rows:
             return None
-        groups: dict[str, list[tuple[int, int]]] = {}
-        for _did, ops, accepted_ms, challenge in rows:
-            if challenge:
-                groups.setdefault(challenge, []).append((ops, accepted_ms))
-        challenges = []
-        for challenge, items in groups.items():
-            issued = self.challenge(challenge)
-            if issued is None:
-                continue
-            ops_total = sum(ops for ops, _ in items)
-            last = max(accepted for _, accepted in items)
-            seconds = max(last - issued["issued_ms"], 1) / 1000.0
-            challenges.append({"challenge": challenge, "issued_ms": issued["issued_ms"], "last_accepted_ms": last,
-                               "receipts": len(items), "ops_total": ops_total,
-                               "rate_floor_ops_per_s": ops_total / seconds})
-        report: dict[str, Any] = {
-            "run_id": run_id, "dids": sorted({row[0] for row in rows}), "receipts": len(rows),
-            "ops_total": sum(row[1] for row in rows), "first_accepted_ms": min(row[2] for row in rows),
-            "last_accepted_ms": max(row[2] for row in rows), "challenges": challenges,
-            "rate_floor_ops_per_s": None,
-        }
-        if len(challenges) == 1:
-            report["challenge_issued_ms"] = challenges[0]["issued_ms"]
-            report["rate_floor_ops_per_s"] = challenges[0]["rate_floor_ops_per_s"]
-            report["rate_floor_tflops"] = challenges[0]["rate_floor_ops_per_s"] / 1e12
-        return report
+        return run_report(run_id, rows, self.challenge)
+
+    def fleet_rows(self, after: str = "", limit: int = 1_000_000) -> list[tuple[Any, ...]]:
+        """(did, receipts, ops, first accepted, last accepted, runs) per did, in did order,
+        from the first did after `after`."""
+        return [tuple(row) for row in self._conn().execute(
+            "SELECT did, COUNT(*), CAST(SUM(ops) AS BIGINT), MIN(accepted_ms), MAX(accepted_ms), COUNT(DISTINCT run_id)"
+            " FROM receipts WHERE did > ? GROUP BY did ORDER BY did LIMIT ?", (after, limit)).fetchall()]
+
+    def did_rows(self, did: str) -> list[tuple[Any, ...]]:
+        """(run_id, ops, accepted_ms, challenge, challenge_elapsed_ms) of each receipt of `did`."""
+        return [tuple(row) for row in self._conn().execute(
+            "SELECT run_id, ops, accepted_ms, challenge, challenge_elapsed_ms FROM receipts WHERE did = ?"
+            " ORDER BY accepted_ms", (did,)).fetchall()]
+
+    def rejections(self, did: str | None = None) -> list[tuple[Any, ...]]:
+        query, args = "SELECT did, reason, count, last_ms FROM rejections", ()  # type: tuple[str, tuple[str, ...]]
+        if did is not None:
+            query, args = query + " WHERE did = ?", (did,)
+        return [tuple(row) for row in self._conn().execute(query + " ORDER BY did, reason", args).fetchall()]
 
     def close(self) -> None:
         with self._lock:
@@ -144,5 +197,5 @@ class Store:
         for conn in conns:
             try:
                 conn.close()
-            except sqlite3.Error:
+            except Exception:
                 pass

@@ -1,0 +1,135 @@
+"""What keeps one aggregator process standing under hostile clients: a receipt's cost read
+from its header before any work, length caps on every stored string, a bounded number of
+verifications at once, per-client limits on /challenge, and the step-free clock that dates
+rate floors.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Any
+
+from tops_job.spec.verify import SPOT_COLUMNS
+
+# Stored strings: the did keys the fleet view and every index; the device and backend names
+# are labels. The rest of a receipt is hex of fixed length or bounded by opens × tile.
+MAX_STRING = {"did": 256, "device": 256, "backend": 64, "dtype": 32}
+MAX_TELEMETRY_ENTRIES = 32
+MAX_TELEMETRY_KEY = 64
+
+# Elements of A and B generated to check one receipt: per opening one row of A and one row
+# of Bt per checked column, k elements each (spec §8.5). 2^25 int32 elements ≈ 128 MiB of
+# rows; the default CPU receipt (k = 3392, 16 opens) costs 0.5 M.
+DEFAULT_MAX_COST = 1 << 25
+
+
+def string_problem(receipt: Any) -> tuple[str, str] | None:
+    """(code, detail) when a string the aggregator would store is over its cap."""
+    if not isinstance(receipt, dict):
+        return None
+    for name, cap in MAX_STRING.items():
+        value = receipt.get(name)
+        if isinstance(value, str) and len(value) > cap:
+            return "field_too_long", f"{name} is {len(value)} characters; this aggregator stores at most {cap}"
+    telemetry = receipt.get("telemetry")
+    if isinstance(telemetry, dict):
+        if len(telemetry) > MAX_TELEMETRY_ENTRIES:
+            return "field_too_long", f"telemetry has {len(telemetry)} entries; at most {MAX_TELEMETRY_ENTRIES}"
+        if any(isinstance(key, str) and len(key) > MAX_TELEMETRY_KEY for key in telemetry):
+            return "field_too_long", f"a telemetry name is over {MAX_TELEMETRY_KEY} characters"
+    return None
+
+
+def receipt_cost(receipt: Any, *, full: bool) -> int | None:
+    """Elements generated to verify `receipt`, from its header alone; None when the header
+    is not well-formed enough to say (the verifier then rejects it cheaply)."""
+    if not isinstance(receipt, dict):
+        return None
+    values: list[int] = []
+    for name in ("n", "k", "tile", "opens"):
+        value = receipt.get(name)
+        if type(value) is not int or value <= 0:
+            return None
+        values.append(value)
+    n, k, tile, opens = values
+    width = min(tile, n)
+    columns = width if full else min(width, SPOT_COLUMNS)
+    return opens * k * (1 + columns)
+
+
+class VerifyGate:
+    """At most `slots` verifications at once in this process, plus one lane kept for cheap
+    receipts (cost ≤ `cheap_cost`): a flood of costly receipts, each within the cap, fills the
+    slots but never makes an ordinary receipt wait behind all of them. A request that waits
+    longer than `wait_s` is answered 503 (transient) rather than queued without bound."""
+
+    def __init__(self, slots: int, wait_s: float = 5.0, cheap_cost: int = DEFAULT_MAX_COST // 16):
+        self.slots = slots
+        self.wait_s = wait_s
+        self.cheap_cost = cheap_cost
+        self._sem = threading.BoundedSemaphore(slots)
+        self._cheap = threading.BoundedSemaphore(1)
+        self._lock = threading.Lock()
+        self.busy = 0
+
+    def acquire(self, cost: int | None = None) -> str | None:
+        """A token for release(), or None when no slot freed in time."""
+        if cost is not None and cost <= self.cheap_cost:
+            if self._sem.acquire(blocking=False):
+                token = "slot"
+            elif self._cheap.acquire(timeout=self.wait_s):
+                token = "cheap"
+            else:
+                return None
+        elif self._sem.acquire(timeout=self.wait_s):
+            token = "slot"
+        else:
+            return None
+        with self._lock:
+            self.busy += 1
+        return token
+
+    def release(self, token: str = "slot") -> None:
+        with self._lock:
+            self.busy -= 1
+        (self._cheap if token == "cheap" else self._sem).release()
+
+
+class RateLimiter:
+    """A token bucket per client address: `rate` per second, bursts of `burst`. At most
+    `max_clients` buckets are kept (the least recently used go first)."""
+
+    def __init__(self, rate: float, burst: int, max_clients: int = 10_000, clock: Any = time.monotonic):
+        self.rate, self.burst, self.max_clients, self.clock = rate, burst, max_clients, clock
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, client: str) -> float:
+        """0 when allowed now, else the seconds until a token is available."""
+        now = self.clock()
+        with self._lock:
+            tokens, then = self._buckets.pop(client, (float(self.burst), now))
+            tokens = min(float(self.burst), tokens + (now - then) * self.rate)
+            wait = 0.0
+            if tokens >= 1:
+                tokens -= 1
+            else:
+                wait = (1 - tokens) / self.rate
+            self._buckets[client] = (tokens, now)  # re-inserted: dict order is recency
+            while len(self._buckets) > self.max_clients:
+                self._buckets.pop(next(iter(self._buckets)))
+        return wait
+
+
+def clock_domain() -> str:
+    """Names the CLOCK_MONOTONIC this process reads: every process of one boot of one host
+    shares it (the kernel's boot id); elsewhere, this process alone."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as handle:
+            return "boot:" + handle.read().strip()
+    except OSError:
+        return f"proc:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"

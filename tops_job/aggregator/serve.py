@@ -1,0 +1,283 @@
+"""How the aggregator serves: waitress on poll(), guarded, in one process or several.
+
+Waitress with `select()` dies on the first file descriptor ≥ 1024 and lets a client hold a
+connection open forever by sending a header line now and then. Here:
+
+- poll() (no descriptor ceiling), connections accepted in batches, and a connection limit computed from RLIMIT_NOFILE (raised
+  to its hard limit first) so the process never runs out of descriptors;
+- near the limit, the least recently active connections not being served are closed to
+  make room, rather than honest clients waiting behind them;
+- a request must deliver its headers within `header_timeout` and its body within
+  `body_timeout` of its first byte, however slowly it trickles; an idle keep-alive
+  connection is closed after `idle_timeout`.
+
+Several processes (`workers`): the parent binds the port once (SO_REUSEPORT, not listening:
+it holds the port), opens the database (and migrates it) to fail fast, then forks workers
+that each listen on the port with a socket of their own, so the kernel spreads connections
+evenly over them (one shared socket let whichever worker woke first take a whole burst of
+keep-alive connections) — verification is CPU-bound Python, so threads of one process share
+one core through the GIL while processes use every core. A worker that dies is replaced. Pre-fork over gunicorn:
+the parent keeps the `serving on` line and exit codes the tests and operators rely on, the
+guards above live in one server class, and nothing new is installed.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import os
+import resource
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from waitress.adjustments import Adjustments
+from waitress.channel import HTTPChannel
+from waitress.server import TcpWSGIServer
+
+log = logging.getLogger("tops_job.aggregator")
+
+ACCEPT_BATCH = 256
+FD_RESERVE = 64  # descriptors kept for the database, logs, the trigger pipe and the listener
+
+
+def raise_fd_limit() -> int:
+    """Raise RLIMIT_NOFILE's soft limit to the hard one where allowed; the soft limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+def connection_limit(requested: int | None, threads: int) -> int:
+    """The most connections one process may hold: what was asked, and safely under the
+    descriptor limit whatever was asked."""
+    ceiling = max(16, raise_fd_limit() - FD_RESERVE - 2 * threads)
+    return min(requested, ceiling) if requested else ceiling
+
+
+class GuardedChannel(HTTPChannel):
+    request_began = 0.0  # monotonic time the first byte of the request being read arrived
+
+    def received(self, data: bytes) -> bool:
+        if self.request is None and data:
+            self.request_began = time.monotonic()
+        return bool(super().received(data))
+
+
+class GuardedServer(TcpWSGIServer):
+    channel_class = GuardedChannel
+    header_timeout = 10.0
+    body_timeout = 30.0
+    on_maintenance: Callable[[GuardedServer], None] | None = None
+    shed_count = 0
+    slow_closed = 0
+
+    def maintenance(self, now: float) -> None:
+        super().maintenance(now)  # idle keep-alive connections (channel_timeout)
+        mono = time.monotonic()
+        for channel in list(self.active_channels.values()):
+            request = getattr(channel, "request", None)
+            if request is None or channel.requests or channel.will_close:
+                continue
+            limit = self.header_timeout if not request.headers_finished else self.header_timeout + self.body_timeout
+            if mono - channel.request_began > limit:
+                channel.will_close = True
+                self.slow_closed += 1
+        if self.on_maintenance is not None:
+            self.on_maintenance(self)
+
+    def handle_accept(self) -> None:
+        """Accept every waiting connection (up to a batch), not one per loop: each turn of the
+        loop visits every open connection, so one accept a turn drains a backlog of thousands
+        of connections slowly, and an honest client waits behind it."""
+        for _ in range(ACCEPT_BATCH):
+            if len(self._map) >= self.adj.connection_limit:
+                return
+            try:
+                accepted = self.accept()
+                if accepted is None:
+                    return
+                conn, addr = accepted
+                self.set_socket_options(conn)
+            except OSError:
+                return
+            self.channel_class(self, conn, self.fix_addr(addr), self.adj, map=self._map)
+
+    def readable(self) -> bool:
+        if self.accepting:
+            self._shed()
+        return bool(super().readable())
+
+    def _shed(self) -> None:
+        """Near the limit, close the least recently active connections that are not being
+        served, so that new clients are accepted at once instead of queueing behind them
+        (least recent first: a client that just connected and is sending is the newest)."""
+        limit = self.adj.connection_limit
+        soft = limit - max(8, limit // 10)
+        excess = len(self._map) - soft - sum(1 for c in self.active_channels.values() if c.will_close)
+        if excess <= 0:
+            return
+        candidates = (c for c in self.active_channels.values()
+                      if not c.requests and not c.will_close and not c.total_outbufs_len)
+        for channel in heapq.nsmallest(excess, candidates, key=lambda c: c.last_activity):
+            channel.will_close = True
+            self.shed_count += 1
+
+
+def bind(host: str, port: int, backlog: int = 2048, *, shared: bool = False, listen: bool = True) -> socket.socket:
+    """A TCP socket on (host, port). `shared`: SO_REUSEPORT, so each worker can listen on
+    the port with its own socket and the kernel spreads connections over them; the parent
+    keeps one bound but not listening (it holds the port, and takes no connections)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if shared:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    if listen:
+        sock.listen(backlog)
+    sock.setblocking(False)
+    return sock
+
+
+def quiet_queue_warnings() -> None:
+    """waitress warns "Task queue depth is N" whenever every thread is busy: with bounded
+    verification slots that is the expected state under load, not news for the log."""
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+
+
+def make_server(app: Any, sock: socket.socket, *, threads: int, limit: int, header_timeout: float, body_timeout: float,
+                idle_timeout: int, max_request_body_size: int) -> GuardedServer:
+    quiet_queue_warnings()
+    adj = Adjustments(sockets=[sock], threads=threads, connection_limit=limit, channel_timeout=idle_timeout,
+                      cleanup_interval=1, asyncore_use_poll=True, max_request_body_size=max_request_body_size,
+                      recv_bytes=65536,  # a 100-300 KB receipt in a few reads, not dozens of loop turns
+                      backlog=2048, ident="tops-job-aggregator", clear_untrusted_proxy_headers=True)
+    server = GuardedServer(app, map={}, _start=True, _sock=sock, adj=adj,
+                           sockinfo=(sock.family, sock.type, sock.proto, sock.getsockname()), bind_socket=False)
+    server.header_timeout = header_timeout
+    server.body_timeout = body_timeout
+    return server
+
+
+def _serve_forever(server: GuardedServer) -> None:
+    def on_signal(signum: int, frame: Any) -> None:
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, on_signal)  # also as PID 1, where TERM is otherwise ignored
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        server.run()
+    except (KeyboardInterrupt, SystemExit):
+        pass
+    finally:
+        server.close()
+
+
+Built = tuple[Any, Callable[[], None], Callable[[Any], None]]  # (WSGI app, close, once-a-second tick)
+
+
+def run(build: Callable[[], Built], sock: socket.socket, *, workers: int,
+        server_options: dict[str, Any], on_worker_exit: Callable[[int], None] | None = None) -> int:
+    """Serve until TERM or INT. `build()` makes (WSGI app, close, tick) in the process that
+    serves it (after the fork: database connections never cross one). Returns the exit status."""
+    if workers <= 1:
+        _serve_built(build, sock, server_options)
+        return 0
+    return _prefork(build, sock, workers, server_options, on_worker_exit)
+
+
+def _serve_built(build: Callable[[], Built], sock: socket.socket, server_options: dict[str, Any]) -> None:
+    # A thread waiting for the GIL (the poll loop, a cheap verification) gets it after 1 ms
+    # instead of 5 behind a costly verification's Python-level work.
+    sys.setswitchinterval(0.001)
+    app, close, tick = build()
+    try:
+        server = make_server(app, sock, **server_options)
+        server.on_maintenance = tick
+        _serve_forever(server)
+    finally:
+        close()
+
+
+def _prefork(build: Callable[[], Built], sock: socket.socket, workers: int,
+             server_options: dict[str, Any], on_worker_exit: Callable[[int], None] | None) -> int:
+    children: dict[int, float] = {}  # pid -> start time
+    stopping = False
+    quick_deaths = 0
+
+    def spawn() -> None:
+        sys.stderr.flush()
+        stop_signals = {signal.SIGTERM, signal.SIGINT}
+        signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)  # none may land between fork and the handlers
+        pid = os.fork()
+        if pid != 0:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
+        if pid == 0:  # the worker
+            status = 0
+            try:
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                # Until it serves, a TERM or INT ends the worker at once (not the parent's
+                # handler, which would swallow it and leave a worker nobody stops).
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
+                host, port = sock.getsockname()[:2]
+                own = bind(host, port, shared=True)  # this worker's queue of the port's connections
+                sock.close()
+                _serve_built(build, own, server_options)
+            except BaseException:
+                log.exception("aggregator worker %d failed", os.getpid())
+                status = 1
+            finally:
+                sys.stderr.flush()
+                os._exit(status)
+        children[pid] = time.monotonic()
+
+    def on_stop(signum: int, frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in list(children):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    for _ in range(workers):
+        spawn()
+    status = 0
+    while children:
+        try:
+            pid, code = os.wait()
+        except InterruptedError:
+            continue
+        except ChildProcessError:
+            break
+        started = children.pop(pid, None)
+        if started is None:
+            continue
+        if on_worker_exit is not None:
+            on_worker_exit(pid)
+        if stopping:
+            continue
+        log.error("aggregator worker %d exited (status %d); starting another", pid, os.waitstatus_to_exitcode(code))
+        quick_deaths = quick_deaths + 1 if time.monotonic() - started < 2.0 else 0
+        if quick_deaths >= 5:
+            log.error("aggregator workers keep dying at start; stopping")
+            on_stop(signal.SIGTERM, None)
+            status = 1
+            continue
+        spawn()
+    sock.close()
+    return status

@@ -1,0 +1,130 @@
+"""The aggregator put together: the store (SQLite or PostgreSQL), the application with its
+guards, the fleet views and /metrics, served by `serve.run` in one or several processes."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sqlite3
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from tops_job.aggregator import guard
+from tops_job.aggregator.migrations import SchemaTooNew, StorageUnavailable
+
+log = logging.getLogger("tops_job.aggregator")
+
+
+class UnusableDatabase(Exception):
+    """The database cannot be opened, created or migrated: a configuration problem (exit 2)."""
+
+
+@dataclass
+class Settings:
+    db: str
+    host: str = "127.0.0.1"
+    port: int = 8081
+    allow: set[str] | None = None
+    max_body: int = 4 * 1024 * 1024
+    min_opens: int = 16
+    full: bool = False
+    threads: int = 8
+    workers: int = 1
+    connection_limit: int | None = None
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    idle_timeout: int = 60
+    max_cost: int = guard.DEFAULT_MAX_COST
+    verify_slots: int = 2
+    challenge_ttl_s: int = 24 * 3600
+    challenge_rate: float = 20.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def open_store(db: str) -> Any:
+    """The store for `db` (a path or postgresql:// DSN), created and migrated; raises
+    UnusableDatabase naming the problem."""
+    from tops_job.aggregator.store_pg import open_store as _open
+
+    try:
+        return _open(db)
+    except (sqlite3.Error, OSError, StorageUnavailable, SchemaTooNew) as exc:
+        what = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UnusableDatabase(f"cannot use the database {describe(db)} (--db / TOPS_JOB_AGGREGATOR_DB): {what}") from None
+
+
+def describe(db: str) -> str:
+    from tops_job.aggregator.store_pg import is_dsn
+
+    if is_dsn(db):
+        from psycopg.conninfo import conninfo_to_dict
+
+        try:
+            parts = conninfo_to_dict(db)
+            return f"postgresql://{parts.get('user', '')}@{parts.get('host', '')}:{parts.get('port', '')}/{parts.get('dbname', '')}"
+        except Exception:
+            return "postgresql://…"
+    return db
+
+
+def build_app(settings: Settings, store: Any, metrics: Any) -> tuple[Any, Any]:
+    """(the WSGI app with fleet views and /metrics, its verification gate)."""
+    from tops_job.aggregator.app import AggregatorApp
+    from tops_job.aggregator.fleet import FleetViews
+    from tops_job.aggregator.metrics import MetricsMiddleware, TimedStore
+
+    timed = TimedStore(store, metrics)
+    gate = guard.VerifyGate(settings.verify_slots, cheap_cost=max(1, settings.max_cost // 16))
+    app = AggregatorApp(timed, max_body=settings.max_body, min_opens=settings.min_opens, allow=settings.allow,  # type: ignore[arg-type]
+                        full=settings.full, max_cost=settings.max_cost, gate=gate,
+                        challenge_limiter=guard.RateLimiter(rate=settings.challenge_rate, burst=max(1, int(settings.challenge_rate * 5))),
+                        challenge_ttl_ms=settings.challenge_ttl_s * 1000, events=metrics, **settings.extra)
+    return MetricsMiddleware(FleetViews(app, timed), metrics, gate), gate
+
+
+def start(settings: Settings, announce: Callable[[str], None]) -> int:
+    """Check the database, bind, announce, serve until TERM/INT. Raises UnusableDatabase
+    (and OSError when the port cannot be bound) before serving."""
+    from tops_job.aggregator import serve
+    from tops_job.aggregator.metrics import AggregatorMetrics, enable_multiprocess
+
+    store = open_store(settings.db)  # fail fast, in one place; migrations run once, here
+    many = settings.workers > 1
+    sock = serve.bind(settings.host, settings.port, shared=many, listen=not many)
+    limit = serve.connection_limit(settings.connection_limit, settings.threads)
+    multiproc_dir = tempfile.mkdtemp(prefix="tops-job-aggregator-metrics-") if settings.workers > 1 else None
+    if settings.workers > 1:
+        store.close()  # workers open their own connections after the fork
+
+    def build() -> serve.Built:
+        if multiproc_dir:
+            enable_multiprocess(multiproc_dir)
+        from tops_job.aggregator.group_commit import GroupCommitStore
+
+        worker_store = GroupCommitStore(open_store(settings.db) if settings.workers > 1 else store)
+        metrics = AggregatorMetrics()
+        app, _gate = build_app(settings, worker_store, metrics)
+        return app, worker_store.close, metrics.server_tick
+
+    def on_exit(pid: int) -> None:
+        if multiproc_dir:
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(pid, multiproc_dir)
+
+    host, port = sock.getsockname()[:2]
+    announce(f"serving on http://{settings.host if ':' not in settings.host else '[' + settings.host + ']'}:{port}"
+             f" (db {describe(settings.db)}, min opens {settings.min_opens}, {settings.workers} worker"
+             f"{'s' if settings.workers != 1 else ''}, connection limit {limit} each"
+             + (f", {len(settings.allow)} allowed keys" if settings.allow is not None else "") + ")")
+    options = {"threads": settings.threads, "limit": limit, "header_timeout": settings.header_timeout,
+               "body_timeout": settings.body_timeout, "idle_timeout": settings.idle_timeout,
+               # waitress answers its own (plain) 413 only far above our limit; up to there the app answers in JSON
+               "max_request_body_size": 4 * settings.max_body + 65536}
+    try:
+        return serve.run(build, sock, workers=settings.workers, server_options=options, on_worker_exit=on_exit)
+    finally:
+        if multiproc_dir:
+            shutil.rmtree(multiproc_dir, ignore_errors=True)
