@@ -26,14 +26,27 @@ import numpy as np
 from tops_job.spec import commitment as v1_commitment
 from tops_job.spec.canonical import digest_of as v1_digest_of
 from tops_job.spec.errors import ReceiptInvalid
-from tops_job.spec.inputs import attempt_seed as v1_seed, fill_elements, matrix_key, padded_size
+from tops_job.spec.inputs import attempt_seed as v1_seed
+from tops_job.spec.inputs import fill_elements, matrix_key, padded_size
 from tops_job.spec.merkle import MerkleTree, leaf_hash
 from tops_job.spec.receipt import build_body
 from tops_job.spec.signing import LocalKeySigner
+from tops_job.spec.v2 import (
+    CHALLENGE,
+    FIAT_SHAMIR,
+    S_DEFAULT,
+    S_FS,
+    attempt_seed,
+    build_header,
+    challenge_leaves,
+    check_commitment,
+    check_opened,
+    digest_of,
+    fs_leaves,
+    make_openings,
+    nonce_from_challenge,
+)
 from tops_job.spec.verify import verify_receipt
-from tops_job.spec.v2 import (CHALLENGE, FIAT_SHAMIR, S_DEFAULT, S_FS, attempt_seed, build_header, challenge_leaves,
-                              check_commitment, check_opened, digest_of, fs_leaves, make_openings,
-                              nonce_from_challenge)
 
 M, N, K, TILE = 32, 64, 256, 4  # L = 512 leaves
 SIGNER = LocalKeySigner(bytes(31) + b"\x05")

@@ -4,20 +4,33 @@ encodings, the header-computed cost cap, and the attacks of issue 11 at the libr
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import numpy as np
 import pytest
 
+from tests.spec.v2_helpers import THIEF_SECRET, make, product, resigned
 from tops_job.spec.errors import ReceiptInvalid
-from tops_job.spec.v2 import (COST_CAP, FIAT_SHAMIR, S_DEFAULT, S_FS, KeptCommitment, VerifierBusy,
-                              challenge_leaves, check_commitment, check_opened, cost_of, fs_leaves, leaf_count,
-                              max_tile_for, parse_json, verify_challenge_transcript, verify_fs_receipt)
+from tops_job.spec.v2 import (
+    COST_CAP,
+    FIAT_SHAMIR,
+    S_DEFAULT,
+    S_FS,
+    KeptCommitment,
+    VerifierBusy,
+    challenge_leaves,
+    check_commitment,
+    check_opened,
+    cost_of,
+    fs_leaves,
+    leaf_count,
+    max_tile_for,
+    parse_json,
+    verify_challenge_transcript,
+    verify_fs_receipt,
+)
 from tops_job.spec.v2 import openings as openings_module
 from tops_job.spec.v2.product import tile_values
-
-from tests.spec.v2_helpers import THIEF_SECRET, make, product, resigned
 
 KEY = bytes(range(32))
 

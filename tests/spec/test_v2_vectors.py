@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 
 from tops_job.spec.errors import ReceiptInvalid
-from tops_job.spec.v2 import (check_commitment, challenge_leaves, fs_leaves, parse_json,
-                              verify_challenge_transcript, verify_fs_receipt)
+from tops_job.spec.v2 import challenge_leaves, check_commitment, fs_leaves, parse_json, verify_challenge_transcript, verify_fs_receipt
 
 ROOT = Path(__file__).resolve().parents[2]
 VECTORS = ROOT / "tests" / "vectors" / "v2"

@@ -11,8 +11,7 @@ import numpy as np
 from tops_job.spec.inputs import fill_elements, matrix_key, padded_size
 from tops_job.spec.merkle import MerkleTree, leaf_hash
 from tops_job.spec.signing import LocalKeySigner
-from tops_job.spec.v2 import (CHALLENGE, attempt_seed, build_header, digest_of, make_openings,
-                              nonce_from_challenge)
+from tops_job.spec.v2 import CHALLENGE, attempt_seed, build_header, digest_of, make_openings, nonce_from_challenge
 
 WORKER_SECRET = bytes(31) + b"\x07"
 THIEF_SECRET = bytes(31) + b"\x09"

@@ -7,7 +7,8 @@ import base64
 import binascii
 import json
 import re
-from typing import Any, Mapping, NoReturn
+from collections.abc import Mapping
+from typing import Any, NoReturn
 
 from ..errors import ReceiptInvalid
 

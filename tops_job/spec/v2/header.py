@@ -6,7 +6,8 @@ from __future__ import annotations
 import hashlib
 import re
 import struct
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from ..errors import ReceiptInvalid
 from .encoding import PUBKEY, SIG, canonical_bytes, hex32, is_int, is_printable, tag

@@ -4,7 +4,8 @@ by the verifier against the root and against C recomputed from the seed."""
 from __future__ import annotations
 
 import base64
-from typing import Any, Mapping, Protocol, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 

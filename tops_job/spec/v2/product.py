@@ -7,7 +7,7 @@ generated once per chunk, and the partial sums stay exact in float32 (|Σ| ≤ 6
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import numpy.typing as npt

@@ -8,13 +8,13 @@ A resource failure raises VerifierBusy, never ReceiptInvalid.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from ..errors import ReceiptInvalid
 from ..signing import is_low_s, recover_public_key
-from .header import (CHALLENGE, COST_CAP, FIAT_SHAMIR, S_FS, S_MAX, S_MIN, check_cost, check_header, digest_of,
-                     leaf_count, ops_of)
+from .header import CHALLENGE, COST_CAP, FIAT_SHAMIR, S_FS, S_MAX, S_MIN, check_cost, check_header, digest_of, leaf_count, ops_of
 from .leaves import challenge_leaves, fs_leaves
 from .openings import check_openings
 
