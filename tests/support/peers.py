@@ -23,11 +23,13 @@ from tests.support import CLI, TEST_SECRET
 
 
 class Aggregator:
-    """`tops-job aggregator serve --port 0` in a subprocess."""
+    """`tops-job aggregator serve --port 0` in a subprocess. `accept` is the schemas it takes
+    (the aggregator's own default is v2 only; the v1 tests ask for both)."""
 
-    def __init__(self, db: Path, *extra: str):
+    def __init__(self, db: Path, *extra: str, accept: str = "both"):
         self.db = db
-        self.proc = subprocess.Popen([*CLI, "aggregator", "serve", "--port", "0", "--db", str(db), *extra],
+        self.proc = subprocess.Popen([*CLI, "aggregator", "serve", "--port", "0", "--db", str(db), "--accept", accept,
+                                      *extra],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 30
         line = ""

@@ -6,15 +6,27 @@ GET  /challenge    ?did=… a run challenge, remembered with the time it was iss
 GET  /runs/<id>    accepted receipts, total ops, and the rate floor of challenged runs
 GET  /health       liveness and the number of receipts held
 
+tops-receipt/2 (docs/spec/receipt-v2.md §10), in v2_exchange.py:
+GET  /v2/challenge ?did=…&pubkey=… a run challenge bound to that key
+POST /v2/exchange  {"commit": …, "open": [...]}: record a commitment, then draw its leaves;
+                   judge opened sets
+GET  /v2/runs/<id>, /v2/keys/<pubkey>   accepted, abandoned, ops and the rate floor
+
+`accept` says which schemas are taken: "v2" (default), "v1" or "both".
+
 Bad input never gets a 5xx: every failure of the request is a 4xx with a stable `error`
 code. The only 5xx is 503 (with Retry-After) when the database itself fails.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
+import random
 import re
+import secrets
 import sqlite3
 import time
 from collections.abc import Callable, Iterable
@@ -22,8 +34,10 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from tops_job.aggregator.store import ACCEPTED, DUPLICATE, Store
+from tops_job.aggregator.v2_exchange import V2Endpoints
+from tops_job.aggregator.v2_store import V2Store
 from tops_job.errors import ReceiptInvalid
-from tops_job.spec.canonical import receipt_line
+from tops_job.spec.canonical import digest_of, receipt_line
 from tops_job.spec.receipt import DEFAULT_MIN_OPENS, parse_json
 from tops_job.spec.verify import verify_receipt
 
@@ -32,11 +46,14 @@ log = logging.getLogger("tops_job.aggregator")
 DEFAULT_MAX_BODY = 4 * 1024 * 1024
 CHALLENGE_TTL_MS = 24 * 3600 * 1000
 _RUN_PATH = re.compile(r"/runs/([A-Za-z0-9._-]{1,64})")
+_V2_RUN_PATH = re.compile(r"/v2/runs/([^/]{1,128})")
+_V2_KEY_PATH = re.compile(r"/v2/keys/([^/]{1,128})")
+ACCEPT_CHOICES = ("v1", "v2", "both")
 _DID = re.compile(r"[\x21-\x7e]{1,256}")
 
 Response = tuple[int, dict[str, Any], dict[str, str]]
 REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
-           409: "Conflict", 411: "Length Required", 413: "Content Too Large", 415: "Unsupported Media Type",
+           409: "Conflict", 410: "Gone", 411: "Length Required", 413: "Content Too Large", 415: "Unsupported Media Type",
            422: "Unprocessable Content", 500: "Internal Server Error", 503: "Service Unavailable"}
 
 
@@ -46,8 +63,15 @@ def _error(status: int, code: str, detail: str, headers: dict[str, str] | None =
 
 class AggregatorApp:
     def __init__(self, store: Store, *, max_body: int = DEFAULT_MAX_BODY, min_opens: int = DEFAULT_MIN_OPENS,
-                 allow: set[str] | None = None, full: bool = False, clock: Callable[[], float] = time.time):
+                 allow: set[str] | None = None, full: bool = False, clock: Callable[[], float] = time.time,
+                 accept: str = "v2", v2: V2Endpoints | None = None):
+        if accept not in ACCEPT_CHOICES:
+            raise ValueError(f"accept must be one of {ACCEPT_CHOICES}")
         self.store = store
+        self.accept = accept
+        # v2 state lives in the same database file, in its own tables
+        self.v2 = v2 or V2Endpoints(V2Store(store.path), allow=allow, clock=clock)
+        self._column_key = secrets.token_bytes(32)  # v1 column samples: a function of the digest
         self.max_body = max_body
         self.min_opens = min_opens
         self.allow = allow
@@ -76,6 +100,8 @@ class AggregatorApp:
             if method != "POST":
                 return _error(405, "method_not_allowed", "POST a receipt to /verify", {"Allow": "POST"})
             return self.verify(environ)
+        if path.startswith("/v2/"):
+            return self.route_v2(method, path, environ)
         if method not in ("GET", "HEAD"):
             if path in ("/health", "/challenge") or _RUN_PATH.fullmatch(path):
                 return _error(405, "method_not_allowed", f"{path} answers GET", {"Allow": "GET"})
@@ -96,7 +122,30 @@ class AggregatorApp:
 
     # ---- POST /verify
 
-    def verify(self, environ: dict[str, Any]) -> Response:
+    def route_v2(self, method: str, path: str, environ: dict[str, Any]) -> Response:
+        if self.accept == "v1":
+            return _error(404, "not_found", "this aggregator accepts tops-receipt/1 only (POST /verify)")
+        if path == "/v2/exchange":
+            if method != "POST":
+                return _error(405, "method_not_allowed", "POST an exchange to /v2/exchange", {"Allow": "POST"})
+            data = self._body(environ)
+            if isinstance(data, tuple):
+                return data
+            return self.v2.exchange(data)
+        if method not in ("GET", "HEAD"):
+            return _error(405, "method_not_allowed", f"{path} answers GET", {"Allow": "GET"})
+        if path == "/v2/challenge":
+            return self.v2.challenge(_query(environ))
+        match = _V2_RUN_PATH.fullmatch(path)
+        if match:
+            return self.v2.run(match.group(1))
+        match = _V2_KEY_PATH.fullmatch(path)
+        if match:
+            return self.v2.key(match.group(1))
+        return _error(404, "not_found", f"no endpoint {path}")
+
+    def _body(self, environ: dict[str, Any]) -> bytes | Response:
+        """The request body, or the 4xx that refuses it (media type, length, size)."""
         media = str(environ.get("CONTENT_TYPE", "")).split(";", 1)[0].strip().lower()
         if media != "application/json":
             return _error(415, "unsupported_media_type", "send the receipt as Content-Type: application/json")
@@ -113,18 +162,34 @@ class AggregatorApp:
             return _error(400, "unreadable_body", "the request body could not be read")
         if len(data) > self.max_body:
             return _error(413, "too_large", f"the body is over {self.max_body} bytes")
+        return bytes(data)
+
+    def verify(self, environ: dict[str, Any]) -> Response:
+        data = self._body(environ)
+        if isinstance(data, tuple):
+            return data
         try:
             receipt = parse_json(data)
         except ReceiptInvalid as exc:
             return _error(400, exc.code, exc.detail)
+        schema = receipt.get("schema") if isinstance(receipt, dict) else None
+        if self.accept == "v2" or schema == "tops-receipt/2":
+            return _error(422, "schema_not_accepted", "this aggregator takes tops-receipt/2 commitments at "
+                                                      "/v2/exchange" + ("" if self.accept == "v2" else
+                                                                        " and tops-receipt/1 receipts here"))
+        cost = _v1_cost(receipt, self.full)
+        if cost > self.v2.cost_cap:  # from the header, before any work (receipt-v2.md §8 step 7)
+            return _error(422, "cost_over_cap", f"verification cost {cost} is over the cap {self.v2.cost_cap}")
         if self.allow is not None:
             pubkey = receipt.get("pubkey") if isinstance(receipt, dict) else None
             if not isinstance(pubkey, str) or pubkey not in self.allow:  # a list or object is unhashable
                 return _error(403, "pubkey_not_allowed", "this pubkey may not submit here")
         try:
-            verified = verify_receipt(receipt, min_opens=self.min_opens, full=self.full)
+            verified = verify_receipt(receipt, min_opens=self.min_opens, full=self.full, rng=self._columns(receipt))
         except ReceiptInvalid as exc:
             return _error(422, exc.code, exc.detail)
+        except MemoryError:  # a resource failure is never a verdict
+            return _error(503, "verifier_busy", "verification ran out of memory; retry later", {"Retry-After": "5"})
         except Exception as exc:  # input the verifier did not foresee: still a rejection, never a 5xx
             log.warning("verifier failed on a receipt (%s: %s); rejected", type(exc).__name__, exc)
             return _error(422, "unverifiable", "the receipt could not be verified")
@@ -141,6 +206,15 @@ class AggregatorApp:
             return 200, verified.response(duplicate=outcome == DUPLICATE), {}
         return _error(409, "replayed_nonce", "this (did, nonce) was accepted with another digest")
 
+    def _columns(self, receipt: Any) -> random.Random | None:
+        """v1 samples columns with the verifier's randomness; drawn from a key and the digest,
+        the same receipt gets the same sample, so posting it again cannot re-roll the check."""
+        try:
+            digest = digest_of(receipt)
+        except (TypeError, ValueError, AttributeError):
+            return None  # verify_receipt rejects it before sampling
+        return random.Random(hmac.new(self._column_key, digest, hashlib.sha256).digest())
+
     # ---- GET /challenge
 
     def challenge(self, environ: dict[str, Any]) -> Response:
@@ -148,6 +222,18 @@ class AggregatorApp:
         if not did or not _DID.fullmatch(did):
             return _error(400, "bad_did", "give ?did= (printable ASCII, no spaces, up to 256 characters)")
         return 200, self.store.issue_challenge(did, int(self.clock() * 1000), CHALLENGE_TTL_MS), {}
+
+
+def _v1_cost(receipt: Any, full: bool) -> int:
+    """A v1 receipt's verification cost, opens * (columns checked + 1) * k, from its header
+    (0 when the header is not even well typed: verification rejects it first)."""
+    if not isinstance(receipt, dict):
+        return 0
+    values = [receipt.get(name) for name in ("opens", "tile", "k")]
+    if not all(type(v) is int and 0 <= v < 2**53 for v in values):
+        return 0
+    opens, tile, k = (int(v) for v in values if isinstance(v, int))
+    return opens * ((tile if full else min(tile, 8)) + 1) * k
 
 
 def _query(environ: dict[str, Any]) -> dict[str, str]:
