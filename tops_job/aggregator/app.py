@@ -39,6 +39,7 @@ from tops_job.aggregator.v2_store import V2Store
 from tops_job.errors import ReceiptInvalid
 from tops_job.spec.canonical import digest_of, receipt_line
 from tops_job.spec.receipt import DEFAULT_MIN_OPENS, parse_json
+from tops_job.spec.verify import cost_of as v1_cost
 from tops_job.spec.verify import verify_receipt
 
 log = logging.getLogger("tops_job.aggregator")
@@ -177,7 +178,7 @@ class AggregatorApp:
             return _error(422, "schema_not_accepted", "this aggregator takes tops-receipt/2 commitments at "
                                                       "/v2/exchange" + ("" if self.accept == "v2" else
                                                                         " and tops-receipt/1 receipts here"))
-        cost = _v1_cost(receipt, self.full)
+        cost = v1_cost(receipt, full=self.full)
         if cost > self.v2.cost_cap:  # from the header, before any work (receipt-v2.md §8 step 7)
             return _error(422, "cost_over_cap", f"verification cost {cost} is over the cap {self.v2.cost_cap}")
         if self.allow is not None:
@@ -222,18 +223,6 @@ class AggregatorApp:
         if not did or not _DID.fullmatch(did):
             return _error(400, "bad_did", "give ?did= (printable ASCII, no spaces, up to 256 characters)")
         return 200, self.store.issue_challenge(did, int(self.clock() * 1000), CHALLENGE_TTL_MS), {}
-
-
-def _v1_cost(receipt: Any, full: bool) -> int:
-    """A v1 receipt's verification cost, opens * (columns checked + 1) * k, from its header
-    (0 when the header is not even well typed: verification rejects it first)."""
-    if not isinstance(receipt, dict):
-        return 0
-    values = [receipt.get(name) for name in ("opens", "tile", "k")]
-    if not all(type(v) is int and 0 <= v < 2**53 for v in values):
-        return 0
-    opens, tile, k = (int(v) for v in values if isinstance(v, int))
-    return opens * ((tile if full else min(tile, 8)) + 1) * k
 
 
 def _query(environ: dict[str, Any]) -> dict[str, str]:
