@@ -126,7 +126,9 @@ def cli(verbose: bool) -> None:
 @click.option("--target-ms", type=click.IntRange(1, 600_000), help="Autotune target per product (AUTOTUNE_TARGET_MS, default 300).")
 @click.option("--retune", is_flag=True, default=None, help="Ignore the cached profile and tune again.")
 @click.option("--tile", type=click.IntRange(1), help="Leaf width in columns (TOPS_JOB_TILE; backend default).")
-@click.option("--opens", type=click.IntRange(1, 256), help="Openings per receipt (TOPS_JOB_OPENS, default 16).")
+@click.option("--opens", type=click.IntRange(1, 256), help="v1: openings per receipt (TOPS_JOB_OPENS, default 16).")
+@click.option("--protocol", type=click.Choice(["v1", "v2"]),
+              help="Receipt protocol (TOPS_JOB_PROTOCOL, default v2: commit, aggregator challenge, open).")
 @click.option("--aggregator-url", help="Aggregator verify URL (AGGREGATOR_URL); unset: local ledger.")
 @click.option("--did", "device_did", help="Device DID (DEVICE_DID; default did:peaq:<key address>).")
 @click.option("--submitter", "submitter_name", envvar="TOPS_JOB_SUBMITTER", help="Submitter by name (TOPS_JOB_SUBMITTER).")

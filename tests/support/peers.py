@@ -167,6 +167,7 @@ def worker_env(tmp: Path, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update({
         "WORKER_SK_HEX": TEST_SECRET,
+        "TOPS_JOB_PROTOCOL": "v1",  # these helpers drive the v1 outbox and sender; v2's have their own tests
         "TOPS_JOB_OUTBOX_DIR": str(tmp / "outbox"),
         "TOPS_JOB_RETRY_BASE": "0.05",
         "TOPS_JOB_RETRY_CAP": "0.4",
