@@ -90,3 +90,33 @@ def test_v1_amplification_header_is_refused_from_the_header(tmp_path):
     receipt = dict(read_jsonl(VECTORS_DIR / "valid.jsonl")[0], m=1, n=8, k=262144, tile=8, opens=256)
     result = _verify(tmp_path, receipt)
     assert result.exit_code == 1 and "invalid: cost_over_cap" in result.output
+
+
+def _as_input(vector):
+    if vector["kind"] == "fiat-shamir":
+        return vector["commitment"]
+    return {"commitment": vector["commitment"], "opened": vector.get("opened"),
+            "verifier_key": vector["verifier_key"], "s": vector["s"]}
+
+
+def test_every_invalid_vector_is_rejected_by_the_cli_with_its_code(tmp_path):
+    vectors = [v for v in read_jsonl(V2 / "invalid.jsonl") if "commitment_bytes_hex" not in v]
+    result = _verify(tmp_path, "\n".join(json.dumps(_as_input(v)) for v in vectors) + "\n")
+    assert result.exit_code == 1
+    lines = [line for line in result.output.splitlines() if ": invalid: " in line]
+    assert len(lines) == len(vectors)
+    for vector, line in zip(vectors, lines):
+        assert f"invalid: {vector['expect']}:" in line, (vector["name"], line)
+
+
+def test_a_wrong_transcript_gets_the_same_verdict_every_time(tmp_path):
+    transcript = _transcript(make(skip_rows=2))
+    outputs = {_verify(tmp_path, transcript).output for _ in range(4)}
+    assert len(outputs) == 1 and "invalid: wrong_product" in outputs.pop()
+
+
+def test_utf16_file_is_rejected(tmp_path):
+    path = tmp_path / "utf16.json"
+    path.write_bytes(json.dumps(_transcript(make())).encode("utf-16"))
+    result = CliRunner().invoke(cli, ["verify", str(path)])
+    assert result.exit_code == 1 and "invalid: malformed_json" in result.output
