@@ -116,6 +116,10 @@ class AggregatorApp:
         if match:
             did = _query(environ).get("did")
             report = self.store.run_report(match.group(1), did)
+            if report is None and self.accept != "v1":  # a tops-receipt/2 run: its v2 report
+                status, body, _ = self.v2.run(match.group(1))
+                if status == 200:
+                    return 200, body, {}
             if report is None:
                 return _error(404, "unknown_run", "no accepted receipts for this run")
             return 200, report, {}

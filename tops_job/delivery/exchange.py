@@ -20,6 +20,7 @@ from tops_job.delivery.exchange_http import FINAL_ITEM, HttpExchange
 from tops_job.delivery.exchange_outbox import CHALLENGED, OPENED, SIGNED, ExchangeOutbox
 from tops_job.delivery.outcomes import Outcome
 from tops_job.delivery.protocol import DeliveryReport
+from tops_job.delivery.ratelimit import TokenBucket
 from tops_job.delivery.retry import RetryPolicy
 from tops_job.errors import ErrorClass, StorageError
 from tops_job.observability.events import ReceiptEvent
@@ -35,7 +36,8 @@ STOP_DRAIN_S = 1.0
 
 class ExchangeDelivery:
     def __init__(self, outbox: ExchangeOutbox, client: HttpExchange, on_receipt: Callable[[ReceiptEvent], None], *,
-                 policy: RetryPolicy | None = None, stop: Any = None, workers: int = 2, linger_s: float = LINGER_S):
+                 policy: RetryPolicy | None = None, stop: Any = None, workers: int = 2, linger_s: float = LINGER_S,
+                 bucket: TokenBucket | None = None):
         self.outbox = outbox
         self.client = client
         self.on_receipt = on_receipt
@@ -43,6 +45,8 @@ class ExchangeDelivery:
         self.stop = stop
         self.workers = max(1, workers)
         self.linger_s = linger_s
+        self.bucket = bucket or TokenBucket(10.0)  # RATE_LIMIT_PER_SECOND: exchange requests per second
+        self._waited: dict[str, float] = {}  # digest -> seconds its requests waited for the rate limiter
         self.report = DeliveryReport(detail={"submitter": client.name, "outbox": str(outbox.path), "protocol": "v2"})
         self._cond = threading.Condition()
         self._fresh: deque[str] = deque()  # commitments to send (awaiting a challenge)
@@ -225,6 +229,14 @@ class ExchangeDelivery:
                 for digest in opens:
                     self._busy.discard(digest)
             return
+        asked = time.perf_counter()
+        if not self.bucket.take(self._interrupted_sleep):
+            self._requeue(commit, opens, [])
+            return
+        waited = time.perf_counter() - asked
+        with self._cond:
+            for digest in ([commit] if commit else []) + sent:
+                self._waited[digest] = self._waited.get(digest, 0.0) + waited
         answer = self.client.exchange(commitment, sets)
         if answer.transient:
             self._send_errors[ErrorClass.NETWORK.value] += 1
@@ -297,13 +309,19 @@ class ExchangeDelivery:
             self._busy.discard(digest)
             self._ready.pop(digest, None)
             began = self._since.pop(digest, time.perf_counter())
+            waited = self._waited.pop(digest, 0.0)
             finished = self._finished
             if not finished:
                 self.report.counts[outcome.value] += 1
             self._cond.notify_all()
         if not finished:
             self.on_receipt(ReceiptEvent(digest=digest, outcome=outcome.value, status=item.get("status"),
-                                         error=item.get("error"), latency_s=time.perf_counter() - began))
+                                         error=item.get("error"), latency_s=time.perf_counter() - began,
+                                         rate_limit_wait_s=waited))
+
+    def _interrupted_sleep(self, seconds: float) -> bool:
+        self._sleep(seconds)
+        return self._halt.is_set() or (self.stop is not None and self.stop.stopped)
 
     def _sleep(self, seconds: float) -> None:
         end = time.monotonic() + seconds

@@ -94,9 +94,10 @@ def choose_submitter(config: Config, pm: PluginManager, name: str | None = None)
 
 
 def make_delivery_factory(config: Config, pm: PluginManager, submitter_name: str | None = None,
-                          stop: StopSignal | None = None):
-    name, factory = choose_submitter(config, pm, submitter_name)
-    if uses_exchange(config, name):  # tops-receipt/2 challenge mode: commit, challenge, open
+                          stop: StopSignal | None = None,
+                          chosen: tuple[str, SubmitterFactory] | None = None):
+    name, factory = chosen or choose_submitter(config, pm, submitter_name)
+    if uses_exchange(config, factory):  # tops-receipt/2 challenge mode: commit, challenge, open
         return _exchange_delivery(config, stop)
     submitter = factory(config)
     if name == "ledger":
@@ -106,16 +107,21 @@ def make_delivery_factory(config: Config, pm: PluginManager, submitter_name: str
     return lambda on_receipt: OutboxDelivery.from_config(config, submitter, on_receipt, stop=stop)
 
 
-def uses_exchange(config: Config, submitter: str) -> bool:
-    """v2 with the built-in HTTP submitter speaks the challenge mode (/v2/exchange); any other
-    sink (the local ledger, a plugin's) takes self-contained fiat-shamir receipts."""
-    return config.protocol == "v2" and submitter == "http" and bool(config.aggregator_url)
+def uses_exchange(config: Config, factory: SubmitterFactory) -> bool:
+    """v2 with the built-in HTTP submitter speaks the challenge mode (/v2/exchange), unless
+    --no-challenge; any other sink (the local ledger, a plugin's submitter) takes
+    self-contained fiat-shamir receipts."""
+    from tops_job.plugins.builtins import http_submitter
+
+    return (config.protocol == "v2" and factory is http_submitter._factory and bool(config.aggregator_url)
+            and config.challenge is not False)
 
 
 def _exchange_delivery(config: Config, stop: StopSignal | None):
     from tops_job.delivery.exchange import ExchangeDelivery
     from tops_job.delivery.exchange_http import HttpExchange
     from tops_job.delivery.exchange_outbox import ExchangeOutbox
+    from tops_job.delivery.ratelimit import TokenBucket
     from tops_job.delivery.retry import RetryPolicy
 
     assert config.aggregator_url
@@ -125,16 +131,21 @@ def _exchange_delivery(config: Config, stop: StopSignal | None):
     return lambda on_receipt: ExchangeDelivery(
         ExchangeOutbox(config.outbox), HttpExchange(url, connect_timeout=config.connect_timeout,
                                                     read_timeout=max(config.read_timeout, 30.0)),
-        on_receipt, policy=policy, stop=stop, workers=min(2, config.send_concurrency))
+        on_receipt, policy=policy, stop=stop, workers=min(2, config.send_concurrency),
+        bucket=TokenBucket(config.rate_limit_per_second))
 
 
-def v2_attempts(config: Config, pm: PluginManager, identity: Identity, submitter_name: str | None,
+def v2_attempts(config: Config, chosen: tuple[str, SubmitterFactory], identity: Identity,
                 stop: StopSignal) -> V2Attempts | None:
     """The run's tops-receipt/2 attempts, or None for --protocol v1."""
     if config.protocol != "v2":
         return None
-    name, _factory = choose_submitter(config, pm, submitter_name)
-    if not uses_exchange(config, name):
+    from tops_job.plugins.builtins import http_submitter
+
+    if chosen[1] is http_submitter._factory and config.aggregator_url and config.challenge is False:
+        raise ConfigError("TOPS_JOB_CHALLENGE", "tops-receipt/2 needs the aggregator's run challenge; "
+                          "--protocol v1 sends unchallenged receipts")
+    if not uses_exchange(config, chosen[1]):
         return V2Attempts(FIAT_SHAMIR)
     from tops_job.delivery.exchange_http import HttpExchange
 
@@ -212,10 +223,11 @@ def build_job(config: Config, pm: PluginManager, *, stop: StopSignal,
         if sum(failures.values()) != before:  # keep the written summary in step with the count
             write_summary(summary, config.summary)
 
+    chosen = choose_submitter(config, pm, submitter_name)  # once: a failing hook is counted once
     return JobRun(config, backend=backend, identity=identity,
-                  make_delivery=make_delivery_factory(config, pm, submitter_name, stop), reporters=reporters,
+                  make_delivery=make_delivery_factory(config, pm, submitter_name, stop, chosen), reporters=reporters,
                   profile_store=profile_store, stop=stop, receipt_sinks=receipt_sinks, run_finished=run_finished,
                   challenge=challenge_source(config, identity.did),
                   guard=DeviceGuard(backend, selftest=config.selftest, audit_every=config.audit_every),
-                  v2=v2_attempts(config, pm, identity, submitter_name, stop))
+                  v2=v2_attempts(config, chosen, identity, stop))
 
