@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from tops_job.delivery.exchange_outbox import CHALLENGED, OPENED, SIGNED, ExchangeOutbox
 
 DIGEST = "ab" * 32
@@ -33,7 +35,7 @@ def test_recovery_after_a_crash_inside_finish_and_leftovers(tmp_path):
     outbox = ExchangeOutbox(tmp_path)
     outbox.put({"schema": "tops-receipt/2"}, DIGEST, b"\x01" * 32)
     # kill -9 after the verdict was written, before the attempt's files were removed
-    (outbox.done_dir / f"{DIGEST}.json").write_text('{"digest": "%s", "verdict": "accepted"}' % DIGEST)
+    (outbox.done_dir / f"{DIGEST}.json").write_text(json.dumps({"digest": DIGEST, "verdict": "accepted"}))
     # a side file whose commitment never made it, and a dead writer's temp file
     other = "cd" * 32
     (outbox.path / f"{other}.leaves").write_bytes(b"\x02" * 32)
