@@ -199,3 +199,37 @@ def test_expired_run_challenge_and_expired_openings_are_enforced(tmp_path):
         assert keys["abandoned"] == 1 and keys["accepted"] == 0
     finally:
         aggregator.stop()
+
+
+def _call(app, method, path, body=b"", query=""):
+    import io
+
+    environ = {"REQUEST_METHOD": method, "PATH_INFO": path, "QUERY_STRING": query, "CONTENT_TYPE": "application/json",
+               "CONTENT_LENGTH": str(len(body)), "wsgi.input": io.BytesIO(body)}
+    status, answer, _headers = app.route(environ)
+    return status, answer
+
+
+def test_a_resource_failure_is_503_and_records_nothing(tmp_path, monkeypatch):
+    """Under a memory cap v1 answered an honest receipt `422 unverifiable` (final); v2 answers
+    503 verifier_busy and the same opened set is accepted once resources are back."""
+    from tops_job.aggregator import v2_exchange
+    from tops_job.aggregator.app import AggregatorApp
+    from tops_job.aggregator.store import Store
+
+    app = AggregatorApp(Store(tmp_path / "agg.sqlite3"))
+    status, issued = _call(app, "GET", "/v2/challenge", query=f"did=did:test:worker&pubkey={WORKER_PUB.hex()}")
+    assert status == 200
+    made = make(challenge=bytes.fromhex(issued["challenge"]), run_id="busy")
+    status, answer = _call(app, "POST", "/v2/exchange", json.dumps({"commit": made.commitment}).encode())
+    leaves = answer["commit"]["challenge"]["leaves"]
+    body = json.dumps({"open": [made.opened(leaves)]}).encode()
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError
+    monkeypatch.setattr(v2_exchange, "check_opened", out_of_memory)
+    status, answer = _call(app, "POST", "/v2/exchange", body)
+    assert status == 200 and answer["open"][0]["status"] == 503 and answer["open"][0]["error"] == "verifier_busy"
+    monkeypatch.undo()
+    status, answer = _call(app, "POST", "/v2/exchange", body)
+    assert answer["open"][0]["verdict"] == "accepted"
