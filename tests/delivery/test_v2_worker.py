@@ -117,3 +117,15 @@ def test_kill_9_anywhere_then_every_attempt_is_accepted_exactly_once(tmp_path, a
     assert len(set(accepted) - signed) <= 6  # at most one per kill was durable but not yet written out
     assert _pending(tmp_path / "outbox") == []
     assert not list((tmp_path / "outbox" / "v2").glob(".tmp-*"))
+
+
+def test_no_run_challenge_at_start_ends_the_run_pending_after_the_wait(tmp_path):
+    """An aggregator that cannot be reached when the run starts: a v2 commitment needs its run
+    challenge, so the worker waits (bounded by --drain-timeout), then exits 3 with nothing
+    computed and nothing lost."""
+    began = time.monotonic()
+    result = _run(tmp_path, "http://127.0.0.1:9/verify", "--attempts", "3", "--drain-timeout", "2")
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert time.monotonic() - began < 60
+    assert "no run challenge" in result.stderr
+    assert not list((tmp_path / "outbox").rglob("*.commit.json"))

@@ -15,7 +15,7 @@ from typing import Any
 from opentelemetry import trace
 
 from tops_job.compute.base import Backend, Shape
-from tops_job.errors import ConfigError, SignatureError
+from tops_job.errors import ConfigError, ErrorClass, ExitCode, SignatureError, TopsJobError
 from tops_job.job.attempt import Identity, _error_class_on, _lap
 from tops_job.spec.inputs import matrix_key
 from tops_job.spec.v2 import (
@@ -119,6 +119,14 @@ def run_commit_attempt(backend: Backend, shape: Shape, identity: Identity, *, ru
                         wall_ns=time.perf_counter_ns() - wall_start, leaf_hashes=hashes, stages_ns=stages)
 
 
+class RunChallengeUnavailable(TopsJobError):
+    """No run challenge could be had from the aggregator: nothing was computed, nothing is
+    lost; run again later (exit 3, like receipts left pending)."""
+
+    error_class = ErrorClass.NETWORK
+    exit_code = ExitCode.PENDING
+
+
 def _sleep(seconds: float) -> bool:
     time.sleep(seconds)
     return False
@@ -134,12 +142,13 @@ class V2Attempts:
     commitment cannot exist without it."""
 
     def __init__(self, mode: str, run_challenge: RunChallengeSource | None = None, *,
-                 wait: Callable[[float], bool] | None = None):
+                 wait: Callable[[float], bool] | None = None, give_up_s: float = 30.0):
         if mode == CHALLENGE and run_challenge is None:
             raise ValueError("the challenge mode needs a run challenge source")
         self.mode = mode
         self.run_challenge = run_challenge
         self.wait = wait or _sleep  # returns True when a stop was requested
+        self.give_up_s = give_up_s  # without any run challenge for this long, the run ends
         self._current: tuple[bytes, int] | None = None
 
     def fit(self, shape: Shape) -> Shape:
@@ -159,7 +168,7 @@ class V2Attempts:
         """The run challenge to use now (None in the fiat-shamir mode, or when stopped)."""
         if self.mode != CHALLENGE or self.run_challenge is None:
             return None
-        delay = 0.5
+        delay, began = 0.5, time.monotonic()
         while self._current is None or self._current[1] - time.time() * 1000 < RUN_CHALLENGE_MARGIN_MS:
             fresh = self.run_challenge()
             if fresh is not None:
@@ -167,6 +176,9 @@ class V2Attempts:
                 break
             if self._current is not None and self._current[1] > time.time() * 1000 + 1000:
                 break  # keep using the current one while it lasts
+            if time.monotonic() - began >= self.give_up_s:
+                raise RunChallengeUnavailable(f"no run challenge from the aggregator in {self.give_up_s:g} s: "
+                                              "tops-receipt/2 commitments need one (nothing computed, nothing lost)")
             log.warning("[challenge] no run challenge from the aggregator; retrying in %.1f s", delay)
             if self.wait(delay):
                 return None

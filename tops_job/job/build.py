@@ -153,7 +153,7 @@ def v2_attempts(config: Config, chosen: tuple[str, SubmitterFactory], identity: 
     client = HttpExchange(config.aggregator_url, connect_timeout=config.connect_timeout,
                           read_timeout=config.read_timeout)
     return V2Attempts(CHALLENGE, lambda: client.run_challenge(identity.did, identity.signer.public_key),
-                      wait=stop.event.wait)
+                      wait=stop.event.wait, give_up_s=max(config.drain_timeout, 5.0))
 
 
 def challenge_source(config: Config, did: str) -> Callable[[], bytes | None] | None:

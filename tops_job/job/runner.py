@@ -20,7 +20,7 @@ from tops_job.delivery.outcomes import Outcome
 from tops_job.delivery.protocol import Delivery, DeliveryReport
 from tops_job.errors import LIBRARY_ERRORS, ConfigError, DeviceError, ErrorClass, ExitCode, TopsJobError, error_class_of, exit_code_of
 from tops_job.job.attempt import Identity, run_attempt
-from tops_job.job.attempt_v2 import V2Attempts
+from tops_job.job.attempt_v2 import RunChallengeUnavailable, V2Attempts
 from tops_job.job.device_guard import DeviceGuard
 from tops_job.job.stats import RunStats
 from tops_job.job.stop import StopSignal
@@ -161,6 +161,9 @@ class JobRun:
                 result = self._run_attempt(shape, attempt, tile, challenge)
                 if result is None:  # stopped while waiting for a run challenge (v2)
                     return None
+            except RunChallengeUnavailable as exc:  # every later attempt would wait the same
+                self._failed(attempt, error_class_of(exc), str(exc))
+                return exc
             except LIBRARY_ERRORS as exc:
                 self._failed(attempt, error_class_of(exc), str(exc))
                 if isinstance(exc, DeviceError):
