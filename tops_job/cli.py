@@ -126,7 +126,9 @@ def cli(verbose: bool) -> None:
 @click.option("--target-ms", type=click.IntRange(1, 600_000), help="Autotune target per product (AUTOTUNE_TARGET_MS, default 300).")
 @click.option("--retune", is_flag=True, default=None, help="Ignore the cached profile and tune again.")
 @click.option("--tile", type=click.IntRange(1), help="Leaf width in columns (TOPS_JOB_TILE; backend default).")
-@click.option("--opens", type=click.IntRange(1, 256), help="Openings per receipt (TOPS_JOB_OPENS, default 16).")
+@click.option("--opens", type=click.IntRange(1, 256), help="v1: openings per receipt (TOPS_JOB_OPENS, default 16).")
+@click.option("--protocol", type=click.Choice(["v1", "v2"]),
+              help="Receipt protocol (TOPS_JOB_PROTOCOL, default v2: commit, aggregator challenge, open).")
 @click.option("--aggregator-url", help="Aggregator verify URL (AGGREGATOR_URL); unset: local ledger.")
 @click.option("--did", "device_did", help="Device DID (DEVICE_DID; default did:peaq:<key address>).")
 @click.option("--submitter", "submitter_name", envvar="TOPS_JOB_SUBMITTER", help="Submitter by name (TOPS_JOB_SUBMITTER).")
@@ -386,12 +388,16 @@ def selftest(backend: str | None, dtypes: tuple[str, ...], attempts: int, size: 
 @cli.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, allow_dash=True))
 @click.option("--min-opens", type=click.IntRange(1, 256), default=16, show_default=True, help="Minimum openings.")
-@click.option("--full", is_flag=True, help="Recompute every revealed value, not a random sample of columns.")
-def verify(files: tuple[str, ...], min_opens: int, full: bool) -> None:
-    """Verify receipts (a JSON object, or JSON lines) per spec §8; exit 0 only if all are valid."""
+@click.option("--full", is_flag=True, help="v1: recompute every revealed value, not a sample of columns (v2 always does).")
+@click.option("--cost-cap", type=click.IntRange(1), default=1 << 26, show_default=True,
+              help="Refuse receipts whose verification cost (from the header) is above this.")
+def verify(files: tuple[str, ...], min_opens: int, full: bool, cost_cap: int) -> None:
+    """Verify receipts (a JSON object, or JSON lines): tops-receipt/1, tops-receipt/2 fiat-shamir
+    receipts, and v2 challenge transcripts; exit 0 only if all are valid. Says what each
+    acceptance proves: fiat-shamir receipts are grinding-bounded."""
     from tops_job.errors import ReceiptInvalid
-    from tops_job.spec.receipt import parse_json
-    from tops_job.spec.verify import verify_receipt
+    from tops_job.spec.any_receipt import verify_any
+    from tops_job.spec.v2 import VerifierBusy, parse_json
 
     total = bad = 0
     for name, line_no, text in _receipt_texts(files):
@@ -401,12 +407,17 @@ def verify(files: tuple[str, ...], min_opens: int, full: bool) -> None:
             value = parse_json(text)
             if isinstance(value, dict) and set(value) == {"receipt", "reason"}:
                 value = value["receipt"]  # the spec's invalid-vector wrapper
-            verified = verify_receipt(value, min_opens=min_opens, full=full)
+            verified = verify_any(value, min_opens=min_opens, full=full, cost_cap=cost_cap)
         except ReceiptInvalid as exc:
             bad += 1
             click.echo(f"{where}: invalid: {exc.code}: {exc.detail}")
             continue
-        click.echo(f"{where}: ok digest={verified.digest.hex()} did={verified.did} attempt={verified.attempt}")
+        except (VerifierBusy, MemoryError) as exc:  # not a verdict: say so, and fail the command
+            bad += 1
+            click.echo(f"{where}: not verified (out of resources, not a verdict): {exc}")
+            continue
+        click.echo(f"{where}: ok {verified.schema} digest={verified.digest.hex()} did={verified.did} "
+                   f"attempt={verified.attempt} soundness: {verified.soundness}")
     click.echo(f"{total - bad} valid, {bad} invalid", err=True)
     sys.exit(0 if bad == 0 and total > 0 else 1)
 

@@ -40,7 +40,8 @@ class Config:
     size: tuple[int, int, int] | None = None
     target_ms: int = 300
     tile: int | None = None
-    opens: int = 16
+    opens: int = 16  # tops-receipt/1 only; v2's openings are the spec's (receipt-v2.md §12)
+    protocol: str = "v2"  # receipts: tops-receipt/2 (challenge mode with an aggregator) or /1
     aggregator_url: str | None = None
     device_did: str | None = None
     max_retries: int = 3
@@ -229,6 +230,7 @@ SETTINGS: dict[str, tuple[tuple[str, ...], Callable[[str, str], Any]]] = {
     "target_ms": (("AUTOTUNE_TARGET_MS",), parse_int(1, 600_000)),
     "tile": (("TOPS_JOB_TILE",), parse_int(1, 1 << 20)),
     "opens": (("TOPS_JOB_OPENS",), parse_int(1, MAX_OPENS)),
+    "protocol": (("TOPS_JOB_PROTOCOL",), parse_choice(("v1", "v2"))),
     "aggregator_url": (("AGGREGATOR_URL",), parse_url),
     "device_did": (("DEVICE_DID",), parse_did),
     "max_retries": (("MAX_RETRIES",), parse_int(0, 1000)),

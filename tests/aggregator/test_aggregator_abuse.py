@@ -182,7 +182,7 @@ def test_costly_receipts_are_refused_from_their_header_and_honest_latency_holds(
             stop.set()
             for thread in abusers:
                 thread.join()
-        assert seen and {(status, code) for status, code, _ in seen} == {(422, "too_costly")}
+        assert seen and {(status, code) for status, code, _ in seen} == {(422, "cost_over_cap")}
         with capsys.disabled():
             print(f"\n[abuse] 16 clients posting over-cap receipts ({len(seen)} refused, p99 {_p99([s[2] for s in seen]) * 1000:.1f} ms):"
                   f" honest p99 {_p99(latencies) * 1000:.1f} ms")

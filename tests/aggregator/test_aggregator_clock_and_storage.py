@@ -44,7 +44,7 @@ def call(app, method: str, path: str, body: bytes = b"", query: str = "") -> tup
 def clocked(tmp_path):
     clocks = Clocks()
     store = Store(tmp_path / "agg.sqlite3")
-    app = AggregatorApp(store, clock=lambda: clocks.wall, monotonic_ns=lambda: clocks.mono_ns)
+    app = AggregatorApp(store, clock=lambda: clocks.wall, monotonic_ns=lambda: clocks.mono_ns, accept="v1")
     yield app, clocks
     store.close()
 
@@ -80,8 +80,8 @@ def test_a_forward_step_cannot_inflate_it_either(clocked):
 def test_accepted_on_another_host_with_a_non_positive_interval_the_run_is_flagged_not_floored(tmp_path):
     clocks = Clocks()
     store = Store(tmp_path / "agg.sqlite3")
-    issuer = AggregatorApp(store, clock=lambda: clocks.wall, monotonic_ns=lambda: clocks.mono_ns)
-    other = AggregatorApp(store, clock=lambda: clocks.wall, monotonic_ns=lambda: 0)
+    issuer = AggregatorApp(store, clock=lambda: clocks.wall, monotonic_ns=lambda: clocks.mono_ns, accept="v1")
+    other = AggregatorApp(store, clock=lambda: clocks.wall, monotonic_ns=lambda: 0, accept="v1")
     other.clock_domain = "boot:another-host"  # its monotonic clock is not the issuer's
     status, issued, _ = call(issuer, "GET", "/challenge", query=f"did={TEST_KEY['did']}")
     receipts = make_receipts(1, run_id="elsewhere", challenge=bytes.fromhex(issued["challenge"]))
@@ -95,7 +95,7 @@ def test_accepted_on_another_host_with_a_non_positive_interval_the_run_is_flagge
 
 def test_full_disk_is_logged_as_such_and_answered_503(tmp_path, caplog):
     store = Store(tmp_path / "agg.sqlite3")
-    app = AggregatorApp(store)
+    app = AggregatorApp(store, accept="v1")
     conn = store._conn()  # this thread's connection, the one the in-process app uses
     pages = conn.execute("PRAGMA page_count").fetchone()[0]
     conn.execute(f"PRAGMA max_page_count={pages}")  # the database file can grow no more: a full disk
@@ -138,7 +138,7 @@ def test_no_free_verification_slot_is_503_busy_not_a_rejection(tmp_path):
 
     store = Store(tmp_path / "agg.sqlite3")
     gate = VerifyGate(1, wait_s=0.2)
-    app = AggregatorApp(store, gate=gate)
+    app = AggregatorApp(store, gate=gate, accept="v1")
     (receipt, other) = make_receipts(2, run_id="busy")
     slot = gate.acquire()  # the one slot is taken by a long verification
     assert slot == "slot"
@@ -160,7 +160,7 @@ def test_running_out_of_memory_while_verifying_is_503_not_a_final_4xx(tmp_path, 
         raise MemoryError("Unable to allocate 12.0 GiB for an array")
 
     store = Store(tmp_path / "agg.sqlite3")
-    app = AggregatorApp(store)
+    app = AggregatorApp(store, accept="v1")
     monkeypatch.setattr(app_module, "verify_receipt", out_of_memory)
     (receipt,) = make_receipts(1, run_id="oom")
     status, body, headers = call(app, "POST", "/verify", receipt_line(receipt).encode())
@@ -175,7 +175,7 @@ def test_rejection_counts_are_batched_not_a_commit_each(tmp_path):
     store = Store(tmp_path / "agg.sqlite3")
     batched = GroupCommitStore(store, flush_s=3600)  # flushed by the test, not the clock
     (receipt,) = make_receipts(1, run_id="known")
-    app = AggregatorApp(batched)
+    app = AggregatorApp(batched, accept="v1")
     assert call(app, "POST", "/verify", receipt_line(receipt).encode())[0] == 200
     forged = dict(receipt, sig=receipt["sig"][:-2] + ("00" if receipt["sig"][-2:] != "00" else "01"))
     for _ in range(200):

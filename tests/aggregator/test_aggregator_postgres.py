@@ -113,3 +113,22 @@ def test_load_against_two_replicas_stores_every_receipt_exactly_once(replicas, c
     with capsys.disabled():
         print(f"\n[pg load] 600 posts of 300 receipts over 2 replicas, 8 clients: {result.wall_s:.1f} s, "
               f"p50 {result.percentile(0.5) * 1000:.1f} ms, p99 {result.percentile(0.99) * 1000:.1f} ms")
+
+
+def test_a_v2_worker_run_on_one_replica_is_reported_by_the_other(replicas, tmp_path):
+    """tops-receipt/2 state (run challenges, commitments, verdicts) lives in the shared
+    database too: a run committed and opened through replica A is the same run at B."""
+    import subprocess
+
+    from tests.support.peers import CLI, worker_env
+
+    dsn, (a, b) = replicas
+    env = worker_env(tmp_path, TOPS_JOB_RUN_ID="pg-v2-run")
+    env.pop("TOPS_JOB_PROTOCOL", None)  # the default: v2
+    run = subprocess.run([*CLI, "run", "--size", "96,96,256", "--attempts", "3", "--aggregator-url", a.url,
+                          "--summary", str(tmp_path / "s.json")], env=env, capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stderr[-3000:]
+    accepted = _query(dsn, "SELECT COUNT(*) FROM v2_commitments WHERE state = 'accepted' AND run_id = %s", "pg-v2-run")
+    assert accepted == [(3,)]
+    report = requests.get(b.base + "/v2/runs/pg-v2-run", timeout=10).json()
+    assert report["accepted"] == 3 and report["ops_total"] == 3 * 2 * 96 * 96 * 256

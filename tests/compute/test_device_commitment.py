@@ -82,6 +82,8 @@ def test_device_commitment_with_emulated_kernels_equals_host(c_dtype, m, n, tile
     assert make_openings(device, nonce, 40) == make_openings(host, nonce, 40)
     opening = make_openings(device, nonce, 1)[0]
     assert base64.b64decode(opening["values"]) == host.leaf_data(opening["leaf"])
+    # tops-receipt/2 keeps the leaf hashes to open after C is gone
+    assert device.leaf_hash_bytes() == b"".join(host.tree.levels[0])
 
 
 def test_device_commitment_rejects_a_small_node_buffer_and_bad_tiles():

@@ -152,9 +152,10 @@ def test_sigterm_keeps_every_receipt_and_a_pod_drains_them(podman, build_logs, n
     data, cache = names("data"), names("cache")
     volumes = ["-v", f"{data}:/var/lib/tops-job", "-v", f"{cache}:/var/cache/tops-job"]
     worker = names("worker")
-    # Nothing listens on the aggregator's port: every receipt waits in the outbox.
+    # Nothing listens on the aggregator's port: every receipt waits in the outbox. (tops-receipt/1:
+    # a v2 commitment needs the aggregator's run challenge first, so a v2 worker would wait.)
     podman("run", "-d", "--name", worker, "--network", "none", "--read-only", *volumes,
-           "-e", "AGGREGATOR_URL=http://127.0.0.1:9/verify", CPU, "run", "--attempts", "100000", "--size", "256")
+           "-e", "AGGREGATOR_URL=http://127.0.0.1:9/verify", "-e", "TOPS_JOB_PROTOCOL=v1", CPU, "run", "--attempts", "100000", "--size", "256")
     root = podman.mountpoint(data)
     wait_for(lambda: (root / "outbox").is_dir() and len(outbox(root)) >= 3, 120, "receipts in the outbox", 0.1)
     pid1 = podman("exec", worker, "cat", "/proc/1/cmdline").stdout.split("\0")
@@ -171,7 +172,7 @@ def test_sigterm_keeps_every_receipt_and_a_pod_drains_them(podman, build_logs, n
     pod, aggregator, aggregator_data = names("pod"), names("aggregator"), names("aggregator-data")
     podman("pod", "create", "--name", pod, "--network", "none")
     podman("run", "-d", "--pod", pod, "--name", aggregator, "--read-only",
-           "-v", f"{aggregator_data}:/var/lib/tops-job", CPU, "aggregator", "serve", "--port", "8081")
+           "-v", f"{aggregator_data}:/var/lib/tops-job", CPU, "aggregator", "serve", "--port", "8081", "--accept", "both")
     health = ("import json, urllib.request; "
               "print(json.load(urllib.request.urlopen('http://127.0.0.1:8081/health'))['receipts'])")
 
@@ -181,7 +182,7 @@ def test_sigterm_keeps_every_receipt_and_a_pod_drains_them(podman, build_logs, n
 
     assert wait_for(lambda: accepted() is not None, 60, "the aggregator") is not None
     podman("run", "--rm", "--pod", pod, "--read-only", *volumes, "-e", "AGGREGATOR_URL=http://127.0.0.1:8081/verify",
-           "-e", "RATE_LIMIT_PER_SECOND=1000", CPU, "run", "--attempts", "1", "--size", "128", timeout=600)
+           "-e", "RATE_LIMIT_PER_SECOND=1000", "-e", "TOPS_JOB_PROTOCOL=v1", CPU, "run", "--attempts", "1", "--size", "128", timeout=600)
     assert outbox(root) == []
     assert summaries(root)[-1]["exit_code"] == 0
     assert accepted() == waiting + 1

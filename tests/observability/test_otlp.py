@@ -188,7 +188,8 @@ def test_submissions_are_spans_with_retries_as_events(receiver, job_env, start_j
     proxy = FaultProxy(aggregator.base)
     proxy.faults.append("503")
     try:
-        env = otlp_env(job_env, receiver.endpoint, TOPS_JOB_RETRY_BASE="0.05", RATE_LIMIT_PER_SECOND="50")
+        env = otlp_env(job_env, receiver.endpoint, TOPS_JOB_RETRY_BASE="0.05", RATE_LIMIT_PER_SECOND="50",
+                       TOPS_JOB_PROTOCOL="v1")  # the v1 sender's submit spans
         job = start_job(["run", "--size", "32", "--attempts", "3", "--aggregator-url", proxy.url,
                          "--no-challenge"], env)
         assert job.wait() == 0, job.stderr()

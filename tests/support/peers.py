@@ -23,11 +23,13 @@ from tests.support import CLI, TEST_SECRET
 
 
 class Aggregator:
-    """`tops-job aggregator serve --port 0` in a subprocess."""
+    """`tops-job aggregator serve --port 0` in a subprocess. `accept` is the schemas it takes
+    (the aggregator's own default is v2 only; the v1 tests ask for both)."""
 
-    def __init__(self, db: Path, *extra: str, **popen: Any):
+    def __init__(self, db: Path, *extra: str, accept: str = "both", **popen: Any):
         self.db = db
-        self.proc = subprocess.Popen([*CLI, "aggregator", "serve", "--port", "0", "--db", str(db), *extra],
+        self.proc = subprocess.Popen([*CLI, "aggregator", "serve", "--port", "0", "--db", str(db), "--accept", accept,
+                                      *extra],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **popen)
         deadline = time.monotonic() + 30
         line = ""
@@ -165,6 +167,7 @@ def worker_env(tmp: Path, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update({
         "WORKER_SK_HEX": TEST_SECRET,
+        "TOPS_JOB_PROTOCOL": "v1",  # these helpers drive the v1 outbox and sender; v2's have their own tests
         "TOPS_JOB_OUTBOX_DIR": str(tmp / "outbox"),
         "TOPS_JOB_RETRY_BASE": "0.05",
         "TOPS_JOB_RETRY_CAP": "0.4",

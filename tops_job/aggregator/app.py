@@ -10,6 +10,14 @@ Before any verification work: stored strings are length-capped, the receipt's co
 from its header and capped, and a resend of an accepted receipt is answered from the store.
 Verifications run at most `gate.slots` at once (guard.py).
 
+tops-receipt/2 (docs/spec/receipt-v2.md §10), in v2_exchange.py:
+GET  /v2/challenge ?did=…&pubkey=… a run challenge bound to that key
+POST /v2/exchange  {"commit": …, "open": [...]}: record a commitment, then draw its leaves;
+                   judge opened sets
+GET  /v2/runs/<id>, /v2/keys/<pubkey>   accepted, abandoned, ops and the rate floor
+
+`accept` says which schemas are taken: "v2" (default), "v1" or "both".
+
 Bad input never gets a 5xx: every failure of the request is a 4xx with a stable `error`
 code. The only 5xx is 503 (with Retry-After) when the database itself fails or the
 process is out of verification slots or memory.
@@ -17,9 +25,13 @@ process is out of verification slots or memory.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
+import random
 import re
+import secrets
 import sqlite3
 import time
 from collections.abc import Callable, Iterable
@@ -29,6 +41,8 @@ from urllib.parse import parse_qs
 from tops_job.aggregator import guard
 from tops_job.aggregator.migrations import StorageUnavailable
 from tops_job.aggregator.store import ACCEPTED, DUPLICATE, Store, TooManyChallenges
+from tops_job.aggregator.v2_exchange import V2Endpoints
+from tops_job.aggregator.v2_store import V2Store
 from tops_job.errors import ReceiptInvalid
 from tops_job.spec.canonical import digest_of, receipt_line
 from tops_job.spec.receipt import DEFAULT_MIN_OPENS, parse_json
@@ -39,11 +53,14 @@ log = logging.getLogger("tops_job.aggregator")
 DEFAULT_MAX_BODY = 4 * 1024 * 1024
 CHALLENGE_TTL_MS = 24 * 3600 * 1000
 _RUN_PATH = re.compile(r"/runs/([A-Za-z0-9._-]{1,64})")
+_V2_RUN_PATH = re.compile(r"/v2/runs/([^/]{1,128})")
+_V2_KEY_PATH = re.compile(r"/v2/keys/([^/]{1,128})")
+ACCEPT_CHOICES = ("v1", "v2", "both")
 _DID = re.compile(r"[\x21-\x7e]{1,256}")
 
 Response = tuple[int, dict[str, Any], dict[str, str]]
 REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
-           409: "Conflict", 411: "Length Required", 413: "Content Too Large", 415: "Unsupported Media Type",
+           409: "Conflict", 410: "Gone", 411: "Length Required", 413: "Content Too Large", 415: "Unsupported Media Type",
            422: "Unprocessable Content", 429: "Too Many Requests", 500: "Internal Server Error", 503: "Service Unavailable"}
 
 
@@ -71,8 +88,15 @@ class AggregatorApp:
                  allow: set[str] | None = None, full: bool = False, clock: Callable[[], float] = time.time,
                  monotonic_ns: Callable[[], int] = time.monotonic_ns, max_cost: int = guard.DEFAULT_MAX_COST,
                  gate: guard.VerifyGate | None = None, challenge_limiter: guard.RateLimiter | None = None,
-                 challenge_ttl_ms: int = CHALLENGE_TTL_MS, events: Events | None = None):
+                 challenge_ttl_ms: int = CHALLENGE_TTL_MS, events: Events | None = None,
+                 accept: str = "v2", v2: V2Endpoints | None = None):
+        if accept not in ACCEPT_CHOICES:
+            raise ValueError(f"accept must be one of {ACCEPT_CHOICES}")
         self.store = store
+        self.accept = accept
+        # v2 state lives in the same database file, in its own tables
+        self.v2 = v2 or V2Endpoints(V2Store(store), allow=allow, clock=clock)
+        self._column_key = secrets.token_bytes(32)  # v1 column samples: a function of the digest
         self.max_body = max_body
         self.min_opens = min_opens
         self.allow = allow
@@ -108,6 +132,8 @@ class AggregatorApp:
             if method != "POST":
                 return _error(405, "method_not_allowed", "POST a receipt to /verify", {"Allow": "POST"})
             return self.verify(environ)
+        if path.startswith("/v2/"):
+            return self.route_v2(method, path, environ)
         if method not in ("GET", "HEAD"):
             if path in ("/health", "/challenge") or _RUN_PATH.fullmatch(path):
                 return _error(405, "method_not_allowed", f"{path} answers GET", {"Allow": "GET"})
@@ -121,6 +147,10 @@ class AggregatorApp:
         if match:
             did = _query(environ).get("did")
             report = self.store.run_report(match.group(1), did)
+            if report is None and self.accept != "v1":  # a tops-receipt/2 run: its v2 report
+                status, body, _ = self.v2.run(match.group(1))
+                if status == 200:
+                    return 200, body, {}
             if report is None:
                 return _error(404, "unknown_run", "no accepted receipts for this run")
             return 200, report, {}
@@ -128,7 +158,43 @@ class AggregatorApp:
 
     # ---- POST /verify
 
-    def verify(self, environ: dict[str, Any]) -> Response:
+    def route_v2(self, method: str, path: str, environ: dict[str, Any]) -> Response:
+        if self.accept == "v1":
+            return _error(404, "not_found", "this aggregator accepts tops-receipt/1 only (POST /verify)")
+        if path == "/v2/exchange":
+            if method != "POST":
+                return _error(405, "method_not_allowed", "POST an exchange to /v2/exchange", {"Allow": "POST"})
+            data = self._body(environ)
+            if isinstance(data, tuple):
+                return data
+            # The same bound on concurrent verification as /verify: an exchange may open sets.
+            token = self.gate.acquire()
+            if token is None:
+                return _error(503, "busy", "every verification slot is taken; retry later", {"Retry-After": "1"})
+            began = time.perf_counter()
+            try:
+                return self.v2.exchange(data)
+            finally:
+                self.gate.release(token)
+                self.events.verify_seconds(time.perf_counter() - began)
+        if method not in ("GET", "HEAD"):
+            return _error(405, "method_not_allowed", f"{path} answers GET", {"Allow": "GET"})
+        if path == "/v2/challenge":
+            wait = self.challenge_limiter.take(str(environ.get("REMOTE_ADDR", "")))
+            if wait > 0:
+                return _error(429, "too_many_challenges", "this client asks for challenges too often",
+                              {"Retry-After": str(max(1, int(wait + 0.999)))})
+            return self.v2.challenge(_query(environ))
+        match = _V2_RUN_PATH.fullmatch(path)
+        if match:
+            return self.v2.run(match.group(1))
+        match = _V2_KEY_PATH.fullmatch(path)
+        if match:
+            return self.v2.key(match.group(1))
+        return _error(404, "not_found", f"no endpoint {path}")
+
+    def _body(self, environ: dict[str, Any]) -> bytes | Response:
+        """The request body, or the 4xx that refuses it (media type, length, size)."""
         media = str(environ.get("CONTENT_TYPE", "")).split(";", 1)[0].strip().lower()
         if media != "application/json":
             return _error(415, "unsupported_media_type", "send the receipt as Content-Type: application/json")
@@ -145,10 +211,21 @@ class AggregatorApp:
             return _error(400, "unreadable_body", "the request body could not be read")
         if len(data) > self.max_body:
             return _error(413, "too_large", f"the body is over {self.max_body} bytes")
+        return bytes(data)
+
+    def verify(self, environ: dict[str, Any]) -> Response:
+        data = self._body(environ)
+        if isinstance(data, tuple):
+            return data
         try:
             receipt = parse_json(data)
         except ReceiptInvalid as exc:
             return _error(400, exc.code, exc.detail)
+        schema = receipt.get("schema") if isinstance(receipt, dict) else None
+        if self.accept == "v2" or schema == "tops-receipt/2":
+            return _error(422, "schema_not_accepted", "this aggregator takes tops-receipt/2 commitments at "
+                                                      "/v2/exchange" + ("" if self.accept == "v2" else
+                                                                        " and tops-receipt/1 receipts here"))
         if self.allow is not None:
             pubkey = receipt.get("pubkey") if isinstance(receipt, dict) else None
             if not isinstance(pubkey, str) or pubkey not in self.allow:  # a list or object is unhashable
@@ -156,9 +233,10 @@ class AggregatorApp:
         problem = guard.string_problem(receipt)
         if problem:
             return _error(422, *problem)
+        # The cost from the header, capped before any work (the code v2 uses too: receipt-v2.md §8).
         cost = guard.receipt_cost(receipt, full=self.full)
         if cost is not None and cost > self.max_cost:
-            return _error(422, "too_costly", f"verifying this receipt generates {cost} elements (opens × k × (1 + columns));"
+            return _error(422, "cost_over_cap", f"verifying this receipt generates {cost} elements (opens × k × (1 + columns));"
                           f" this aggregator verifies at most {self.max_cost}")
         line = _line_or_none(receipt)
         resent = self._resend(receipt, line)
@@ -178,7 +256,7 @@ class AggregatorApp:
             return _error(503, "busy", "every verification slot is taken; retry later", {"Retry-After": "1"})
         began = time.perf_counter()
         try:
-            verified = verify_receipt(receipt, min_opens=self.min_opens, full=self.full)
+            verified = verify_receipt(receipt, min_opens=self.min_opens, full=self.full, rng=self._columns(receipt))
         except ReceiptInvalid as exc:
             self._rejected(receipt, exc.code)
             return _error(422, exc.code, exc.detail)
@@ -232,6 +310,15 @@ class AggregatorApp:
                 self.store.record_rejection(did, reason, int(self.clock() * 1000))
             except _storage_errors() as exc:  # a count for the fleet view; the answer stands
                 log.warning("could not record a rejection (%s): %s", type(exc).__name__, exc)
+
+    def _columns(self, receipt: Any) -> random.Random | None:
+        """v1 samples columns with the verifier's randomness; drawn from a key and the digest,
+        the same receipt gets the same sample, so posting it again cannot re-roll the check."""
+        try:
+            digest = digest_of(receipt)
+        except (TypeError, ValueError, AttributeError):
+            return None  # verify_receipt rejects it before sampling
+        return random.Random(hmac.new(self._column_key, digest, hashlib.sha256).digest())
 
     # ---- GET /challenge
 

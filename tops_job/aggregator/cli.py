@@ -70,12 +70,22 @@ def aggregator() -> None:
               help="Seconds a request may take to send its body after the headers.")
 @click.option("--idle-timeout", type=click.IntRange(1), default=60, show_default=True, help="Idle keep-alive seconds.")
 @click.option("--max-cost", type=click.IntRange(1), default=1 << 25, show_default=True,
-              help="Largest verification cost, opens × k × (1 + columns) (422 too_costly above).")
+              help="Largest verification cost, opens × k × (1 + columns) (422 cost_over_cap above).")
 @click.option("--verify-slots", type=click.IntRange(1, 64), default=2, show_default=True,
               help="Verifications at once per worker (503 busy when none frees within 5 s).")
 @click.option("--challenge-ttl", type=click.IntRange(1), default=24 * 3600, show_default=True, help="Challenge lifetime, seconds.")
 @click.option("--challenge-rate", type=click.FloatRange(0.01), default=20.0, show_default=True,
               help="Challenges per second per client address (bursts of 5 s worth).")
+@click.option("--accept", type=click.Choice(["v1", "v2", "both"]), default="v2", show_default=True,
+              envvar="TOPS_JOB_AGGREGATOR_ACCEPT", help="Receipt schemas taken: tops-receipt/1, /2 or both.")
+@click.option("--openings", type=click.IntRange(32, 256), default=64, show_default=True,
+              help="v2: leaves drawn per commitment (s; soundness (1-f)^s).")
+@click.option("--cost-cap", type=click.IntRange(1 << 26), default=1 << 26, show_default=True,
+              help="v2: largest verification cost s*(tile+1)*k taken (cost_over_cap above).")
+@click.option("--run-ttl", type=click.FloatRange(0.001), default=6 * 3600.0, show_default=True,
+              help="v2: seconds a run challenge stays usable.")
+@click.option("--open-ttl", type=click.FloatRange(0.001), default=600.0, show_default=True,
+              help="v2: seconds a drawn challenge stays answerable.")
 def serve(host: str, port: int, db: str | None, allow: tuple[str, ...], max_body: int, min_opens: int,
           full: bool, threads: int, **guards: Any) -> None:
     """Verify and count receipts over HTTP until TERM or INT."""

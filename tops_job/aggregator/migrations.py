@@ -79,6 +79,42 @@ MIGRATIONS: tuple[Migration, ...] = (
             last_ms BIGINT NOT NULL,
             PRIMARY KEY (did, reason))""",
     )),
+    Migration(3, "tops-receipt/2: run challenges, runs and their keys, commitments with drawn leaves", (
+        """CREATE TABLE IF NOT EXISTS v2_run_challenges (
+            challenge TEXT PRIMARY KEY,
+            did TEXT NOT NULL,
+            pubkey TEXT NOT NULL,
+            issued_ms BIGINT NOT NULL,
+            expires_ms BIGINT NOT NULL,
+            clock_epoch TEXT NOT NULL,
+            issued_clock_ms BIGINT NOT NULL)""",
+        """CREATE TABLE IF NOT EXISTS v2_runs (
+            run_id TEXT PRIMARY KEY,
+            pubkey TEXT NOT NULL)""",
+        """CREATE TABLE IF NOT EXISTS v2_commitments (
+            digest TEXT PRIMARY KEY,
+            pubkey TEXT NOT NULL,
+            did TEXT NOT NULL,
+            nonce TEXT NOT NULL,
+            run_id TEXT NOT NULL,
+            attempt BIGINT NOT NULL,
+            ops BIGINT NOT NULL,
+            challenge TEXT NOT NULL,
+            s BIGINT NOT NULL,
+            leaves TEXT NOT NULL,
+            committed_ms BIGINT NOT NULL,
+            expires_ms BIGINT NOT NULL,
+            state TEXT NOT NULL,
+            error TEXT,
+            detail TEXT,
+            verdict_ms BIGINT,
+            clock_epoch TEXT,
+            accepted_clock_ms BIGINT,
+            commitment TEXT NOT NULL,
+            UNIQUE (pubkey, did, nonce))""",
+        "CREATE INDEX IF NOT EXISTS v2_commitments_run ON v2_commitments (run_id)",
+        "CREATE INDEX IF NOT EXISTS v2_commitments_key ON v2_commitments (pubkey)",
+    )),
 )
 
 LATEST = MIGRATIONS[-1].version

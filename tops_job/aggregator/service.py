@@ -40,6 +40,11 @@ class Settings:
     verify_slots: int = 2
     challenge_ttl_s: int = 24 * 3600
     challenge_rate: float = 20.0
+    accept: str = "v2"  # receipt schemas taken: v1, v2 or both
+    openings: int = 64  # v2: leaves drawn per commitment
+    cost_cap: int = 1 << 26  # v2: largest verification cost taken
+    run_ttl: float = 6 * 3600.0  # v2: seconds a run challenge stays usable
+    open_ttl: float = 600.0  # v2: seconds a drawn challenge stays answerable
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -74,13 +79,18 @@ def build_app(settings: Settings, store: Any, metrics: Any) -> tuple[Any, Any]:
     from tops_job.aggregator.app import AggregatorApp
     from tops_job.aggregator.fleet import FleetViews
     from tops_job.aggregator.metrics import MetricsMiddleware, TimedStore
+    from tops_job.aggregator.v2_exchange import V2Endpoints
+    from tops_job.aggregator.v2_store import V2Store
 
     timed = TimedStore(store, metrics)
+    v2 = V2Endpoints(V2Store(timed), s=settings.openings, cost_cap=settings.cost_cap, allow=settings.allow,
+                     run_ttl_ms=int(settings.run_ttl * 1000), open_ttl_ms=int(settings.open_ttl * 1000))
     gate = guard.VerifyGate(settings.verify_slots, cheap_cost=max(1, settings.max_cost // 16))
     app = AggregatorApp(timed, max_body=settings.max_body, min_opens=settings.min_opens, allow=settings.allow,  # type: ignore[arg-type]
                         full=settings.full, max_cost=settings.max_cost, gate=gate,
                         challenge_limiter=guard.RateLimiter(rate=settings.challenge_rate, burst=max(1, int(settings.challenge_rate * 5))),
-                        challenge_ttl_ms=settings.challenge_ttl_s * 1000, events=metrics, **settings.extra)
+                        challenge_ttl_ms=settings.challenge_ttl_s * 1000, events=metrics, accept=settings.accept, v2=v2,
+                        **settings.extra)
     return MetricsMiddleware(FleetViews(app, timed), metrics, gate), gate
 
 
@@ -116,7 +126,8 @@ def start(settings: Settings, announce: Callable[[str], None]) -> int:
 
     host, port = sock.getsockname()[:2]
     announce(f"serving on http://{settings.host if ':' not in settings.host else '[' + settings.host + ']'}:{port}"
-             f" (db {describe(settings.db)}, min opens {settings.min_opens}, {settings.workers} worker"
+             f" (db {describe(settings.db)}, accepts {settings.accept}, v2 openings {settings.openings},"
+             f" min v1 opens {settings.min_opens}, {settings.workers} worker"
              f"{'s' if settings.workers != 1 else ''}, connection limit {limit} each"
              + (f", {len(settings.allow)} allowed keys" if settings.allow is not None else "") + ")")
     options = {"threads": settings.threads, "limit": limit, "header_timeout": settings.header_timeout,

@@ -133,6 +133,11 @@ class DeviceCommitment:
             self.prefetch([leaf])
         return self._opened[leaf][0]
 
+    def leaf_hash_bytes(self) -> bytes:
+        """Every leaf hash, 32 bytes each in leaf order: what a tops-receipt/2 worker keeps to
+        open this commitment after C is gone (the tile values are recomputed from the seed)."""
+        return self.leaf_hashes().astype(">u4").tobytes()
+
     def audit_path(self, leaf: int) -> list[bytes]:
         if leaf not in self._opened:
             self.prefetch([leaf])

@@ -14,7 +14,9 @@ from typing import Any
 from tops_job.appendlog import AppendLog
 from tops_job.delivery.outcomes import Outcome, SubmitResult
 from tops_job.errors import ReceiptInvalid
-from tops_job.spec.verify import verify_receipt
+from tops_job.spec.v2 import Verified as VerifiedV2
+from tops_job.spec.v2 import verify_fs_receipt
+from tops_job.spec.verify import Verified, verify_receipt
 
 
 class LedgerSubmitter:
@@ -29,7 +31,11 @@ class LedgerSubmitter:
 
     def submit(self, receipt: dict[str, Any], digest: bytes) -> SubmitResult:
         try:
-            verified = verify_receipt(receipt, min_opens=self.min_opens)
+            verified: Verified | VerifiedV2
+            if receipt.get("schema") == "tops-receipt/2":  # fiat-shamir: grinding-bounded, and says so
+                verified = verify_fs_receipt(receipt)
+            else:
+                verified = verify_receipt(receipt, min_opens=self.min_opens)
         except ReceiptInvalid as exc:
             return SubmitResult(Outcome.REJECTED, status=422, error=exc.code,
                                 response={"ok": False, "error": exc.code, "detail": exc.detail})

@@ -17,6 +17,7 @@ from tops_job.delivery.outcomes import Submitter
 from tops_job.delivery.protocol import InlineDelivery
 from tops_job.errors import LIBRARY_ERRORS, ConfigError, SignatureError, StorageError
 from tops_job.job.attempt import Identity
+from tops_job.job.attempt_v2 import V2Attempts
 from tops_job.job.device_guard import DeviceGuard
 from tops_job.job.runner import JobRun, StopSignal
 from tops_job.job.summary import write_summary
@@ -24,6 +25,7 @@ from tops_job.observability.events import Reporter, Reporters
 from tops_job.plugins.manager import PluginManager
 from tops_job.spec.canonical import receipt_line
 from tops_job.spec.identity import default_did
+from tops_job.spec.v2 import CHALLENGE, FIAT_SHAMIR
 
 log = logging.getLogger("tops_job.app")
 
@@ -92,14 +94,66 @@ def choose_submitter(config: Config, pm: PluginManager, name: str | None = None)
 
 
 def make_delivery_factory(config: Config, pm: PluginManager, submitter_name: str | None = None,
-                          stop: StopSignal | None = None):
-    name, factory = choose_submitter(config, pm, submitter_name)
+                          stop: StopSignal | None = None,
+                          chosen: tuple[str, SubmitterFactory] | None = None):
+    name, factory = chosen or choose_submitter(config, pm, submitter_name)
+    if uses_exchange(config, factory):  # tops-receipt/2 challenge mode: commit, challenge, open
+        return _exchange_delivery(config, stop)
     submitter = factory(config)
     if name == "ledger":
         return lambda on_receipt: InlineDelivery(submitter, on_receipt, outbox=config.outbox)
     from tops_job.delivery.sender import OutboxDelivery  # network submitters: durable outbox + background sender
 
     return lambda on_receipt: OutboxDelivery.from_config(config, submitter, on_receipt, stop=stop)
+
+
+def uses_exchange(config: Config, factory: SubmitterFactory) -> bool:
+    """v2 with the built-in HTTP submitter speaks the challenge mode (/v2/exchange), unless
+    --no-challenge; any other sink (the local ledger, a plugin's submitter) takes
+    self-contained fiat-shamir receipts."""
+    from tops_job.plugins.builtins import http_submitter
+
+    return (config.protocol == "v2" and factory is http_submitter._factory and bool(config.aggregator_url)
+            and config.challenge is not False)
+
+
+def _exchange_delivery(config: Config, stop: StopSignal | None):
+    from tops_job.delivery.exchange import ExchangeDelivery
+    from tops_job.delivery.exchange_http import HttpExchange
+    from tops_job.delivery.exchange_outbox import ExchangeOutbox
+    from tops_job.delivery.ratelimit import TokenBucket
+    from tops_job.delivery.retry import RetryPolicy
+
+    assert config.aggregator_url
+    url = config.aggregator_url
+    policy = RetryPolicy(max_retries=1 << 30, base_s=config.retry_base_s, cap_s=config.retry_cap_s,
+                         retry_after_cap_s=max(config.retry_cap_s, 120.0))
+    return lambda on_receipt: ExchangeDelivery(
+        ExchangeOutbox(config.outbox), HttpExchange(url, connect_timeout=config.connect_timeout,
+                                                    read_timeout=max(config.read_timeout, 30.0)),
+        on_receipt, policy=policy, stop=stop, workers=min(2, config.send_concurrency),
+        bucket=TokenBucket(config.rate_limit_per_second))
+
+
+def v2_attempts(config: Config, chosen: tuple[str, SubmitterFactory], identity: Identity,
+                stop: StopSignal) -> V2Attempts | None:
+    """The run's tops-receipt/2 attempts, or None for --protocol v1."""
+    if config.protocol != "v2":
+        return None
+    from tops_job.plugins.builtins import http_submitter
+
+    if chosen[1] is http_submitter._factory and config.aggregator_url and config.challenge is False:
+        raise ConfigError("TOPS_JOB_CHALLENGE", "tops-receipt/2 needs the aggregator's run challenge; "
+                          "--protocol v1 sends unchallenged receipts")
+    if not uses_exchange(config, chosen[1]):
+        return V2Attempts(FIAT_SHAMIR)
+    from tops_job.delivery.exchange_http import HttpExchange
+
+    assert config.aggregator_url
+    client = HttpExchange(config.aggregator_url, connect_timeout=config.connect_timeout,
+                          read_timeout=config.read_timeout)
+    return V2Attempts(CHALLENGE, lambda: client.run_challenge(identity.did, identity.signer.public_key),
+                      wait=stop.event.wait, give_up_s=max(config.drain_timeout, 5.0))
 
 
 def challenge_source(config: Config, did: str) -> Callable[[], bytes | None] | None:
@@ -169,9 +223,11 @@ def build_job(config: Config, pm: PluginManager, *, stop: StopSignal,
         if sum(failures.values()) != before:  # keep the written summary in step with the count
             write_summary(summary, config.summary)
 
+    chosen = choose_submitter(config, pm, submitter_name)  # once: a failing hook is counted once
     return JobRun(config, backend=backend, identity=identity,
-                  make_delivery=make_delivery_factory(config, pm, submitter_name, stop), reporters=reporters,
+                  make_delivery=make_delivery_factory(config, pm, submitter_name, stop, chosen), reporters=reporters,
                   profile_store=profile_store, stop=stop, receipt_sinks=receipt_sinks, run_finished=run_finished,
                   challenge=challenge_source(config, identity.did),
-                  guard=DeviceGuard(backend, selftest=config.selftest, audit_every=config.audit_every))
+                  guard=DeviceGuard(backend, selftest=config.selftest, audit_every=config.audit_every),
+                  v2=v2_attempts(config, chosen, identity, stop))
 

@@ -20,6 +20,7 @@ from tops_job.delivery.outcomes import Outcome
 from tops_job.delivery.protocol import Delivery, DeliveryReport
 from tops_job.errors import LIBRARY_ERRORS, ConfigError, DeviceError, ErrorClass, ExitCode, TopsJobError, error_class_of, exit_code_of
 from tops_job.job.attempt import Identity, run_attempt
+from tops_job.job.attempt_v2 import RunChallengeUnavailable, V2Attempts
 from tops_job.job.device_guard import DeviceGuard
 from tops_job.job.stats import RunStats
 from tops_job.job.stop import StopSignal
@@ -50,8 +51,10 @@ class JobRun:
                  reporters: Reporters, profile_store: ProfileCache | None,
                  stop: StopSignal | None = None, receipt_sinks: list[ReceiptSink] | None = None,
                  run_finished: Callable[[dict[str, Any]], None] | None = None,
-                 challenge: Callable[[], bytes | None] | None = None, guard: DeviceGuard | None = None):
+                 challenge: Callable[[], bytes | None] | None = None, guard: DeviceGuard | None = None,
+                 v2: V2Attempts | None = None):
         self.config = config
+        self.v2 = v2  # tops-receipt/2 attempts (job/attempt_v2.py); None: v1
         self.backend = backend
         self.identity = identity
         self.reporters = reporters
@@ -131,18 +134,21 @@ class JobRun:
     def _shape(self) -> tuple[Shape, dict[str, Any]]:
         if self.config.size:
             m, n, k = self.config.size
-            return Shape(m, n, k), {"m": m, "n": n, "k": k, "source": "--size"}
+            shape = self.v2.fit(Shape(m, n, k)) if self.v2 else Shape(m, n, k)
+            return shape, {"m": shape.m, "n": shape.n, "k": shape.k, "source": "--size"}
         if self.profile_store is None:  # build_job allows that only with a size
             raise ConfigError("TOPS_JOB_SIZE", "no profile store to autotune with: give --size")
         with tracer.start_as_current_span("autotune"):
             profile, cached = resolve_profile(self.backend, self.config.target_ms, self.profile_store,
                                               retune=self.config.retune)
-        return profile.shape, {**asdict(profile), "source": "cache" if cached else "autotune"}
+        shape = self.v2.fit(profile.shape) if self.v2 else profile.shape
+        return shape, {**asdict(profile), "k": shape.k, "source": "cache" if cached else "autotune"}
 
     def _attempts(self, shape: Shape) -> Exception | None:
         config = self.config
-        tile = min(config.tile or self.backend.default_tile, shape.n)
-        challenge = self.challenge_source() if self.challenge_source and not self.stop.stopped else None
+        v2 = self.v2
+        tile = v2.tile(shape, config.tile) if v2 else min(config.tile or self.backend.default_tile, shape.n)
+        challenge = self.challenge_source() if self.challenge_source and not self.stop.stopped and not v2 else None
         consecutive = 0
         for attempt in range(config.attempts):
             current_attempt.set(attempt)  # JSON log lines carry it
@@ -153,6 +159,11 @@ class JobRun:
                 return self.guard.pending_failure()
             try:
                 result = self._run_attempt(shape, attempt, tile, challenge)
+                if result is None:  # stopped while waiting for a run challenge (v2)
+                    return None
+            except RunChallengeUnavailable as exc:  # every later attempt would wait the same
+                self._failed(attempt, error_class_of(exc), str(exc))
+                return exc
             except LIBRARY_ERRORS as exc:
                 self._failed(attempt, error_class_of(exc), str(exc))
                 if isinstance(exc, DeviceError):
@@ -196,7 +207,11 @@ class JobRun:
         """Into the outbox, then out to --receipts-out and the other sinks: a receipt that
         anyone outside has seen is always durable (one held for the self-audit is not yet)."""
         for ready in results:
-            self.delivery.enqueue(ready.receipt, ready.digest)
+            hashes = getattr(ready, "leaf_hashes", None)
+            if hashes is not None:  # v2 challenge mode: kept to open when the challenge comes back
+                self.delivery.enqueue(ready.receipt, ready.digest, leaf_hashes=hashes)  # type: ignore[call-arg]
+            else:
+                self.delivery.enqueue(ready.receipt, ready.digest)
             for sink in self.receipt_sinks:
                 sink(ready.receipt)
 
@@ -207,6 +222,9 @@ class JobRun:
         config = self.config
         for tries_left in (1, 0):
             try:
+                if self.v2 is not None:  # tops-receipt/2: None when stopped waiting for a run challenge
+                    return self.v2.attempt(self.backend, shape, self.identity, run_id=config.run_id,
+                                           attempt=attempt, tile=tile)
                 return run_attempt(self.backend, shape, self.identity, run_id=config.run_id,
                                    attempt=attempt, tile=tile, opens=config.opens, challenge=challenge)
             except HelperLost as exc:

@@ -19,6 +19,7 @@ from .inputs import attempt_seed, element_rows, matrix_key, nonce_from_challenge
 from .merkle import leaf_hash, root_from_path
 from .receipt import DEFAULT_MIN_OPENS, check_fields
 from .signing import is_low_s, recover_public_key
+from .v2.product import tile_values
 
 SPOT_COLUMNS = 8  # §8.5: at least min(width, 8) columns per opening
 
@@ -93,8 +94,15 @@ def _check_openings(r: dict[str, Any], nonce: bytes, *, full: bool, rng: random.
         columns = np.arange(width) if full else np.array(sorted(rng.sample(range(width), min(width, SPOT_COLUMNS))))
         checks.append((j, row, lo + columns, values[columns]))
 
-    # Recompute the sampled entries of C from §2: one row of A and one row of Bt each.
     seed = attempt_seed(r["did"], nonce)
+    if full:  # whole tiles in bounded chunks, each distinct row generated once (v2's product check)
+        tiles = tile_values(seed, n=n, k=k, tile=tile, leaves=expected)
+        for (j, row, columns, revealed), leaf in zip(checks, expected):
+            bad = np.flatnonzero(tiles[leaf] != revealed)
+            if bad.size:
+                raise ReceiptInvalid("wrong_product", f"opening {j}: C[{row}][{columns[bad[0]]}] is not A·B")
+        return
+    # Recompute the sampled entries of C from §2: one row of A and one row of Bt each.
     key_a, key_b = matrix_key(seed, "A"), matrix_key(seed, "B")
     a_rows = element_rows(key_a, np.array([row * k for _, row, _, _ in checks], dtype=np.uint64), k)
     cols = np.concatenate([c for _, _, c, _ in checks])
@@ -136,3 +144,15 @@ def _decode_path(path: Any, j: int) -> list[bytes]:
             raise ReceiptInvalid("bad_path", f"opening {j}: path entries are 32 bytes of lowercase hex") from None
     return nodes
 
+
+
+def cost_of(receipt: Any, *, full: bool) -> int:
+    """opens * (columns checked + 1) * k, from the header alone (0 when it is not well typed:
+    verification rejects it first). The cap is the caller's (receipt-v2.md §8 step 7)."""
+    if not isinstance(receipt, dict):
+        return 0
+    values = [receipt.get(name) for name in ("opens", "tile", "k")]
+    if not all(type(v) is int and 0 <= v < 2**53 for v in values):
+        return 0
+    opens, tile, k = (int(v) for v in values if isinstance(v, int))
+    return opens * ((tile if full else min(tile, SPOT_COLUMNS)) + 1) * k

@@ -1,0 +1,235 @@
+"""The reference aggregator's tops-receipt/2 endpoints over real HTTP (docs/spec/receipt-v2.md
+§9–§10), and issue 11's attack table at the HTTP level."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import requests
+
+from tests.spec.v2_helpers import THIEF_SECRET, WORKER_SECRET, make, resigned
+from tests.support.peers import Aggregator
+from tops_job.spec.signing import LocalKeySigner
+from tops_job.spec.v2 import digest_of
+
+WORKER_PUB = LocalKeySigner(WORKER_SECRET).public_key
+THIEF_PUB = LocalKeySigner(THIEF_SECRET).public_key
+
+
+@pytest.fixture(scope="module")
+def v2(tmp_path_factory):
+    aggregator = Aggregator(tmp_path_factory.mktemp("aggregator-v2") / "agg.sqlite3", accept="v2")
+    yield aggregator
+    aggregator.stop()
+
+
+def _challenge(base: str, did: str = "did:test:worker", pubkey: bytes = WORKER_PUB) -> bytes:
+    answer = requests.get(f"{base}/v2/challenge", params={"did": did, "pubkey": pubkey.hex()}, timeout=10)
+    assert answer.status_code == 200, answer.text
+    return bytes.fromhex(answer.json()["challenge"])
+
+
+def _exchange(base: str, body) -> dict:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    answer = requests.post(f"{base}/v2/exchange", data=data, headers={"Content-Type": "application/json"}, timeout=60)
+    return {"http": answer.status_code, **answer.json()}
+
+
+def _commit(base: str, commitment: dict) -> dict:
+    answer = _exchange(base, {"commit": commitment})
+    assert answer["http"] == 200, answer
+    return answer["commit"]
+
+
+def _open(base: str, opened: dict) -> dict:
+    answer = _exchange(base, {"open": [opened]})
+    assert answer["http"] == 200, answer
+    return answer["open"][0]
+
+
+def _honest(base: str, run_id: str, attempt: int = 0, **kw):
+    return make(challenge=_challenge(base), run_id=run_id, attempt=attempt, **kw)
+
+
+def test_commit_challenge_open_is_accepted_once(v2):
+    made = _honest(v2.base, "flow-1")
+    first = _commit(v2.base, made.commitment)
+    assert first["status"] == 200 and len(first["challenge"]["leaves"]) == 64
+    assert _commit(v2.base, made.commitment)["challenge"] == first["challenge"]  # posting again cannot re-roll
+    verdict = _open(v2.base, made.opened(first["challenge"]["leaves"]))
+    assert verdict == {"status": 200, "digest": made.digest.hex(), "verdict": "accepted", "duplicate": False,
+                       "ops": 2 * 8 * 32 * 256, "soundness": "(1-f)^64"}
+    again = _open(v2.base, made.opened(first["challenge"]["leaves"]))
+    assert again["verdict"] == "accepted" and again["duplicate"] is True
+    report = requests.get(f"{v2.base}/v2/runs/flow-1", timeout=10).json()
+    assert report["accepted"] == 1 and report["ops_total"] == 2 * 8 * 32 * 256
+    assert report["rate_floor_ops_per_s"] > 0
+
+
+def test_commit_and_open_ride_in_one_request(v2):
+    one = _honest(v2.base, "pipeline-1", attempt=0)
+    two = _honest(v2.base, "pipeline-1", attempt=1)
+    leaves = _commit(v2.base, one.commitment)["challenge"]["leaves"]
+    answer = _exchange(v2.base, {"commit": two.commitment, "open": [one.opened(leaves)]})
+    assert answer["open"][0]["verdict"] == "accepted"
+    assert answer["commit"]["status"] == 200 and "challenge" in answer["commit"]
+
+
+def test_half_skipped_commitments_are_rejected_however_many_are_tried(v2):
+    """Attack 1: the worker may regrind as often as it likes; each try is a new commitment
+    whose leaves it learns only after the aggregator recorded it."""
+    for attempt in range(12):
+        made = _honest(v2.base, "grinder", attempt=attempt, skip_rows=4)
+        leaves = _commit(v2.base, made.commitment)["challenge"]["leaves"]
+        verdict = _open(v2.base, made.opened(leaves))
+        assert verdict["status"] == 422 and verdict["error"] == "wrong_product"
+    assert requests.get(f"{v2.base}/v2/runs/grinder", timeout=10).json()["accepted"] == 0
+
+
+def test_a_rejected_digest_gets_the_same_answer_again(v2):
+    """Attack: post the same wrong receipt again. The verdict is remembered; even the right
+    openings afterwards do not change it."""
+    made = _honest(v2.base, "reroll", skip_rows=8)
+    leaves = _commit(v2.base, made.commitment)["challenge"]["leaves"]
+    answers = [_open(v2.base, made.opened(leaves)) for _ in range(3)]
+    assert {a["error"] for a in answers} == {"wrong_product"}
+    assert _commit(v2.base, made.commitment)["error"] == "wrong_product"
+
+
+def test_k1_cheap_shape_is_refused(v2):
+    made = _honest(v2.base, "cheap")
+    answer = _commit(v2.base, resigned(made, k=1))
+    assert answer["status"] == 422 and answer["error"] == "bad_shape"
+
+
+def test_stolen_commitment_resigned_by_another_key_earns_nothing_and_victim_is_unharmed(v2):
+    victim = _honest(v2.base, "victim-run")
+    thief_challenge = _challenge(v2.base, pubkey=THIEF_PUB)
+    thief = make(challenge=thief_challenge, run_id="thief-run", secret=THIEF_SECRET)
+    stolen_header = dict(thief.header, root=victim.header["root"])
+    digest = digest_of(stolen_header)
+    stolen = dict(stolen_header, sig=LocalKeySigner(THIEF_SECRET).sign_digest(digest).hex())
+    leaves = _commit(v2.base, stolen)["challenge"]["leaves"]
+    verdict = _open(v2.base, {"digest": digest.hex(), "openings": victim.opened(leaves)["openings"]})
+    assert verdict["error"] == "wrong_product"
+    # re-signing the victim's header as it is (nonce bound to the victim's key) fails earlier
+    naive = dict(victim.header, pubkey=THIEF_PUB.hex())
+    naive["sig"] = LocalKeySigner(THIEF_SECRET).sign_digest(digest_of(naive)).hex()
+    assert _commit(v2.base, naive)["error"] == "challenge_mismatch"
+    leaves = _commit(v2.base, victim.commitment)["challenge"]["leaves"]
+    assert _open(v2.base, victim.opened(leaves))["verdict"] == "accepted"
+
+
+def test_replayed_nonce_with_another_digest_is_409(v2):
+    made = _honest(v2.base, "replay")
+    assert _commit(v2.base, made.commitment)["status"] == 200
+    answer = _commit(v2.base, resigned(made, elapsed_ns=999))
+    assert answer["status"] == 409 and answer["error"] == "replayed_nonce"
+
+
+def test_run_id_belongs_to_one_key(v2):
+    made = _honest(v2.base, "owned-run")
+    assert _commit(v2.base, made.commitment)["status"] == 200
+    other = make(challenge=_challenge(v2.base, pubkey=THIEF_PUB), run_id="owned-run", secret=THIEF_SECRET)
+    answer = _commit(v2.base, other.commitment)
+    assert answer["status"] == 409 and answer["error"] == "run_id_taken"
+
+
+def test_amplification_header_is_refused_from_the_header(v2):
+    made = _honest(v2.base, "amp")
+    begun = time.perf_counter()
+    answer = _commit(v2.base, resigned(made, m=1, n=8, k=262144, tile=8))
+    assert answer["error"] == "cost_over_cap" and time.perf_counter() - begun < 5
+
+
+def test_audit_path_entry_with_spaces_is_rejected(v2):
+    made = _honest(v2.base, "spaces")
+    leaves = _commit(v2.base, made.commitment)["challenge"]["leaves"]
+    opened = made.opened(leaves)
+    node = opened["openings"][0]["path"][0]
+    opened["openings"][0]["path"][0] = " ".join(node[i:i + 2] for i in range(0, 62, 2))
+    assert _open(v2.base, opened)["error"] == "bad_path"
+
+
+@pytest.mark.parametrize("field", ["did", "device", "dtype", "backend"])
+def test_empty_required_strings_are_rejected(v2, field):
+    made = _honest(v2.base, f"empty-{field}")
+    assert _commit(v2.base, resigned(made, **{field: ""}))["status"] == 422
+
+
+def test_utf16_body_is_400(v2):
+    made = _honest(v2.base, "utf16")
+    answer = _exchange(v2.base, json.dumps({"commit": made.commitment}).encode("utf-16"))
+    assert answer["http"] == 400 and answer["error"] == "not_utf8"
+
+
+def test_unknown_run_challenge_and_opened_set_for_unknown_commitment(v2):
+    made = make(run_id="nochallenge")  # a challenge this aggregator never issued
+    assert _commit(v2.base, made.commitment)["error"] == "unknown_challenge"
+    answer = _open(v2.base, made.opened([0] * 64))
+    assert answer["status"] == 404 and answer["error"] == "unknown_commitment"
+
+
+def test_challenge_endpoint_checks_its_parameters(v2):
+    assert requests.get(f"{v2.base}/v2/challenge", params={"did": "", "pubkey": WORKER_PUB.hex()}, timeout=5).status_code == 400
+    assert requests.get(f"{v2.base}/v2/challenge", params={"did": "d", "pubkey": "02" + "AB" * 32}, timeout=5).status_code == 400
+
+
+def test_v1_receipts_are_not_accepted_by_default(v2):
+    answer = requests.post(f"{v2.base}/verify", data=json.dumps({"schema": "tops-receipt/1"}),
+                           headers={"Content-Type": "application/json"}, timeout=10)
+    assert answer.status_code == 422 and answer.json()["error"] == "schema_not_accepted"
+
+
+def test_expired_run_challenge_and_expired_openings_are_enforced(tmp_path):
+    aggregator = Aggregator(tmp_path / "short.sqlite3", "--run-ttl", "1", "--open-ttl", "1", accept="v2")
+    try:
+        late = make(challenge=_challenge(aggregator.base), run_id="late")
+        time.sleep(1.2)
+        answer = _commit(aggregator.base, late.commitment)
+        assert answer["status"] == 410 and answer["error"] == "challenge_expired"
+        made = make(challenge=_challenge(aggregator.base), run_id="slow")
+        leaves = _commit(aggregator.base, made.commitment)["challenge"]["leaves"]
+        time.sleep(1.2)
+        answer = _open(aggregator.base, made.opened(leaves))
+        assert answer["status"] == 410 and answer["error"] == "challenge_expired"
+        keys = requests.get(f"{aggregator.base}/v2/keys/{WORKER_PUB.hex()}", timeout=5).json()
+        assert keys["abandoned"] == 1 and keys["accepted"] == 0
+    finally:
+        aggregator.stop()
+
+
+def _call(app, method, path, body=b"", query=""):
+    import io
+
+    environ = {"REQUEST_METHOD": method, "PATH_INFO": path, "QUERY_STRING": query, "CONTENT_TYPE": "application/json",
+               "CONTENT_LENGTH": str(len(body)), "wsgi.input": io.BytesIO(body)}
+    status, answer, _headers = app.route(environ)
+    return status, answer
+
+
+def test_a_resource_failure_is_503_and_records_nothing(tmp_path, monkeypatch):
+    """Under a memory cap v1 answered an honest receipt `422 unverifiable` (final); v2 answers
+    503 verifier_busy and the same opened set is accepted once resources are back."""
+    from tops_job.aggregator import v2_exchange
+    from tops_job.aggregator.app import AggregatorApp
+    from tops_job.aggregator.store import Store
+
+    app = AggregatorApp(Store(tmp_path / "agg.sqlite3"))
+    status, issued = _call(app, "GET", "/v2/challenge", query=f"did=did:test:worker&pubkey={WORKER_PUB.hex()}")
+    assert status == 200
+    made = make(challenge=bytes.fromhex(issued["challenge"]), run_id="busy")
+    status, answer = _call(app, "POST", "/v2/exchange", json.dumps({"commit": made.commitment}).encode())
+    leaves = answer["commit"]["challenge"]["leaves"]
+    body = json.dumps({"open": [made.opened(leaves)]}).encode()
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError
+    monkeypatch.setattr(v2_exchange, "check_opened", out_of_memory)
+    status, answer = _call(app, "POST", "/v2/exchange", body)
+    assert status == 200 and answer["open"][0]["status"] == 503 and answer["open"][0]["error"] == "verifier_busy"
+    monkeypatch.undo()
+    status, answer = _call(app, "POST", "/v2/exchange", body)
+    assert answer["open"][0]["verdict"] == "accepted"

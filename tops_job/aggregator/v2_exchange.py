@@ -1,0 +1,201 @@
+"""The aggregator's tops-receipt/2 endpoints (spec §10): run challenges, the exchange that
+records a commitment before drawing its leaves and judges opened sets, and run reports.
+
+Every verdict is a function of the stored record: a commitment posted again gets the same
+challenge, an opened set posted again gets the recorded verdict. A resource failure while
+verifying answers 503 `verifier_busy` and records nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from tops_job.aggregator.v2_store import ACCEPTED, COMMITTED, EXPIRED, REJECTED, Conflict, V2Store
+from tops_job.spec.errors import ReceiptInvalid
+from tops_job.spec.v2 import COST_CAP, S_DEFAULT, VerifierBusy, challenge_leaves, check_commitment, check_opened, parse_json
+from tops_job.spec.v2.encoding import HEX32, PUBKEY
+
+log = logging.getLogger("tops_job.aggregator")
+
+OPEN_TTL_MS = 600_000  # a drawn challenge stays answerable this long (spec §0)
+RUN_TTL_MS = 6 * 3600 * 1000  # a run challenge (spec §0)
+RETENTION_MS = 7 * 24 * 3600 * 1000
+OPEN_ITEMS_MAX = 4
+_DID = re.compile(r"[\x21-\x7e]{1,128}")
+_RUN = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+Response = tuple[int, dict[str, Any], dict[str, str]]
+
+
+def _error(status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> Response:
+    return status, {"ok": False, "error": code, "detail": detail}, headers or {}
+
+
+def _item(status: int, code: str, detail: str, digest: str | None = None) -> dict[str, Any]:
+    item: dict[str, Any] = {"status": status, "error": code, "detail": detail}
+    if digest:
+        item["digest"] = digest
+    return item
+
+
+def steady_clock() -> tuple[str, int]:
+    """(epoch, ms) on a clock that never steps (spec §12.4): CLOCK_BOOTTIME where there is one,
+    its epoch the kernel's boot id; else the monotonic clock of this process."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as handle:
+            boot = handle.read().strip()
+        return "boot:" + boot, int(time.clock_gettime(time.CLOCK_BOOTTIME) * 1000)
+    except (OSError, AttributeError):
+        return "process:" + _PROCESS_EPOCH, int(time.monotonic() * 1000)
+
+
+_PROCESS_EPOCH = secrets.token_hex(8)
+
+
+class V2Endpoints:
+    def __init__(self, store: V2Store, *, s: int = S_DEFAULT, cost_cap: int = COST_CAP,
+                 allow: set[str] | None = None, clock: Callable[[], float] = time.time,
+                 steady: Callable[[], tuple[str, int]] = steady_clock, open_ttl_ms: int = OPEN_TTL_MS,
+                 run_ttl_ms: int = RUN_TTL_MS, max_verifying: int = 2, verifier_key: bytes | None = None):
+        self.store = store
+        self.s = s
+        self.cost_cap = cost_cap
+        self.allow = allow
+        self.clock = clock
+        self.steady = steady
+        self.open_ttl_ms = open_ttl_ms
+        self.run_ttl_ms = run_ttl_ms
+        self.verifier_key = verifier_key or secrets.token_bytes(32)  # K_v: drawn leaves are recorded, so it may change
+        self._verifying = threading.BoundedSemaphore(max_verifying)
+
+    def _now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    # ---- GET /v2/challenge
+
+    def challenge(self, query: dict[str, str]) -> Response:
+        did, pubkey = query.get("did", ""), query.get("pubkey", "")
+        if not _DID.fullmatch(did):
+            return _error(400, "bad_did", "give ?did= (1..128 printable ASCII characters, no spaces)")
+        if not PUBKEY.fullmatch(pubkey):
+            return _error(400, "bad_hex", "give ?pubkey= (compressed secp256k1 key, 66 lowercase hex)")
+        if self.allow is not None and pubkey not in self.allow:
+            return _error(403, "pubkey_not_allowed", "this pubkey may not submit here")
+        now = self._now_ms()
+        self.store.purge(now, RETENTION_MS)
+        epoch, steady_ms = self.steady()
+        return 200, self.store.issue_run_challenge(challenge=secrets.token_hex(32), did=did, pubkey=pubkey, now_ms=now,
+                                                   ttl_ms=self.run_ttl_ms, clock_epoch=epoch, clock_ms=steady_ms), {}
+
+    # ---- POST /v2/exchange
+
+    def exchange(self, data: bytes) -> Response:
+        try:
+            envelope = parse_json(data)
+        except ReceiptInvalid as exc:
+            return _error(400, exc.code, exc.detail)
+        if (not isinstance(envelope, dict) or not envelope or set(envelope) - {"commit", "open"}
+                or not isinstance(envelope.get("open", []), list) or len(envelope.get("open", [])) > OPEN_ITEMS_MAX):
+            return _error(400, "bad_envelope", f'the body is {{"commit"?: commitment, "open"?: [at most '
+                                               f'{OPEN_ITEMS_MAX} opened sets]}}, not empty')
+        answer: dict[str, Any] = {"ok": True}
+        if "open" in envelope:
+            answer["open"] = [self._open(item) for item in envelope["open"]]
+        if "commit" in envelope:
+            answer["commit"] = self._commit(envelope["commit"])
+        return 200, answer, {}
+
+    def _commit(self, obj: Any) -> dict[str, Any]:
+        try:
+            committed = check_commitment(obj, s=self.s, cost_cap=self.cost_cap)
+        except ReceiptInvalid as exc:
+            return _item(422, exc.code, exc.detail)
+        h, digest = committed.header, committed.digest.hex()
+        if self.allow is not None and h["pubkey"] not in self.allow:
+            return _item(403, "pubkey_not_allowed", "this pubkey may not submit here", digest)
+        record = self.store.commitment(digest)
+        if record is None:
+            issued = self.store.run_challenge(h["challenge"])
+            if issued is None or issued["did"] != h["did"] or issued["pubkey"] != h["pubkey"]:
+                return _item(422, "unknown_challenge", "this aggregator did not issue that run challenge to this "
+                                                       "(did, pubkey)", digest)
+            now = self._now_ms()
+            if issued["expires_ms"] <= now:
+                return _item(410, "challenge_expired", f"the run challenge expired at {issued['expires_ms']}", digest)
+            leaves = challenge_leaves(self.verifier_key, committed.digest, self.s, committed.leaf_count)
+            try:
+                record = self.store.add_commitment(
+                    digest=digest, pubkey=h["pubkey"], did=h["did"], nonce=h["nonce"], run_id=h["run_id"],
+                    attempt=h["attempt"], ops=committed.ops, challenge=h["challenge"], s=self.s, leaves=leaves,
+                    now_ms=now, ttl_ms=self.open_ttl_ms, commitment=json.dumps(obj, sort_keys=True, separators=(",", ":")))
+            except Conflict as exc:
+                return _item(409, exc.code, exc.detail, digest)
+        return self._state_answer(digest, record, challenge=True)
+
+    def _state_answer(self, digest: str, record: dict[str, Any], *, challenge: bool) -> dict[str, Any]:
+        state = record["state"]
+        if state == COMMITTED and record["expires_ms"] <= self._now_ms():
+            state = self.store.set_verdict(digest, EXPIRED, now_ms=self._now_ms(), error="challenge_expired",
+                                           detail="no accepted opening before the challenge expired")
+        if state == ACCEPTED:
+            return {"status": 200, "digest": digest, "verdict": "accepted", "duplicate": True, "ops": record["ops"],
+                    "soundness": f"(1-f)^{record['s']}"}
+        if state == REJECTED:
+            return _item(422, record["error"], record["detail"] or "rejected before", digest)
+        if state == EXPIRED:
+            return _item(410, "challenge_expired", "the challenge expired before an accepted opening", digest)
+        if not challenge:
+            raise AssertionError("a committed record answers only a commitment")
+        return {"status": 200, "digest": digest,
+                "challenge": {"leaves": record["leaves"], "s": record["s"], "expires_ms": record["expires_ms"]}}
+
+    def _open(self, opened: Any) -> dict[str, Any]:
+        digest = opened.get("digest") if isinstance(opened, dict) else None
+        if not isinstance(digest, str) or not HEX32.fullmatch(digest):
+            return _item(422, "bad_opening", "an opened set is {digest: 64 hex, openings: [...]}")
+        record = self.store.commitment(digest)
+        if record is None:
+            return _item(404, "unknown_commitment", "no commitment with this digest here: send it again", digest)
+        if record["state"] != COMMITTED or record["expires_ms"] <= self._now_ms():
+            return self._state_answer(digest, record, challenge=False)
+        committed = check_commitment(json.loads(record["commitment"]), s=record["s"], cost_cap=1 << 62)
+        if not self._verifying.acquire(timeout=5.0):
+            return _item(503, "verifier_busy", "too many verifications at once; retry", digest)
+        try:
+            verified = check_opened(committed, record["leaves"], opened)
+        except ReceiptInvalid as exc:  # final, remembered: the same digest gets this answer again
+            self.store.set_verdict(digest, REJECTED, now_ms=self._now_ms(), error=exc.code, detail=exc.detail)
+            return self._state_answer(digest, self.store.commitment(digest) or record, challenge=False)
+        except (VerifierBusy, MemoryError) as exc:
+            return _item(503, "verifier_busy", f"verification ran out of resources ({exc}); retry", digest)
+        except Exception:  # a bug is never a verdict on the worker
+            log.exception("verifier failed on opened set %s", digest)
+            return _item(503, "verifier_busy", "the verifier failed; retry", digest)
+        finally:
+            self._verifying.release()
+        epoch, steady_ms = self.steady()
+        state = self.store.set_verdict(digest, ACCEPTED, now_ms=self._now_ms(), clock_epoch=epoch, clock_ms=steady_ms)
+        if state != ACCEPTED:
+            return self._state_answer(digest, self.store.commitment(digest) or record, challenge=False)
+        return {"status": 200, "digest": digest, "verdict": "accepted", "duplicate": False, "ops": verified.ops,
+                "soundness": verified.soundness}
+
+    # ---- GET /v2/runs/<run_id>, /v2/keys/<pubkey>
+
+    def run(self, run_id: str) -> Response:
+        if not _RUN.fullmatch(run_id):
+            return _error(400, "bad_run_id", "run ids are 1..64 of [A-Za-z0-9._-]")
+        report = self.store.run_report(run_id, self._now_ms())
+        return (200, report, {}) if report else _error(404, "unknown_run", "no commitments for this run")
+
+    def key(self, pubkey: str) -> Response:
+        if not PUBKEY.fullmatch(pubkey):
+            return _error(400, "bad_hex", "a compressed secp256k1 key, 66 lowercase hex")
+        return 200, self.store.key_report(pubkey, self._now_ms()), {}
