@@ -7,6 +7,7 @@ import json
 import re
 import signal
 import subprocess
+import time
 from datetime import datetime
 from html.parser import HTMLParser
 from pathlib import Path
@@ -44,6 +45,10 @@ def running_job(job_env, start_job, tmp_path):
                      "--metrics-textfile", str(textfile)], {**job_env, "TOPS_JOB_HEALTH_HOST": "127.0.0.1"})
     port = job.health_port()
     wait_for_attempts(port, 5)
+    # Receipts are reported once delivered (the self-audit may still hold the first ones).
+    deadline = time.monotonic() + 30
+    while b"tops_job_receipts_total{" not in get(port, "/metrics")[2] and time.monotonic() < deadline:
+        time.sleep(0.1)
     yield job, port, textfile
     job.proc.send_signal(signal.SIGTERM)
     job.wait(timeout=30)
