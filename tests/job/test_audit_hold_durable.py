@@ -182,6 +182,12 @@ def test_a_receipt_that_fails_its_audit_is_withheld_and_never_sent(tmp_path, agg
         assert "self-audit" in reason["reason"] and "wrong_product" in reason["reason"]
     assert not audited & set(_seen_by_aggregator(agg, protocol))  # never sent
     assert set(_accepted(agg, protocol)) == set(signed) - audited  # the others went as usual
+    if protocol == "v1":  # `tops-job outbox` shows them, with the reason
+        listing = subprocess.run([*CLI, "outbox"], env=_env(tmp_path, protocol), capture_output=True, text=True,
+                                 timeout=60)
+        assert listing.returncode == 0, listing.stderr[-3000:]
+        assert sum(line.startswith("withheld ") and "wrong_product" in line
+                   for line in listing.stdout.splitlines()) == len(audited)
 
     again = subprocess.run(_command(tmp_path, protocol, _url(agg, protocol), "--attempts", "1", name="again"),
                            env=_env(tmp_path, protocol), capture_output=True, text=True, timeout=120)
