@@ -274,6 +274,9 @@ def outbox(ctx: click.Context, outbox_dir: Path | None, as_json: bool) -> None:
                    f"{answer.get('status')} {answer.get('error')}: {json.dumps(answer.get('answer'), sort_keys=True)}")
     for name in listing["quarantined"]:
         click.echo(f"quarantined  {name}")
+    for entry in listing["withheld"]:
+        click.echo(f"withheld  {entry['digest']}  run {entry.get('run_id')} attempt {entry.get('attempt')}  "
+                   f"{entry.get('reason')}")
 
 
 @outbox.command("send")

@@ -113,18 +113,21 @@ def test_attempts_nvml_flags_are_audited_and_a_failure_is_a_span_event():
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     try:
         guard.start()
-        delivered = []
+        held, settled = [], []
         for attempt in range(3):
             result = run_attempt(backend, Shape(16, 24, 8), identity(), run_id="guard", attempt=attempt, tile=8, opens=16)
-            delivered += guard.take(attempt, result)
-        delivered += guard.finish()
+            if guard.take(attempt, result):
+                held.append(attempt)
+            settled += guard.settled()
+        settled += guard.finish()
         with provider.get_tracer("test").start_as_current_span("run"):
             error = guard.pending_failure()
     finally:
         backend.close()
     assert isinstance(error, SelfAuditFailed) and error.exit_code == ExitCode.DEVICE_ERROR
     assert guard.failure.attempt == 1 and guard.failure.reason == "throttled" and guard.flagged == 1
-    assert [r.receipt["attempt"] for r in delivered] == [0, 2]  # 0: sampled and verified; 2: not audited
+    assert held == [0, 1]  # 0: sampled; 1: flagged; 2: not audited (stored and sent at once)
+    assert [(s.attempt, s.ok) for s in settled] == [(0, True), (1, False)]  # 0 is released, 1 withheld
     assert failures == ["gpu"]
     (span,) = exporter.get_finished_spans()
     (event,) = span.events
@@ -161,7 +164,7 @@ def test_metrics_name_the_device_of_a_failed_check():
 
 
 def test_a_sink_failing_on_receipts_released_at_the_end_still_summarises(isolated_env):
-    # Every receipt held for audit: most are delivered (and written out) only at the end.
+    # Every receipt held for audit: stored, then written out at once (it is durable already).
     if not Path("/dev/full").exists():
         pytest.skip("no /dev/full on this system")
     result = CliRunner().invoke(cli, ["run", "--backend", "numpy", "--size", "8", "-n", "3", "--audit-every", "1",
@@ -208,9 +211,10 @@ def test_a_flagged_attempt_is_verified_in_full():
     try:
         guard.start()
         result = run_attempt(backend, Shape(8, 1024, 8), identity(), run_id="full", attempt=1, tile=1024, opens=16)
-        assert guard.take(1, result) == []
-        assert guard.finish() == []
+        assert guard.take(1, result) is True
+        (settled,) = guard.finish()
     finally:
         backend.close()
     assert guard.failure is not None and guard.failure.reason == "ecc_uncorrected_new"
     assert "wrong_product" in guard.failure.error
+    assert not settled.ok and settled.digest == result.digest and "wrong_product" in (settled.error or "")

@@ -19,7 +19,8 @@ from tops_job.errors import ExitCode
 
 
 def list_outbox(path: Path) -> dict[str, Any]:
-    """What `path` holds: pending entries (oldest first) and rejected ones with the answers.
+    """What `path` holds: pending entries (oldest first), rejected ones with the answers, how
+    many a run's self-audit holds, and those that failed it (withheld, with the reason).
     Reads only; creates nothing."""
     pending = []
     now = time.time()
@@ -33,7 +34,13 @@ def list_outbox(path: Path) -> dict[str, Any]:
     rejected = [{"digest": digest, **_receipt_fields(path / "rejected" / f"{digest}.json"), "answer": answer}
                 for digest, answer in rejected_entries(path / "rejected")]
     quarantined = sorted(p.name for p in (path / "quarantine").iterdir()) if (path / "quarantine").is_dir() else []
-    return {"outbox": str(path), "pending": pending, "rejected": rejected, "quarantined": quarantined}
+    held = sum(1 for _ in (path / "held").glob("*.json")) if (path / "held").is_dir() else 0
+    withheld = [{"digest": item.name[:-5], **_receipt_fields(item),
+                 "reason": (_answer(path / "withheld" / f"{item.name[:-5]}.reason.json") or {}).get("reason")}
+                for item in sorted((path / "withheld").glob("*.json")) if is_entry_name(item.name)] \
+        if (path / "withheld").is_dir() else []
+    return {"outbox": str(path), "pending": pending, "rejected": rejected, "quarantined": quarantined,
+            "held_for_self_audit": held, "withheld": withheld}
 
 
 def _answer(path: Path) -> dict[str, Any] | None:

@@ -61,6 +61,7 @@ class ExchangeDelivery:
         self._deadline: float | None = None
         self._threads: list[threading.Thread] = []
         self._earlier = 0
+        self._withheld = 0  # failed the self-audit: in v2/withheld/, never sent
         self._send_errors: Counter[str] = Counter()
         self._last_error: str | None = None
 
@@ -82,11 +83,29 @@ class ExchangeDelivery:
             thread.start()
             self._threads.append(thread)
 
-    def enqueue(self, receipt: dict[str, Any], digest: bytes, leaf_hashes: bytes | None = None) -> None:
-        self.outbox.put(receipt, digest.hex(), leaf_hashes)  # durable before anything else happens to it
+    def enqueue(self, receipt: dict[str, Any], digest: bytes, leaf_hashes: bytes | None = None, *,
+                held: bool = False) -> None:
+        # durable before anything else happens to it; a held one is not even committed until
+        # its self-audit verifies it (see `release`)
+        self.outbox.put(receipt, digest.hex(), leaf_hashes, held=held)
+        if not held:
+            self.release(digest, durable=True)
+
+    def release(self, digest: bytes, *, durable: bool = False) -> None:
+        """Held commitments are not sent at all before the audit: sending one early would
+        save the audit's few milliseconds, but a failed audit would then leave the aggregator
+        a challenged commitment never opened (counted as expired against this worker) and
+        would have shown it a product this worker knows is wrong."""
+        if not durable:
+            self.outbox.unhold(digest.hex())
         with self._cond:
             self._track(digest.hex(), SIGNED)
             self._cond.notify()
+
+    def withhold(self, digest: bytes, reason: str) -> None:
+        self.outbox.withhold(digest.hex(), reason)
+        with self._cond:
+            self._withheld += 1
 
     def _track(self, digest: str, state: str) -> None:
         self._tracked[digest] = state
@@ -116,6 +135,9 @@ class ExchangeDelivery:
         self.report.pending = sum(states.values())
         self.report.detail.update(self.state())
         self.report.detail["earlier_runs"] = self._earlier
+        if self._withheld:
+            self.report.detail["withheld"] = self._withheld
+            self.report.detail["withheld_in"] = str(self.outbox.withheld_dir)
         if states:
             # a commitment whose challenge never came back stays pending, and says so
             self.report.detail["left_because"] = {

@@ -4,10 +4,16 @@ verdict (docs/spec/receipt-v2.md §9.2).
 Layout, beside the v1 entries, in `<outbox>/v2/`:
 
     <digest>.leaves            leaf hashes, 32 bytes each (challenge mode): what opening needs
+    <digest>.held              the worker's self-audit holds it (the holding run's pid inside):
+                               nothing of it is sent until the audit verifies it (the
+                               marker goes); a dead run's marker goes at the next `recover`,
+                               which logs that the attempt was never audited
     <digest>.commit.json       the signed commitment; its presence is the attempt's life
     <digest>.challenge.json    the aggregator's drawn leaves, once answered
     <digest>.opened.json       the opened set, once computed
     done/<digest>.json         a verdict (accepted, rejected, expired) with the answer
+    withheld/<digest>.*        an attempt that failed the self-audit (commitment, leaves, and
+                               reason.json): never sent
     .lock                      held (flock) by the run that drains this directory
 
 Every file is written durably (temp file, fsync, rename, fsync the directory), and the
@@ -41,6 +47,7 @@ class ExchangeOutbox:
     def __init__(self, outbox_root: Path):
         self.path = Path(outbox_root) / "v2"
         self.done_dir = self.path / "done"
+        self.withheld_dir = self.path / "withheld"
         self._lock_handle: Any = None
         try:
             self.done_dir.mkdir(parents=True, exist_ok=True)
@@ -72,8 +79,10 @@ class ExchangeOutbox:
         except OSError as exc:
             raise StorageError(f"cannot write {self.path / name}: {exc.strerror or exc}") from None
 
-    def put(self, commitment: dict[str, Any], digest: str, leaf_hashes: bytes | None) -> None:
-        """Durable before it returns: the leaf hashes first, then the commitment."""
+    def put(self, commitment: dict[str, Any], digest: str, leaf_hashes: bytes | None, *, held: bool = False) -> None:
+        """Durable before it returns: the held marker first, the leaf hashes, then the commitment."""
+        if held:
+            self._write(f"{digest}.held", f"{os.getpid()}\n".encode("ascii"))
         if leaf_hashes is not None:
             self._write(f"{digest}.leaves", leaf_hashes)
         self._write(f"{digest}.commit.json", _line(commitment))
@@ -83,6 +92,35 @@ class ExchangeOutbox:
 
     def put_opened(self, digest: str, opened: dict[str, Any]) -> None:
         self._write(f"{digest}.opened.json", _line(opened))
+
+    def unhold(self, digest: str) -> None:
+        """The self-audit verified it: it may be sent."""
+        _unlink(self.path / f"{digest}.held")
+        fsync_dir(self.path)
+
+    def withhold(self, digest: str, reason: str) -> None:
+        """The self-audit failed it: its files move to withheld/, with `reason`; never sent."""
+        try:
+            self.withheld_dir.mkdir(exist_ok=True)
+            write_atomic(self.withheld_dir / f"{digest}.reason.json", _line({"digest": digest, "reason": reason}),
+                         sync_dir=True)
+            for suffix in (".leaves", ".commit.json"):
+                if (self.path / f"{digest}{suffix}").exists():
+                    os.replace(self.path / f"{digest}{suffix}", self.withheld_dir / f"{digest}{suffix}")
+            fsync_dir(self.withheld_dir)
+            _unlink(self.path / f"{digest}.held")
+            fsync_dir(self.path)
+        except OSError as exc:
+            raise StorageError(f"cannot move {digest} to {self.withheld_dir}: {exc.strerror or exc}") from None
+        log.warning("[outbox] v2 attempt %s withheld (%s): kept in %s, never sent", digest, reason, self.withheld_dir)
+
+    def held_by_live_run(self, digest: str) -> bool:
+        """Whether `digest` is held by a live run other than this process."""
+        try:
+            pid = int((self.path / f"{digest}.held").read_text(encoding="ascii").strip() or "0")
+        except (OSError, ValueError):
+            return False
+        return pid != os.getpid() and _alive(pid)
 
     def drop_challenge(self, digest: str) -> None:
         """The aggregator does not know the commitment (a new database): it will draw again."""
@@ -143,7 +181,7 @@ class ExchangeOutbox:
         entries = []
         for entry in os.scandir(self.path):
             match = _COMMIT.fullmatch(entry.name)
-            if match:
+            if match and not (self.path / f"{match.group(1)}.held").exists():
                 entries.append((entry.stat().st_mtime_ns, match.group(1)))
         return {digest: self.state(digest) or SIGNED for _, digest in sorted(entries)}
 
@@ -156,6 +194,12 @@ class ExchangeOutbox:
                 pid = name[5:].split("-", 1)[0]
                 if not (pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid))):
                     _unlink(Path(entry.path))
+                continue
+            if name.endswith(".held") and not self.held_by_live_run(name[:-5]):
+                if (self.path / f"{name[:-5]}.commit.json").exists():
+                    log.warning("[outbox] v2 attempt %s was held for a self-audit that never ended (its run stopped); "
+                                "it was never audited and is sent now", name[:-5])
+                _unlink(Path(entry.path))
                 continue
             match = _SIDE.fullmatch(name)
             if match and not (self.path / f"{match.group(1)}.commit.json").exists():

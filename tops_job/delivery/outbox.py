@@ -5,6 +5,11 @@ Layout (one directory, default `<user data dir>/outbox`):
     <digest hex>.json          a receipt waiting to be delivered (one JSON line)
     rejected/<digest>.json     a receipt the aggregator rejected (final 4xx) ...
     rejected/<digest>.answer.json  ... and its answer
+    held/<digest>.<pid>.json   a receipt the worker's self-audit holds (run <pid>): durable, not
+                               sent; moved up when it verifies, or, left by a dead run, by the
+                               next run's `recover` (which logs that it was never audited)
+    withheld/<digest>.json     a receipt that failed the self-audit: never sent ...
+    withheld/<digest>.reason.json  ... and why
     answers/<digest>.json      the last answer that did not settle a waiting receipt (a 401, a
                                stub's `200 {"ok": true}`), for `tops-job outbox`
     quarantine/<name>          an entry that could not be read back (with a warning)
@@ -46,6 +51,7 @@ from tops_job.spec.canonical import digest_of, receipt_line
 log = logging.getLogger("tops_job.outbox")
 
 _ENTRY = re.compile(r"[0-9a-f]{64}\.json")
+_HELD = re.compile(r"([0-9a-f]{64})\.([0-9]+)\.json")
 _TMP_PREFIX = ".tmp-"
 
 
@@ -130,6 +136,8 @@ class Outbox:
         self.rejected_dir = self.path / "rejected"
         self.quarantine_dir = self.path / "quarantine"
         self.answers_dir = self.path / "answers"
+        self.held_dir = self.path / "held"
+        self.withheld_dir = self.path / "withheld"
         self._lock_handle: int | None = None
         self._mutex = threading.Lock()
         self.quarantined = 0
@@ -207,6 +215,7 @@ class Outbox:
         oldest first. Call with the lock."""
         for tmp in self.path.glob(_TMP_PREFIX + "*"):
             self._recover_temp(tmp)
+        self._recover_held()
         try:
             fsync_dir(self.path)
             items = list(os.scandir(self.path))
@@ -215,7 +224,7 @@ class Outbox:
         entries = []
         for item in items:
             kind = _kind(item)
-            if item.name in ("rejected", "quarantine", "answers"):
+            if item.name in ("rejected", "quarantine", "answers", "held", "withheld"):
                 if kind != "directory":
                     self.problem("misplaced_file", f"{item.path} is a {kind} where a directory belongs; "
                                  f"{item.name} entries are kept in the outbox instead")
@@ -260,6 +269,81 @@ class Outbox:
             tmp.unlink()
         except OSError:
             pass
+
+    # ---- receipts held for the self-audit
+
+    def _held_path(self, digest: str) -> Path:
+        return self.held_dir / f"{digest}.{os.getpid()}.json"
+
+    def put_held(self, receipt: dict[str, Any], digest: bytes) -> Path:
+        """`put`, into held/: durable when this returns, but no sender sees it until `unhold`."""
+        data = (receipt_line(receipt) + "\n").encode("ascii")
+        try:
+            with self._mutex:
+                private_dir(self.held_dir)
+            return _write_durably(self.held_dir, self._held_path(digest.hex()).name, data)
+        except OSError as exc:
+            raise StorageError(f"cannot write to outbox {self.held_dir}: {exc.strerror or exc}", exc) from None
+
+    def unhold(self, digest: str) -> None:
+        """The held receipt verified: it becomes an ordinary entry, to be sent."""
+        try:
+            os.replace(self._held_path(digest), self.path / f"{digest}.json")
+            fsync_dir(self.path)
+            fsync_dir(self.held_dir)
+        except OSError as exc:
+            raise StorageError(f"cannot move {digest}.json from {self.held_dir} into the outbox: "
+                               f"{exc.strerror or exc}", exc) from None
+
+    def withhold(self, digest: str, reason: str) -> None:
+        """The held receipt failed the self-audit: it moves to withheld/ with `reason`, never sent."""
+        text = json.dumps({"digest": digest, "reason": reason}, sort_keys=True, indent=2) + "\n"
+        try:
+            with self._mutex:
+                private_dir(self.withheld_dir)
+            _write_durably(self.withheld_dir, f"{digest}.reason.json", text.encode("utf-8"))
+            os.replace(self._held_path(digest), self.withheld_dir / f"{digest}.json")
+            fsync_dir(self.withheld_dir)
+            fsync_dir(self.held_dir)
+        except OSError as exc:
+            raise StorageError(f"cannot move held {digest}.json to {self.withheld_dir}: {exc.strerror or exc}",
+                               exc) from None
+        log.warning("[outbox] receipt %s withheld (%s): kept in %s, never sent", digest, reason, self.withheld_dir)
+
+    def _recover_held(self) -> None:
+        """Receipts a dead run held for its self-audit: that audit never ended, so they are
+        sent like any other (the aggregator verifies them anyway), and the log says so. A live
+        run's (its pid alive, and not this process's: a container's pid is reused) stay held."""
+        try:
+            items = list(os.scandir(self.held_dir))
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            self.problem("unreadable_held", f"cannot read {self.held_dir} ({exc.strerror or exc}); its receipts wait")
+            return
+        moved = 0
+        for item in items:
+            match = _HELD.fullmatch(item.name)
+            if match is None or not item.is_file(follow_symlinks=False):
+                continue
+            digest, pid = match.group(1), int(match.group(2))
+            if pid != os.getpid() and _alive(pid):
+                continue
+            target = self.path / f"{digest}.json"
+            try:
+                if target.exists():
+                    os.unlink(item.path)
+                else:
+                    os.replace(item.path, target)
+            except OSError as exc:
+                self.problem("unrecoverable_held", f"cannot move {item.name} into the outbox: {exc.strerror or exc}")
+                continue
+            moved += 1
+            log.warning("[outbox] receipt %s was held for a self-audit that never ended (run %d stopped); it was "
+                        "never audited and is sent now", digest, pid)
+        if moved:
+            fsync_dir(self.path)
+            fsync_dir(self.held_dir)
 
     # ---- entries
 
@@ -448,6 +532,16 @@ def rejected_entries(rejected_dir: Path) -> Iterator[tuple[str, dict[str, Any] |
         except (OSError, ValueError):
             answer = None
         yield digest, answer
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _kind(item: os.DirEntry) -> str:

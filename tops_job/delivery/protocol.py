@@ -37,8 +37,17 @@ class Delivery(Protocol):
     def start(self) -> None:
         """Begin (a durable delivery first drains what earlier runs left)."""
 
-    def enqueue(self, receipt: dict[str, Any], digest: bytes) -> None:
-        """Take a signed receipt; it must survive a crash from the moment this returns."""
+    def enqueue(self, receipt: dict[str, Any], digest: bytes, *, held: bool = False) -> None:
+        """Take a signed receipt; it must survive a crash from the moment this returns.
+        `held`: stored, but not sent until `release` (the worker's self-audit has it); a held
+        receipt a crashed run left is sent by the next run, which logs it was never audited."""
+
+    def release(self, digest: bytes) -> None:
+        """The held receipt `digest` verified: send it."""
+
+    def withhold(self, digest: bytes, reason: str) -> None:
+        """The held receipt `digest` failed the self-audit: never send it; keep it, with
+        `reason`, for inspection, and count it in the report."""
 
     def finish(self, deadline_s: float) -> DeliveryReport:
         """Stop taking receipts; deliver until `deadline_s` seconds pass, then report."""
@@ -65,12 +74,25 @@ class InlineDelivery:
             log.warning("[outbox] %d receipts wait in %s for an aggregator; this run (no AGGREGATOR_URL) does not "
                         "send them: `tops-job outbox send --aggregator-url URL` does", waiting, self.outbox)
 
-    def enqueue(self, receipt: dict[str, Any], digest: bytes) -> None:
+    def enqueue(self, receipt: dict[str, Any], digest: bytes, *, held: bool = False) -> None:
+        # `held` changes nothing here: the ledger verifies every receipt itself before it is
+        # appended, so a receipt held for the self-audit is checked as the aggregator would
+        # check it already, and the fsync'd append is what makes it durable.
         begun = time.perf_counter()
         result = self.submitter.submit(receipt, digest)
         self.report.counts[result.outcome.value] += 1
         self.on_receipt(ReceiptEvent(digest=digest.hex(), outcome=result.outcome.value, status=result.status,
                                      error=result.error, latency_s=time.perf_counter() - begun))
+
+    def release(self, digest: bytes) -> None:
+        """Nothing to do: the receipt was verified and appended by `enqueue`."""
+
+    def withhold(self, digest: bytes, reason: str) -> None:
+        """The ledger already judged it (a wrong product it rejects; one it accepted stays in
+        the ledger, with this said in the log and the report)."""
+        log.warning("[ledger] receipt %s failed the self-audit (%s); the ledger verified it when it came",
+                    digest.hex(), reason)
+        self.report.detail["failed_self_audit"] = self.report.detail.get("failed_self_audit", 0) + 1
 
     def finish(self, deadline_s: float) -> DeliveryReport:
         self.submitter.close()

@@ -66,6 +66,7 @@ class OutboxDelivery:
         self._threads: list[threading.Thread] = []
         self._earlier = 0
         self._left_to_other_run = 0
+        self._withheld = 0  # failed the self-audit: in outbox/withheld/, never sent
         self._send_errors: Counter = Counter()  # failed sends by error class (network, validation)
         self._stale: Counter = Counter()  # answered for, but the entry could not leave the outbox
 
@@ -102,9 +103,21 @@ class OutboxDelivery:
             log.info("[outbox] %d receipts from earlier runs in %s: sending them first", len(earlier), self.outbox.path)
         self._earlier = sum(self.entries.add(digest, earlier=True) for digest in earlier)
 
-    def enqueue(self, receipt: dict[str, Any], digest: bytes) -> None:
+    def enqueue(self, receipt: dict[str, Any], digest: bytes, *, held: bool = False) -> None:
+        if held:  # durable, in outbox/held/, and out of the senders' sight until released
+            self.outbox.put_held(receipt, digest)
+            return
         self.outbox.put(receipt, digest)  # durable before anything else happens to it
         self.entries.add(digest.hex(), receipt=receipt)
+
+    def release(self, digest: bytes) -> None:
+        self.outbox.unhold(digest.hex())
+        self.entries.add(digest.hex())
+
+    def withhold(self, digest: bytes, reason: str) -> None:
+        self.outbox.withhold(digest.hex(), reason)
+        with self._cond:
+            self._withheld += 1
 
     def finish(self, deadline_s: float) -> DeliveryReport:
         stopping = self.stop is not None and self.stop.stopped
@@ -138,6 +151,9 @@ class OutboxDelivery:
             self.report.detail["handled_by_another_run"] = handed
         if self._left_to_other_run:
             self.report.detail["left_to_other_run"] = self._left_to_other_run
+        if self._withheld:
+            self.report.detail["withheld"] = self._withheld
+            self.report.detail["withheld_in"] = str(self.outbox.withheld_dir)
         if self._stale:
             self.report.detail["answered_but_kept_in_outbox"] = dict(self._stale)
         self.report.detail["outbox_at_end"] = self.outbox.count()

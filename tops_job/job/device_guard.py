@@ -7,13 +7,15 @@ that one GPU in a hundred corrupts results. So:
 - start(): NVML health read, then the self-test (compute/selftest.py). A mismatch raises
   SelfTestFailed: exit 5 before any receipt exists.
 - take(attempt, result): every `audit_every`-th receipt, and any attempt whose telemetry
-  flags the device (throttled, new ECC errors, Xid events), is held and verified on the CPU
-  on a background thread with the aggregator's library (spec.verify): sampled columns as the
-  aggregator does for the every-Nth sample, every revealed value for a flagged attempt. The others, and the
-  held ones once verified, are returned for delivery, on the caller's thread. A receipt that
-  fails is never delivered; the run stops (exit 5) naming the device.
-- finish(): waits for the audits in flight, reads NVML health again, and returns the
-  receipts that verified; `section()` is the summary's `device_checks`.
+  flags the device (throttled, new ECC errors, Xid events), is held: verified on the CPU on a
+  background thread with the aggregator's library (spec.verify): sampled columns as the
+  aggregator does for the every-Nth sample, every revealed value for a flagged attempt.
+  `take` only says whether the receipt is held; the guard keeps no receipt back. The caller
+  stores every receipt durably at once (a held one marked not to be sent) and asks
+  `settled()` for the audits done since, (digest, ok), to release or withhold. A receipt
+  that fails is never sent; the run stops (exit 5) naming the device.
+- finish(): waits for the audits in flight, reads NVML health again, and returns the audits
+  settled since the last `settled()`; `section()` is the summary's `device_checks`.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ import os
 import queue
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -49,13 +50,16 @@ class Signed(Protocol):
     digest: bytes
 
 
-HELD, READY, FAILED = "held", "ready", "failed"
+@dataclass(frozen=True)
+class Settled:
+    """One audit's end: `error` is None when the receipt verified."""
+    digest: bytes
+    attempt: int
+    error: str | None
 
-
-@dataclass
-class _Entry:
-    result: Signed
-    status: str
+    @property
+    def ok(self) -> bool:
+        return self.error is None
 
 
 @dataclass(frozen=True)
@@ -97,7 +101,7 @@ class DeviceGuard:
         self._record_failure = lambda error_class: None
         self._reported = False
         self._queue: queue.Queue = queue.Queue()
-        self._order: deque[_Entry] = deque()
+        self._settled: list[Settled] = []  # audits ended, not yet asked for
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
@@ -123,16 +127,19 @@ class DeviceGuard:
             self._thread = threading.Thread(target=self._audit_loop, name="tops-self-audit", daemon=True)
             self._thread.start()
 
-    def take(self, attempt: int, result: Signed) -> list[Signed]:
-        """The receipts to deliver now, in attempt order: `result` unless it is held for
-        audit or queued behind one that is, and the held ones that have verified since."""
+    def take(self, attempt: int, result: Signed) -> bool:
+        """Whether `result` is held for audit (then queued for it). A held receipt must be
+        stored durably but not sent until `settled()` says how its audit ended."""
         reason = self._reason(attempt, result.receipt)
-        entry = _Entry(result, HELD if reason else READY)
-        with self._lock:
-            self._order.append(entry)
         if reason:
-            self._queue.put((attempt, reason, entry))
-        return self._verified()
+            self._queue.put((attempt, reason, result))
+        return reason is not None
+
+    def settled(self) -> list[Settled]:
+        """The audits ended since the last call (digest, ok), in the order they ended."""
+        with self._lock:
+            out, self._settled = self._settled, []
+        return out
 
     def pending_failure(self) -> SelfAuditFailed | None:
         """The failed audit as the run's error (counted and reported once), or None."""
@@ -148,8 +155,8 @@ class DeviceGuard:
                 "tops_job.audit.reason": f.reason, "tops_job.audit.error": f.error})
         return SelfAuditFailed(self.failure)
 
-    def finish(self) -> list[Signed]:
-        """Wait for the audits in flight; the receipts that verified, to deliver."""
+    def finish(self) -> list[Settled]:
+        """Wait for the audits in flight; the audits settled since the last `settled()`."""
         if self._thread is not None:
             self._queue.put(None)
             self._thread.join()
@@ -162,7 +169,7 @@ class DeviceGuard:
             delta = device_health.changes(self.health_before, self.health_after)
             if device_health.is_bad(delta):
                 log.warning("[device] %s: health counters moved during the run: %s", self.device, delta)
-        return self._verified()
+        return self.settled()
 
     def section(self) -> dict[str, Any]:
         """The summary's `device_checks`."""
@@ -201,8 +208,7 @@ class DeviceGuard:
             item = self._queue.get()
             if item is None:
                 return
-            attempt, reason, entry = item
-            result = entry.result
+            attempt, reason, result = item
             began = time.perf_counter()
             try:
                 if result.receipt.get("schema") == "tops-receipt/2":
@@ -218,20 +224,9 @@ class DeviceGuard:
             with self._lock:
                 self.audit_s += time.perf_counter() - began
                 self.audited += 1
-                entry.status = READY if error is None else FAILED
+                self._settled.append(Settled(result.digest, attempt, error))
                 if error is not None and self.failure is None:
                     self.failure = AuditFailure(attempt, reason, error, self.device)
-
-    def _verified(self) -> list[Signed]:
-        """Release the front of the queue up to the first receipt still being audited; a
-        receipt that failed its audit is dropped, never delivered."""
-        out = []
-        with self._lock:
-            while self._order and self._order[0].status != HELD:
-                entry = self._order.popleft()
-                if entry.status == READY:
-                    out.append(entry.result)
-        return out
 
 
 def audit_v2(result: Signed, *, leaves: int) -> None:

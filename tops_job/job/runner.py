@@ -21,7 +21,7 @@ from tops_job.delivery.protocol import Delivery, DeliveryReport
 from tops_job.errors import LIBRARY_ERRORS, ConfigError, DeviceError, ErrorClass, ExitCode, TopsJobError, error_class_of, exit_code_of
 from tops_job.job.attempt import Identity, run_attempt
 from tops_job.job.attempt_v2 import RunChallengeUnavailable, V2Attempts
-from tops_job.job.device_guard import DeviceGuard
+from tops_job.job.device_guard import DeviceGuard, Settled
 from tops_job.job.stats import RunStats
 from tops_job.job.stop import StopSignal
 from tops_job.job.summary import build_summary, write_summary
@@ -180,22 +180,23 @@ class JobRun:
                     return TopsJobError(f"{consecutive} attempts in a row failed; last: {exc!r}")
                 continue
             consecutive = 0
-            # Durable first: the receipt is in the outbox before anything else can fail
-            # (unless held for the self-audit: then once it verified).
-            self._deliver(self.guard.take(attempt, result))
+            # Durable first: the receipt is in the outbox before anything else can fail; one
+            # held for the self-audit is stored too, but not sent until its audit settles.
+            self._deliver(result, held=self.guard.take(attempt, result))
             self.stats.record_attempt(result.elapsed_ns, result.wall_ns, result.stages_ns, result.ops,
                                      throttled=bool(result.receipt.get("telemetry", {}).get("throttled")))
             self.reporters.on_attempt(AttemptEvent(
                 attempt=attempt, ok=True, elapsed_ns=result.elapsed_ns, wall_ns=result.wall_ns,
                 ops=result.ops, digest=result.digest.hex(), stages_ns=result.stages_ns))
             log.debug("[run] attempt %d: %s -> %.1f ms", attempt, shape, result.elapsed_ns / 1e6)
+            self._settle(self.guard.settled())  # audits ended since: release or withhold
         return None
 
     def _finish_guard(self, fatal: Exception | None) -> Exception | None:
-        """Deliver what the self-audit verified (never a receipt that failed it); a failed
-        audit, or a failure while delivering, becomes the run's error unless it has one."""
+        """Release what the self-audit verified, withhold what failed it (never sent); a failed
+        audit, or a failure while releasing, becomes the run's error unless it has one."""
         try:
-            self._deliver(self.guard.finish())
+            self._settle(self.guard.finish())
         except Exception as exc:
             if fatal is None:
                 log.exception("[run] delivering the audited receipts failed")
@@ -203,17 +204,34 @@ class JobRun:
                 self.stats.record_failure(error_class_of(fatal).value)
         return fatal or self.guard.pending_failure()
 
-    def _deliver(self, results) -> None:
-        """Into the outbox, then out to --receipts-out and the other sinks: a receipt that
-        anyone outside has seen is always durable (one held for the self-audit is not yet)."""
-        for ready in results:
-            hashes = getattr(ready, "leaf_hashes", None)
-            if hashes is not None:  # v2 challenge mode: kept to open when the challenge comes back
-                self.delivery.enqueue(ready.receipt, ready.digest, leaf_hashes=hashes)  # type: ignore[call-arg]
-            else:
-                self.delivery.enqueue(ready.receipt, ready.digest)
-            for sink in self.receipt_sinks:
-                sink(ready.receipt)
+    def _deliver(self, result: Any, *, held: bool) -> None:
+        """Into the outbox (held: kept there unsent until its audit settles), then out to
+        --receipts-out and the other sinks: a receipt anyone outside has seen is durable."""
+        hashes = getattr(result, "leaf_hashes", None)
+        if hashes is not None:  # v2 challenge mode: kept to open when the challenge comes back
+            self.delivery.enqueue(result.receipt, result.digest, leaf_hashes=hashes,  # type: ignore[call-arg]
+                                  held=held)
+        else:
+            self.delivery.enqueue(result.receipt, result.digest, held=held)
+        for sink in self.receipt_sinks:
+            sink(result.receipt)
+
+    def _settle(self, audits: list[Settled]) -> None:
+        """A verified held receipt goes on to be sent; one that failed is withheld (kept for
+        inspection, never sent). One that cannot be moved stays held in the outbox, for the
+        next run; the others are still settled, then the first error is raised."""
+        first: Exception | None = None
+        for audit in audits:
+            try:
+                if audit.ok:
+                    self.delivery.release(audit.digest)
+                else:
+                    self.delivery.withhold(audit.digest, f"self-audit of attempt {audit.attempt} on "
+                                                         f"{self.guard.device}: {audit.error}")
+            except Exception as exc:
+                first = first or exc
+        if first is not None:
+            raise first
 
     def _run_attempt(self, shape: Shape, attempt: int, tile: int, challenge: bytes | None) -> Any:
         """One attempt; retried once when a helper process died under it (it was replaced)."""
