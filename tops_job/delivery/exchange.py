@@ -16,6 +16,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any
 
+from tops_job.delivery.drain_threads import drain
 from tops_job.delivery.exchange_http import FINAL_ITEM, HttpExchange
 from tops_job.delivery.exchange_outbox import CHALLENGED, OPENED, SIGNED, ExchangeOutbox
 from tops_job.delivery.outcomes import Outcome
@@ -31,7 +32,6 @@ log = logging.getLogger("tops_job.exchange")
 POLL_S = 0.1
 LINGER_S = 1.0  # an opened set waits this long for the next commitment to ride with
 OPEN_ITEMS_MAX = 4
-STOP_DRAIN_S = 1.0
 
 
 class ExchangeDelivery:
@@ -115,20 +115,12 @@ class ExchangeDelivery:
         else:
             self._ready[digest] = 0.0  # from an earlier run: open at once
 
+    def _start_closing(self, deadline: float) -> None:
+        self._closing = True
+        self._deadline = deadline
+
     def finish(self, deadline_s: float) -> DeliveryReport:
-        stopping = self.stop is not None and self.stop.stopped
-        allowed = min(deadline_s, STOP_DRAIN_S) if stopping else deadline_s
-        with self._cond:
-            self._closing = True
-            self._deadline = time.monotonic() + allowed
-            self._cond.notify_all()
-        for thread in self._threads:
-            thread.join(timeout=max(0.0, self._deadline - time.monotonic()))
-        self._halt.set()
-        with self._cond:
-            self._cond.notify_all()
-        for thread in self._threads:
-            thread.join(timeout=0.05)
+        drain(self._threads, self._cond, self._halt, self._start_closing, deadline_s, self.stop)
         with self._cond:
             self._finished = True
             states = Counter(self._tracked.values())

@@ -25,6 +25,7 @@ from typing import Any
 from opentelemetry import trace
 
 from tops_job.delivery.breaker import CircuitBreaker
+from tops_job.delivery.drain_threads import drain
 from tops_job.delivery.entries import Entries, Entry, State
 from tops_job.delivery.outbox import Claim, Outbox
 from tops_job.delivery.outcomes import UNCONFIRMED, Outcome, SubmitResult, Submitter
@@ -37,7 +38,6 @@ from tops_job.observability.events import ReceiptEvent
 log = logging.getLogger("tops_job.sender")
 tracer = trace.get_tracer("tops_job.sender")
 
-STOP_DRAIN_S = 1.0  # after SIGTERM/SIGINT: deliver what goes through without waiting, this long
 POLL_S = 0.1  # how often a sleeping sender rechecks the drain deadline
 CACHE_MAX = 64  # receipts kept in memory to save a read back; the rest are read from the outbox
 
@@ -119,20 +119,12 @@ class OutboxDelivery:
         with self._cond:
             self._withheld += 1
 
+    def _start_closing(self, deadline: float) -> None:
+        self._closing = True
+        self._deadline = deadline
+
     def finish(self, deadline_s: float) -> DeliveryReport:
-        stopping = self.stop is not None and self.stop.stopped
-        allowed = min(deadline_s, STOP_DRAIN_S) if stopping else deadline_s
-        with self._cond:
-            self._closing = True
-            self._deadline = time.monotonic() + allowed
-            self._cond.notify_all()
-        for thread in self._threads:
-            thread.join(timeout=max(0.0, self._deadline - time.monotonic()))
-        self._halt.set()
-        with self._cond:
-            self._cond.notify_all()
-        for thread in self._threads:  # a sender inside a send returns within its timeout; do not wait for it
-            thread.join(timeout=0.05)
+        drain(self._threads, self._cond, self._halt, self._start_closing, deadline_s, self.stop)
         self._reconcile()
         with self._cond:
             self._finished = True
