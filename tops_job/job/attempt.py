@@ -75,20 +75,27 @@ def run_attempt(backend: Backend, shape: Shape, identity: Identity, *, run_id: s
                 telemetry=backend.telemetry(),
             )
             digest = digest_of(body)
-            try:
-                sig = identity.signer.sign_digest(digest)
-            except SignatureError:
-                raise
-            except Exception as exc:  # a plugin signer's own failure is still a signature error
-                raise SignatureError(f"signer {getattr(identity.signer, 'name', '?')} failed: {exc}") from exc
-            if len(sig) != 65:
-                raise SignatureError(f"signer returned {len(sig)} bytes, expected 65")
+            sig = sign(identity, digest)
         _lap(stages, "signing", mark)
         span.set_attribute("tops_job.digest", digest.hex())
         span.set_attribute("tops_job.elapsed_ns", elapsed_ns)
     receipt = dict(body, openings=openings, sig=sig.hex())
     return AttemptResult(receipt=receipt, digest=digest, elapsed_ns=elapsed_ns,
                          wall_ns=time.perf_counter_ns() - wall_start, stages_ns=stages)
+
+
+def sign(identity: Identity, digest: bytes) -> bytes:
+    """The signer's 65-byte signature of `digest`; any failure of a plugin signer is a
+    SignatureError (classified, counted), never an internal error."""
+    try:
+        sig = identity.signer.sign_digest(digest)
+    except SignatureError:
+        raise
+    except Exception as exc:  # a plugin signer's own failure is still a signature error
+        raise SignatureError(f"signer {getattr(identity.signer, 'name', '?')} failed: {exc}") from exc
+    if len(sig) != 65:
+        raise SignatureError(f"signer returned {len(sig)} bytes, expected 65")
+    return sig
 
 
 @contextmanager

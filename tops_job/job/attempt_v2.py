@@ -15,8 +15,8 @@ from typing import Any
 from opentelemetry import trace
 
 from tops_job.compute.base import Backend, Shape
-from tops_job.errors import ConfigError, ErrorClass, ExitCode, SignatureError, TopsJobError
-from tops_job.job.attempt import Identity, _error_class_on, _lap
+from tops_job.errors import ConfigError, ErrorClass, ExitCode, TopsJobError
+from tops_job.job.attempt import Identity, _error_class_on, _lap, sign
 from tops_job.spec.inputs import matrix_key
 from tops_job.spec.v2 import (
     CHALLENGE,
@@ -102,14 +102,7 @@ def run_commit_attempt(backend: Backend, shape: Shape, identity: Identity, *, ru
             hashes = leaf_hashes_of(commitment) if mode == CHALLENGE else None
         mark = _lap(stages, "commitment", mark)
         with tracer.start_as_current_span("signing"):
-            try:
-                sig = identity.signer.sign_digest(digest)
-            except SignatureError:
-                raise
-            except Exception as exc:  # a plugin signer's own failure is still a signature error
-                raise SignatureError(f"signer {getattr(identity.signer, 'name', '?')} failed: {exc}") from exc
-            if len(sig) != 65:
-                raise SignatureError(f"signer returned {len(sig)} bytes, expected 65")
+            sig = sign(identity, digest)
         _lap(stages, "signing", mark)
         span.set_attribute("tops_job.digest", digest.hex())
     receipt = dict(header, sig=sig.hex())
