@@ -419,3 +419,19 @@ def test_an_entry_claimed_by_a_process_in_another_pid_namespace_is_busy(tmp_path
     outbox.remove(digest)  # delivered while claimed
     claim.release()
     assert outbox.claim(digest) == "gone"
+
+
+def test_a_v2_offline_receipt_is_filed_and_read_under_its_own_v2_digest(tmp_path, caplog):
+    """A plugin submitter gets tops-receipt/2 fiat-shamir receipts through the v1 outbox: the
+    outbox must name and check them by v2's digest, or it re-files them under a v1 digest and
+    the run never sends them."""
+    vector = [json.loads(line) for line in (VECTORS_DIR / "v2" / "valid.jsonl").read_text().splitlines()
+              if json.loads(line)["kind"] == "fiat-shamir"][0]
+    receipt, digest = vector["commitment"], bytes.fromhex(vector["digest"])
+    outbox = Outbox(tmp_path / "outbox")
+    outbox.put_held(receipt, digest)
+    outbox.unhold(digest.hex())
+    assert outbox.acquire()
+    assert outbox.recover() == [digest.hex()]
+    assert outbox.load(digest.hex()) == receipt
+    assert "re-filed" not in caplog.text and not outbox.quarantine_dir.exists()

@@ -46,7 +46,8 @@ from typing import Any
 from tops_job.atomic import fsync_dir
 from tops_job.errors import StorageError
 from tops_job.files import describe_link_error, open_no_follow, private_dir
-from tops_job.spec.canonical import digest_of, receipt_line
+from tops_job.spec.any_receipt import digest_of_any as digest_of
+from tops_job.spec.canonical import receipt_line
 
 log = logging.getLogger("tops_job.outbox")
 
@@ -510,7 +511,7 @@ class Outbox:
             return None
         try:
             digest_of(receipt)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, KeyError, AttributeError):  # v2's header needs its fields
             return None
         return receipt
 

@@ -7,9 +7,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .canonical import digest_of as v1_digest_of
 from .errors import ReceiptInvalid
 from .receipt import DEFAULT_MIN_OPENS
 from .v2 import COST_CAP, S_DEFAULT, check_commitment, verify_challenge_transcript, verify_fs_receipt
+from .v2 import digest_of as v2_digest_of
 from .verify import cost_of as v1_cost
 from .verify import verify_receipt
 
@@ -23,6 +25,15 @@ class Outcome:
     did: str
     attempt: int
     soundness: str  # what acceptance proves, in words
+
+
+def digest_of_any(receipt: Any) -> bytes:
+    """The digest a receipt of either schema is signed over (and filed under): v2's tagged
+    header digest for tops-receipt/2, v1's canonical body digest otherwise. Raises what the
+    schema's own digest raises for a malformed value (TypeError, ValueError, KeyError)."""
+    if isinstance(receipt, dict) and receipt.get("schema") == "tops-receipt/2":
+        return v2_digest_of(receipt)
+    return v1_digest_of(receipt)
 
 
 def verify_any(value: Any, *, min_opens: int = DEFAULT_MIN_OPENS, full: bool = False,
