@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from tops_job.atomic import fsync_dir, write_atomic
+from tops_job.delivery.outbox import another_live_process
 from tops_job.errors import StorageError
 
 log = logging.getLogger("tops_job.outbox")
@@ -120,7 +121,7 @@ class ExchangeOutbox:
             pid = int((self.path / f"{digest}.held").read_text(encoding="ascii").strip() or "0")
         except (OSError, ValueError):
             return False
-        return pid != os.getpid() and _alive(pid)
+        return another_live_process(pid)
 
     def drop_challenge(self, digest: str) -> None:
         """The aggregator does not know the commitment (a new database): it will draw again."""
@@ -192,7 +193,7 @@ class ExchangeOutbox:
             name = entry.name
             if name.startswith(".tmp-") and name.endswith(".part"):
                 pid = name[5:].split("-", 1)[0]
-                if not (pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid))):
+                if not (pid.isdigit() and another_live_process(int(pid))):
                     _unlink(Path(entry.path))
                 continue
             if name.endswith(".held") and not self.held_by_live_run(name[:-5]):
@@ -223,11 +224,3 @@ def _unlink(path: Path) -> None:
         pass
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

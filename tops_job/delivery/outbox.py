@@ -328,7 +328,7 @@ class Outbox:
             if match is None or not item.is_file(follow_symlinks=False):
                 continue
             digest, pid = match.group(1), int(match.group(2))
-            if pid != os.getpid() and _alive(pid):
+            if another_live_process(pid):
                 continue
             target = self.path / f"{digest}.json"
             try:
@@ -535,12 +535,17 @@ def rejected_entries(rejected_dir: Path) -> Iterator[tuple[str, dict[str, Any] |
         yield digest, answer
 
 
-def _alive(pid: int) -> bool:
+def another_live_process(pid: int) -> bool:
+    """Whether `pid` is a live process other than this one. Our own pid counts as not: a
+    container restarted on the same volume reuses pids, so a file named by our pid was left
+    by an earlier, dead run."""
+    if pid == os.getpid():
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except PermissionError:  # alive, another user's
         return True
     return True
 
