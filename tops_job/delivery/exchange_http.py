@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import requests
-from requests.adapters import HTTPAdapter
 
-from tops_job.delivery.http_submitter import MAX_ANSWER_BYTES, USER_AGENT, _read_limited, _short
+from tops_job.delivery.http_submitter import MAX_ANSWER_BYTES, ThreadSessions, _read_limited, _short
 from tops_job.delivery.retry import TRANSIENT_STATUSES, parse_retry_after
 
 log = logging.getLogger("tops_job.exchange")
@@ -51,22 +49,8 @@ class HttpExchange:
         self.url = endpoint(url, "exchange")
         self.challenge_url = endpoint(url, "challenge")
         self.timeout = (connect_timeout, read_timeout)
-        self._local = threading.local()
-        self._sessions: list[requests.Session] = []
-        self._lock = threading.Lock()
-
-    def _session(self) -> requests.Session:
-        session = getattr(self._local, "session", None)
-        if session is None:
-            session = requests.Session()
-            adapter = HTTPAdapter(max_retries=0, pool_connections=1, pool_maxsize=1)
-            session.mount("http://", adapter)
-            session.mount("https://", adapter)
-            session.headers["User-Agent"] = USER_AGENT
-            self._local.session = session
-            with self._lock:
-                self._sessions.append(session)
-        return session
+        self._sessions = ThreadSessions()
+        self._session = self._sessions.get
 
     def run_challenge(self, did: str, pubkey: bytes) -> tuple[bytes, int] | None:
         """(challenge, expires_ms) from GET /v2/challenge, or None (logged) when there is none."""
@@ -121,7 +105,4 @@ class HttpExchange:
                               opened=[item for item in items if isinstance(item, dict)] if isinstance(items, list) else [])
 
     def close(self) -> None:
-        with self._lock:
-            sessions, self._sessions = self._sessions, []
-        for session in sessions:
-            session.close()
+        self._sessions.close()

@@ -39,28 +39,44 @@ def sibling_url(url: str, endpoint: str) -> str:
     return urlunsplit(parts._replace(path=f"{base}/{endpoint}", query="", fragment=""))
 
 
+class ThreadSessions:
+    """One keep-alive session per sender thread (requests' Session is not thread-safe),
+    without urllib3's own retries: the retry policy is ours. Shared by the v1 submitter and
+    the v2 exchange client."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+        self._all: list[requests.Session] = []
+        self._lock = threading.Lock()
+
+    def get(self) -> requests.Session:
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = requests.Session()
+            adapter = HTTPAdapter(max_retries=0, pool_connections=1, pool_maxsize=1)
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
+            session.headers["User-Agent"] = USER_AGENT
+            self._local.session = session
+            with self._lock:
+                self._all.append(session)
+        return session
+
+    def close(self) -> None:
+        with self._lock:
+            sessions, self._all = self._all, []
+        for session in sessions:
+            session.close()
+
+
 class HttpSubmitter:
     name = "http"
 
     def __init__(self, url: str, *, connect_timeout: float = 3.05, read_timeout: float = 10.0):
         self.url = verify_url(url)
         self.timeout = (connect_timeout, read_timeout)
-        self._local = threading.local()  # one keep-alive session per sender thread
-        self._sessions: list[requests.Session] = []
-        self._lock = threading.Lock()
-
-    def _session(self) -> requests.Session:
-        session = getattr(self._local, "session", None)
-        if session is None:
-            session = requests.Session()
-            adapter = HTTPAdapter(max_retries=0, pool_connections=1, pool_maxsize=1)  # retries are ours
-            session.mount("http://", adapter)
-            session.mount("https://", adapter)
-            session.headers["User-Agent"] = USER_AGENT
-            self._local.session = session
-            with self._lock:
-                self._sessions.append(session)
-        return session
+        self._sessions = ThreadSessions()
+        self._session = self._sessions.get
 
     def submit(self, receipt: dict[str, Any], digest: bytes) -> SubmitResult:
         body = receipt_line(receipt).encode("ascii")
@@ -84,10 +100,7 @@ class HttpSubmitter:
         return classify(response.status_code, content, response.headers.get("Retry-After"), digest)
 
     def close(self) -> None:
-        with self._lock:
-            sessions, self._sessions = self._sessions, []
-        for session in sessions:
-            session.close()
+        self._sessions.close()
 
 
 def classify(status: int, content: bytes, retry_after: str | None, digest: bytes) -> SubmitResult:
