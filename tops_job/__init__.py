@@ -37,6 +37,11 @@ _PUBLIC = {
     "profile_from_json": "tops_job.compute.autotune",
     "Submitter": "tops_job.delivery.outcomes", "SubmitResult": "tops_job.delivery.outcomes",
     "Outcome": "tops_job.delivery.outcomes",
+    "OutboxBackend": "tops_job.delivery.backend", "ReceiptStore": "tops_job.delivery.backend",
+    "ExchangeStore": "tops_job.delivery.backend", "LocalOutbox": "tops_job.delivery.backend",
+    "parse_entry": "tops_job.delivery.backend", "AWAITING_CHALLENGE": "tops_job.delivery.backend",
+    "CHALLENGED": "tops_job.delivery.backend", "AWAITING_VERDICT": "tops_job.delivery.backend",
+    "digest_of_any": "tops_job.spec.any_receipt", "receipt_line": "tops_job.spec.canonical",
     "Reporter": "tops_job.observability.events", "RunInfo": "tops_job.observability.events",
     "AttemptEvent": "tops_job.observability.events", "ReceiptEvent": "tops_job.observability.events",
 }
@@ -50,6 +55,16 @@ if TYPE_CHECKING:
     hookimpl: pluggy.HookimplMarker
     from tops_job.compute.autotune import Profile, ProfileCache, profile_from_json
     from tops_job.config import Config
+    from tops_job.delivery.backend import (
+        AWAITING_CHALLENGE,
+        AWAITING_VERDICT,
+        CHALLENGED,
+        ExchangeStore,
+        LocalOutbox,
+        OutboxBackend,
+        ReceiptStore,
+        parse_entry,
+    )
     from tops_job.delivery.outcomes import Outcome, SubmitResult, Submitter
     from tops_job.errors import (
         ConfigError,
@@ -62,6 +77,8 @@ if TYPE_CHECKING:
         TopsJobError,
     )
     from tops_job.observability.events import AttemptEvent, ReceiptEvent, Reporter, RunInfo
+    from tops_job.spec.any_receipt import digest_of_any
+    from tops_job.spec.canonical import receipt_line
     from tops_job.spec.identity import default_did, eth_address
     from tops_job.spec.signing import HALF_ORDER, LocalKeySigner, Signer, is_low_s, recover_public_key, recoverable_from_rs
     from tops_job.spec.verify import verify_receipt

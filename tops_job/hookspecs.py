@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # imports for annotations only: keep plugin loading light
 
     from tops_job.compute.autotune import ProfileCache
     from tops_job.config import Config
+    from tops_job.delivery.backend import OutboxBackend
     from tops_job.observability.events import Reporter
     from tops_job.spec.signing import Signer
 
@@ -90,3 +91,19 @@ def tops_job_run_finished(summary: dict[str, Any], config: Config) -> None:
     """Called once at the end of `tops-job run`, after the summary file is written, with
     the summary as written. For plugins that publish it (e.g. upload to S3). A failure
     is logged, counted in `plugin_failures`, and the summary file is written again."""
+
+
+@hookspec(firstresult=True)
+def tops_job_outbox(config: Config) -> OutboxBackend | None:
+    """Return where this run keeps receipts until the aggregator answers for them, or None
+    (first non-None wins).
+
+    Called once per run (`tops-job run`) and by `tops-job outbox [send]`, before anything is
+    stored. The built-in (trylast) is the local directory (`TOPS_JOB_OUTBOX_DIR`,
+    `tops_job.LocalOutbox`); a backend in storage that outlives the instance (the AWS
+    plugin's S3 outbox) lets a later run on another machine deliver what a dead one left.
+    The result must offer `location`, `receipts()` (a `tops_job.ReceiptStore`), `exchanges()`
+    (a `tops_job.ExchangeStore`) and `waiting()`; see `tops_job/delivery/backend.py` for
+    the promises every store keeps. A failure here stops the run (exit 6 for a
+    StorageError, 2 for a ConfigError).
+    """

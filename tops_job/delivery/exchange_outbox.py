@@ -34,12 +34,13 @@ from pathlib import Path
 from typing import Any
 
 from tops_job.atomic import fsync_dir, write_atomic
+from tops_job.delivery.backend import AWAITING_CHALLENGE, AWAITING_VERDICT, CHALLENGED
 from tops_job.delivery.outbox import another_live_process
 from tops_job.errors import StorageError
 
 log = logging.getLogger("tops_job.outbox")
 
-SIGNED, CHALLENGED, OPENED = "awaiting_challenge", "challenged", "awaiting_verdict"
+SIGNED, CHALLENGED, OPENED = AWAITING_CHALLENGE, CHALLENGED, AWAITING_VERDICT
 _COMMIT = re.compile(r"([0-9a-f]{64})\.commit\.json")
 _SIDE = re.compile(r"([0-9a-f]{64})\.(leaves|challenge\.json|opened\.json)")
 
@@ -49,6 +50,7 @@ class ExchangeOutbox:
         self.path = Path(outbox_root) / "v2"
         self.done_dir = self.path / "done"
         self.withheld_dir = self.path / "withheld"
+        self.location, self.withheld_location = str(self.path), str(self.withheld_dir)
         self._lock_handle: Any = None
         try:
             self.done_dir.mkdir(parents=True, exist_ok=True)

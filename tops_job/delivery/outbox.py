@@ -139,6 +139,8 @@ class Outbox:
         self.answers_dir = self.path / "answers"
         self.held_dir = self.path / "held"
         self.withheld_dir = self.path / "withheld"
+        self.location, self.rejected_location = str(self.path), str(self.rejected_dir)
+        self.withheld_location = str(self.withheld_dir)
         self._lock_handle: int | None = None
         self._mutex = threading.Lock()
         self.quarantined = 0
@@ -500,20 +502,9 @@ class Outbox:
         """The receipt in `path`, or None when the content is not one. An I/O error (too many
         open files, a flaky disk) raises OSError instead: a good receipt that could not be read
         this time must not be quarantined, where nothing would ever send it."""
-        from tops_job.spec.receipt import parse_json
+        from tops_job.delivery.backend import parse_entry
 
-        data = path.read_bytes()
-        try:
-            receipt = parse_json(data)
-        except Exception:
-            return None
-        if not isinstance(receipt, dict) or "sig" not in receipt or "nonce" not in receipt:
-            return None
-        try:
-            digest_of(receipt)
-        except (TypeError, ValueError, KeyError, AttributeError):  # v2's header needs its fields
-            return None
-        return receipt
+        return parse_entry(path.read_bytes())
 
 
 def is_entry_name(name: str) -> bool:

@@ -1,0 +1,314 @@
+"""Ownership in S3 without a lock server: conditional writes, run leases and claims.
+
+- `S3Objects`: the few object operations an outbox needs, with S3's conditional writes
+  (`If-None-Match: *` creates only; `If-Match: <etag>` replaces or deletes only the version
+  read) and errors turned into `StorageError`s that name the object.
+- `RunLease`: `leases/<token>.json`, rewritten every `ttl/3` s by a daemon thread while the run
+  lives. A lease not rewritten for `ttl` s belongs to a dead run. Age is measured on the
+  store's own clock (the object's Last-Modified against the response's Date header), so
+  instances with skewed clocks agree on who is dead.
+- `Claims`: `claims/<name>` names the run that owns an entry. Taken with a create-only write;
+  a claim whose owner's lease has expired is taken over with a write conditional on the ETag
+  just read, so of two runs taking over the same dead claim exactly one wins.
+
+A run that cannot renew its lease (the store unreachable for `ttl` s) may be presumed dead
+and its claims taken over: `RunLease.fresh()` is false then, and a sender must not start a
+send it no longer owns (the aggregator's duplicate answer still keeps a late one harmless).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+from tops_job import StorageError
+
+log = logging.getLogger("tops_job_aws.outbox")
+
+
+def _code(exc: Exception) -> str:
+    return str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+
+
+def _status(exc: Exception) -> int:
+    return int(getattr(exc, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+
+
+def _lost_race(exc: Exception) -> bool:
+    """412: the condition did not hold; 409 ConditionalRequestConflict: another conditional
+    write to the key was in progress (S3 answers one of them so)."""
+    return _status(exc) in (409, 412) or _code(exc) in ("PreconditionFailed", "ConditionalRequestConflict")
+
+
+def _missing(exc: Exception) -> bool:
+    return _status(exc) == 404 or _code(exc) in ("NoSuchKey", "404", "NotFound")
+
+
+@dataclass(frozen=True)
+class Stored:
+    """One object as read: its bytes, its ETag, and its age on the store's clock."""
+
+    body: bytes
+    etag: str
+    age_s: float
+
+
+@dataclass(frozen=True)
+class Listed:
+    key: str  # relative to the prefix
+    modified: float  # store clock, seconds since the epoch
+    size: int
+
+
+class S3Objects:
+    """Objects under s3://bucket/prefix/. Every method raises StorageError for anything but
+    the outcome it reports (exists, missing, lost the race)."""
+
+    def __init__(self, s3: Any, bucket: str, prefix: str):
+        self._s3 = s3
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def url(self, name: str = "") -> str:
+        return f"s3://{self.bucket}/{self.key(name)}"
+
+    def _fail(self, doing: str, name: str, exc: Exception) -> StorageError:
+        return StorageError(f"cannot {doing} {self.url(name)}: {exc}", exc)
+
+    def create(self, name: str, body: bytes) -> str | None:
+        """Store `body` under `name` unless something is there: its ETag, or None when
+        the name was taken (by an earlier write or a racing one)."""
+        return self._put(name, body, IfNoneMatch="*")
+
+    def replace(self, name: str, body: bytes, etag: str) -> str | None:
+        """Replace the version `etag` of `name`: the new ETag, or None when it changed or went."""
+        return self._put(name, body, IfMatch=etag)
+
+    def write(self, name: str, body: bytes) -> str:
+        """Store `body` under `name` whatever is there (answers, verdicts: last write wins)."""
+        etag = self._put(name, body)
+        assert etag is not None
+        return etag
+
+    def _put(self, name: str, body: bytes, **condition: str) -> str | None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            answer = self._s3.put_object(Bucket=self.bucket, Key=self.key(name), Body=body, **condition)
+        except ClientError as exc:
+            if condition and (_lost_race(exc) or ("IfMatch" in condition and _missing(exc))):
+                return None
+            raise self._fail("write", name, exc) from None
+        except BotoCoreError as exc:
+            raise self._fail("write", name, exc) from None
+        return str(answer["ETag"])
+
+    def read(self, name: str) -> Stored | None:
+        """The object, or None when there is none."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            answer = self._s3.get_object(Bucket=self.bucket, Key=self.key(name))
+            body = answer["Body"].read()
+        except ClientError as exc:
+            if _missing(exc):
+                return None
+            raise self._fail("read", name, exc) from None
+        except BotoCoreError as exc:
+            raise self._fail("read", name, exc) from None
+        return Stored(body, str(answer["ETag"]), _age(answer))
+
+    def exists(self, name: str) -> bool:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self._s3.head_object(Bucket=self.bucket, Key=self.key(name))
+        except ClientError as exc:
+            if _missing(exc):
+                return False
+            raise self._fail("look up", name, exc) from None
+        except BotoCoreError as exc:
+            raise self._fail("look up", name, exc) from None
+        return True
+
+    def delete(self, name: str, etag: str | None = None) -> bool:
+        """Delete `name` (only the version `etag` when given): False when that version is
+        no longer there. Deleting what is already gone is success."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self._s3.delete_object(Bucket=self.bucket, Key=self.key(name), **({"IfMatch": etag} if etag else {}))
+        except ClientError as exc:
+            if _missing(exc):
+                return etag is None
+            if _lost_race(exc):
+                return False
+            raise self._fail("delete", name, exc) from None
+        except BotoCoreError as exc:
+            raise self._fail("delete", name, exc) from None
+        return True
+
+    def list(self, under: str = "") -> list[Listed]:
+        """Every object whose name starts with `under`, oldest first."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        found: list[Listed] = []
+        base = self.key("")
+        try:
+            for page in self._s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.key(under)):
+                for item in page.get("Contents", ()):
+                    found.append(Listed(item["Key"][len(base):], item["LastModified"].timestamp(), int(item["Size"])))
+        except (BotoCoreError, ClientError) as exc:
+            raise self._fail("list", under, exc) from None
+        return sorted(found, key=lambda item: (item.modified, item.key))
+
+
+def _age(answer: dict[str, Any]) -> float:
+    """Seconds since the object was last written, on the store's clock (its Date header);
+    the local clock only when the store sends no Date."""
+    modified = answer["LastModified"].timestamp()
+    date = answer.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+    try:
+        now = parsedate_to_datetime(date).timestamp() if date else time.time()
+    except (TypeError, ValueError):
+        now = time.time()
+    return max(0.0, now - modified)
+
+
+class RunLease:
+    """This run's lease. `start` writes it and keeps it fresh; `stop` deletes it."""
+
+    def __init__(self, objects: S3Objects, ttl_s: float, token: str | None = None):
+        if ttl_s < 3:
+            raise ValueError("a lease shorter than 3 s cannot be renewed reliably")
+        self.objects = objects
+        self.ttl_s = ttl_s
+        self.token = token or uuid.uuid4().hex
+        self._renewed = 0.0  # time.monotonic() of the last successful write
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def name(self) -> str:
+        return f"leases/{self.token}.json"
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._renew()
+        self._thread = threading.Thread(target=self._keep, name="tops-job-s3-lease", daemon=True)
+        self._thread.start()
+
+    def _renew(self) -> None:
+        body = json.dumps({"token": self.token, "ttl_s": self.ttl_s}).encode()
+        self.objects.write(self.name, body)
+        self._renewed = time.monotonic()
+
+    def _keep(self) -> None:
+        while not self._stop.wait(self.ttl_s / 3):
+            try:
+                self._renew()
+            except StorageError as exc:
+                log.warning("[outbox] cannot renew this run's lease (%s); after %.0f s other runs may take over "
+                            "its entries", exc, self.ttl_s)
+
+    def fresh(self) -> bool:
+        """Whether this run surely still holds its lease (renewed within half its life)."""
+        return self._thread is not None and time.monotonic() - self._renewed < self.ttl_s / 2
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.ttl_s)
+            self._thread = None
+        try:
+            self.objects.delete(self.name)
+        except StorageError as exc:
+            log.warning("[outbox] cannot delete this run's lease (%s); it expires in %.0f s", exc, self.ttl_s)
+
+    def alive(self, token: str) -> bool:
+        """Whether the run `token` holds a lease younger than the ttl (ours: whether fresh)."""
+        if token == self.token:
+            return self.fresh()
+        stored = self.objects.read(f"leases/{token}.json")
+        return stored is not None and stored.age_s < self.ttl_s
+
+
+class Claims:
+    """Which run owns which entry: `claims/<name>` holding the owner's lease token."""
+
+    def __init__(self, objects: S3Objects, lease: RunLease):
+        self.objects = objects
+        self.lease = lease
+        self._held: dict[str, str] = {}  # name -> ETag of our claim
+        self._mutex = threading.Lock()
+
+    def take(self, name: str) -> bool:
+        """Own `name`: True when this run does now (it did, it was free, or its owner is
+        dead and this run won the takeover); False while another live run owns it."""
+        body = json.dumps({"owner": self.lease.token}).encode()
+        key = f"claims/{name}"
+        for _ in range(3):  # a claim deleted between our create and our read: try again
+            etag = self.objects.create(key, body)
+            if etag is None:
+                current = self.objects.read(key)
+                if current is None:
+                    continue
+                owner = _owner(current.body)
+                if owner == self.lease.token:
+                    etag = current.etag  # ours already (a retried create that had succeeded)
+                elif owner is not None and self.lease.alive(owner):
+                    return False
+                else:
+                    etag = self.objects.replace(key, body, current.etag)
+                    if etag is None:
+                        return False  # another run took it over first
+                    log.info("[outbox] took over %s from a run that stopped (%s)", name, owner)
+            with self._mutex:
+                self._held[name] = etag
+            return True
+        return False
+
+    def owner(self, name: str) -> str | None:
+        """The token of the run that claims `name`, or None."""
+        stored = self.objects.read(f"claims/{name}")
+        return None if stored is None else _owner(stored.body)
+
+    def owns(self, name: str) -> bool:
+        with self._mutex:
+            return name in self._held
+
+    def give_up(self, name: str) -> None:
+        """Release our claim on `name` (only the version we wrote: a run that took it over
+        after our lease lapsed keeps its own)."""
+        with self._mutex:
+            etag = self._held.pop(name, None)
+        if etag is not None:
+            try:
+                self.objects.delete(f"claims/{name}", etag)
+            except StorageError as exc:
+                log.warning("[outbox] cannot release the claim on %s (%s); it lapses with this run's lease", name, exc)
+
+    def give_up_all(self) -> None:
+        with self._mutex:
+            names = list(self._held)
+        for name in names:
+            self.give_up(name)
+
+
+def _owner(body: bytes) -> str | None:
+    try:
+        value = json.loads(body)
+    except ValueError:
+        return None  # not a claim this code wrote: treat as abandoned
+    owner = value.get("owner") if isinstance(value, dict) else None
+    return owner if isinstance(owner, str) else None
