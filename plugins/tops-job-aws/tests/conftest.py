@@ -6,6 +6,13 @@ MOTO GAP PATCH (test harness only, see `_patch_moto_kms_digest`): moto 5 ignores
 The plugin sends DIGEST, as it must; the emulator is corrected in-process so it signs the
 digest as given. test_aws_kms.py::test_moto_still_ignores_digest fails once moto fixes
 this, so the patch can then be deleted.
+
+MOTO GAP PATCH 2 (`_patch_moto_s3_atomic_conditions`): moto 5 checks `If-None-Match: *` and
+`If-Match` on PutObject/DeleteObject and then stores in a separate step, without a lock, and
+its server is threaded: two racing conditional writes can both succeed there, which S3 never
+allows (one gets 412, or 409 ConditionalRequestConflict). The harness serialises moto's S3
+object requests so the emulator has S3's documented atomicity; the outbox's exactly-once
+tests depend on it.
 """
 
 from __future__ import annotations
@@ -61,11 +68,30 @@ def _patch_moto_kms_digest() -> None:
     utils.ECDSAPrivateKey.sign = key_sign
 
 
+def _patch_moto_s3_atomic_conditions() -> None:
+    """MOTO GAP PATCH 2: one S3 object request at a time in the emulator, so a conditional
+    write's check and its store are one step, as on S3."""
+    from moto.s3 import responses
+
+    if getattr(responses.S3Response.key_response, "_tops_job_atomic_patch", False):
+        return
+    original = responses.S3Response.key_response
+    lock = threading.Lock()
+
+    def key_response(self: Any, request: Any, full_url: str, headers: Any) -> Any:
+        with lock:
+            return original(self, request, full_url, headers)
+
+    key_response._tops_job_atomic_patch = True  # type: ignore[attr-defined]
+    responses.S3Response.key_response = key_response
+
+
 @pytest.fixture(scope="session")
 def moto_endpoint() -> Iterator[str]:
     from moto.server import ThreadedMotoServer
 
     _patch_moto_kms_digest()
+    _patch_moto_s3_atomic_conditions()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
