@@ -143,6 +143,8 @@ class S3ReceiptStore:
             match = _ENTRY.fullmatch(name)
             if match:
                 digests.append(match.group(1))
+            elif item.key.endswith("/") and item.size == 0:
+                continue  # a "folder" marker (the S3 console makes them): not an entry, harmless
             else:
                 self.quarantine(item.key, "not an outbox entry name")
         return digests
