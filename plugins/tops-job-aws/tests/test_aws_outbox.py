@@ -200,6 +200,10 @@ def test_held_receipts_unhold_withhold_and_a_dead_runs_are_promoted(s3, bucket, 
     assert "never audited" in caplog.text and not keys(s3, bucket, "held/")
     assert later.load(hexd(unaudited)) == unaudited
     assert not keys(s3, bucket, "quarantine/")
+    # the run, alive after all (its lease had lapsed), finishes its audit: nothing raises, the
+    # receipt is where the other run put it, and the summary's problems say what happened
+    run.unhold(hexd(unaudited))
+    assert run.problems["held_receipt_taken_over"] == 1 and later.holds(hexd(unaudited))
 
 
 def test_claims_keep_senders_apart(s3, bucket, stores, receipts, caplog):
