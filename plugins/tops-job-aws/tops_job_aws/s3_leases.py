@@ -82,7 +82,7 @@ class S3Objects:
         return f"s3://{self.bucket}/{self.key(name)}"
 
     def _fail(self, doing: str, name: str, exc: Exception) -> StorageError:
-        return StorageError(f"cannot {doing} {self.url(name)}: {exc}", exc)
+        return StorageError(f"cannot {doing} {self.url(name)}: {exc}")  # exc is no OSError: no errno
 
     def create(self, name: str, body: bytes) -> str | None:
         """Store `body` under `name` unless something is there: its ETag, or None when
