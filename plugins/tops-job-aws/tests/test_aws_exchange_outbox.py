@@ -166,6 +166,7 @@ def test_a_dead_runs_attempts_are_resumed_by_exactly_one_of_two_racing_runs(runs
     dead.objects.write(f"v2/{_digest(30)}.leaves", LEAVES)  # died before its commitment
     dead.objects.write(f"v2/{_digest(30)}.held", dead.lease.token.encode())
     dead.claims.take(f"v2/{_digest(30)}")
+    dead.claims.take(f"v2/{_digest(31)}")  # died after its verdict, before letting go of the claim
     dead.store.acquire()
     dead.die()
 
@@ -195,6 +196,8 @@ def test_a_dead_runs_attempts_are_resumed_by_exactly_one_of_two_racing_runs(runs
     keys = _keys(s3, bucket, "v2/")
     assert not any(key.endswith(".held") for key in keys)
     assert not any(key.startswith(f"v2/{_digest(30)}") for key in keys)  # the orphan leaves went
+    # the resumed attempts' claims (now b's and c's) and the dead run's .drain (until a run acquires it)
+    assert _keys(s3, bucket, "claims/") == sorted([f"claims/v2/{d}" for d in digests] + ["claims/v2/.drain"])
 
     # each sends only its own: the other's attempts read as nothing to it
     mine, theirs = (b, c) if resumed_b else (c, b)

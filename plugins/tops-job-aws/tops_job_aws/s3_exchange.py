@@ -217,7 +217,9 @@ class S3ExchangeStore:
                         self.objects.url("leases"))
             return {}
         resumed: list[tuple[float, str, str]] = []
-        for digest, kinds in self._names().items():
+        names = self._names()
+        self._sweep_claims(names)
+        for digest, kinds in names.items():
             with self._mutex:
                 if digest in self._mine:
                     continue  # put or resumed by this run already: its delivery tracks it
@@ -235,6 +237,15 @@ class S3ExchangeStore:
                     self._mine.add(digest)
                 resumed.append((kinds["commit.json"], digest, kept))
         return {digest: state for _, digest, state in sorted(resumed)}
+
+    def _sweep_claims(self, names: dict[str, dict[str, float]]) -> None:
+        """Claims a dead run left on attempts that are gone (it died between the verdict and
+        letting go): taken over and deleted, so claims/ does not grow without end."""
+        for item in self.objects.list("claims/v2/"):
+            digest = item.key[len("claims/v2/"):]
+            if re.fullmatch(r"[0-9a-f]{64}", digest) and digest not in names and not self.claims.owns(_claim(digest)):
+                if self.claims.take(_claim(digest)):  # False: a live run is writing it now
+                    self.claims.give_up(_claim(digest))
 
     def _tidy(self, digest: str, kinds: dict[str, float]) -> str | None:
         """An attempt this run just took over: its state, or None when nothing is left to send."""
