@@ -31,6 +31,8 @@ from tops_job import StorageError
 
 log = logging.getLogger("tops_job_aws.outbox")
 
+MAX_LEASE_S = 86400.0  # a lease claiming a longer life is judged by this one
+
 
 def _code(exc: Exception) -> str:
     return str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
@@ -82,7 +84,7 @@ class S3Objects:
         return f"s3://{self.bucket}/{self.key(name)}"
 
     def _fail(self, doing: str, name: str, exc: Exception) -> StorageError:
-        return StorageError(f"cannot {doing} {self.url(name)}: {exc}")  # exc is no OSError: no errno
+        return StorageError(f"cannot {doing} {self.url(name)}: {exc}")  # (its second argument takes an OSError only)
 
     def create(self, name: str, body: bytes) -> str | None:
         """Store `body` under `name` unless something is there: its ETag, or None when
@@ -112,13 +114,18 @@ class S3Objects:
             raise self._fail("write", name, exc) from None
         return str(answer["ETag"])
 
-    def read(self, name: str) -> Stored | None:
-        """The object, or None when there is none."""
+    def read(self, name: str, limit: int | None = None) -> Stored | None:
+        """The object, or None when there is none. With `limit`, at most `limit + 1` bytes
+        are read (an object longer than `limit` is then known to be one, at bounded cost)."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             answer = self._s3.get_object(Bucket=self.bucket, Key=self.key(name))
-            body = answer["Body"].read()
+            stream = answer["Body"]
+            try:
+                body = stream.read() if limit is None else stream.read(limit + 1)
+            finally:
+                stream.close()
         except ClientError as exc:
             if _missing(exc):
                 return None
@@ -126,6 +133,22 @@ class S3Objects:
         except BotoCoreError as exc:
             raise self._fail("read", name, exc) from None
         return Stored(body, str(answer["ETag"]), _age(answer))
+
+    def copy(self, source: str, target: str) -> bool:
+        """Copy `source` to `target` inside the store (whatever `target` held is replaced):
+        False when `source` is not there."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self._s3.copy_object(Bucket=self.bucket, Key=self.key(target),
+                                 CopySource={"Bucket": self.bucket, "Key": self.key(source)})
+        except ClientError as exc:
+            if _missing(exc):
+                return False
+            raise self._fail(f"copy {self.url(source)} to", target, exc) from None
+        except BotoCoreError as exc:
+            raise self._fail(f"copy {self.url(source)} to", target, exc) from None
+        return True
 
     def exists(self, name: str) -> bool:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -188,8 +211,8 @@ class RunLease:
     """This run's lease. `start` writes it and keeps it fresh; `stop` deletes it."""
 
     def __init__(self, objects: S3Objects, ttl_s: float, token: str | None = None):
-        if ttl_s < 3:
-            raise ValueError("a lease shorter than 3 s cannot be renewed reliably")
+        if not 3 <= ttl_s <= MAX_LEASE_S:
+            raise ValueError(f"a lease's life must be 3 s to {MAX_LEASE_S:.0f} s (shorter cannot be renewed reliably)")
         self.objects = objects
         self.ttl_s = ttl_s
         self.token = token or uuid.uuid4().hex
@@ -239,8 +262,8 @@ class RunLease:
         """Whether the run `token` holds a lease younger than the ttl (ours: whether fresh)."""
         if token == self.token:
             return self.fresh()
-        stored = self.objects.read(f"leases/{token}.json")
-        return stored is not None and stored.age_s < self.ttl_s
+        stored = self.objects.read(f"leases/{token}.json", 4096)
+        return stored is not None and stored.age_s < max(self.ttl_s, _ttl(stored.body))
 
 
 class Claims:
@@ -303,6 +326,18 @@ class Claims:
             names = list(self._held)
         for name in names:
             self.give_up(name)
+
+
+def _ttl(body: bytes) -> float:
+    """The ttl a lease says its run renews within (runs may be configured differently: a
+    lease is judged by the longer of its own ttl and the reader's); 0 when unreadable."""
+    try:
+        value = json.loads(body).get("ttl_s")
+    except (ValueError, AttributeError):
+        return 0.0
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+        return 0.0
+    return min(float(value), MAX_LEASE_S)
 
 
 def _owner(body: bytes) -> str | None:

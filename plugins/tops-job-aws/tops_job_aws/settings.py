@@ -8,9 +8,14 @@ from urllib.parse import urlsplit
 
 from tops_job import ConfigError
 
+from .s3_leases import MAX_LEASE_S
+
 KMS_KEY_ID = "TOPS_JOB_KMS_KEY_ID"
 S3_PROFILE_URL = "TOPS_JOB_S3_PROFILE_URL"
 S3_SUMMARY_URL = "TOPS_JOB_S3_SUMMARY_URL"
+S3_OUTBOX_URL = "TOPS_JOB_S3_OUTBOX_URL"
+S3_OUTBOX_LEASE_S = "TOPS_JOB_S3_OUTBOX_LEASE_S"
+DEFAULT_LEASE_S = 60.0
 DEFAULT_MAX_ATTEMPTS = 5
 
 
@@ -20,6 +25,19 @@ def parse_s3_url(variable: str, text: str) -> tuple[str, str]:
     if parts.scheme != "s3" or not parts.netloc or parts.query or parts.fragment:
         raise ConfigError(variable, f"{text!r} is not an s3://bucket/prefix URL")
     return parts.netloc, parts.path.strip("/")
+
+
+def outbox_lease_s(text: str) -> float:
+    """TOPS_JOB_S3_OUTBOX_LEASE_S: seconds a run's lease lives without renewal (3 to 86400)."""
+    if not text.strip():
+        return DEFAULT_LEASE_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 3 <= value <= MAX_LEASE_S:
+        raise ConfigError(S3_OUTBOX_LEASE_S, f"{text!r} is not a number of seconds from 3 to {MAX_LEASE_S:.0f}")
+    return value
 
 
 def _max_attempts(text: str) -> int:
