@@ -119,9 +119,7 @@ class S3ExchangeStore:
         _check(digest)
         self.objects.write(f"v2/withheld/{digest}.reason.json", _line({"digest": digest, "reason": reason}))
         for suffix in (".leaves", ".commit.json"):
-            stored = self.objects.read(f"v2/{digest}{suffix}")
-            if stored is not None:
-                self.objects.write(f"v2/withheld/{digest}{suffix}", stored.body)
+            if self.objects.copy(f"v2/{digest}{suffix}", f"v2/withheld/{digest}{suffix}"):
                 self.objects.delete(f"v2/{digest}{suffix}")
         self.objects.delete(f"v2/{digest}.held")
         self._forget(digest)
@@ -183,8 +181,10 @@ class S3ExchangeStore:
         return [blob[i: i + 32] for i in range(0, len(blob), 32)]
 
     def state(self, digest: str) -> str | None:
-        names = self._names().get(_check(digest), {})
-        return _state(names) if "commit.json" in names else None
+        if not self.objects.exists(f"v2/{_check(digest)}.commit.json"):
+            return None
+        return _state({kind: 0.0 for kind in ("opened.json", "challenge.json")
+                       if self.objects.exists(f"v2/{digest}.{kind}")})
 
     def verdict(self, digest: str) -> dict[str, Any] | None:
         stored = self.objects.read(f"v2/done/{_check(digest)}.json")
