@@ -205,6 +205,7 @@ def test_a_dead_runs_attempts_are_resumed_by_exactly_one_of_two_racing_runs(runs
     assert mine.store.load(some, "commit.json") is not None
     assert theirs.store.load(some, "commit.json") is None
     assert c.store.recover() == {} and b.store.recover() == {}  # nothing more to take while both live
+    assert b.store.acquire() and not c.store.acquire()  # the dead run's .drain is taken over once
 
 
 def test_resumed_in_commitment_order(runs):
