@@ -255,9 +255,10 @@ def outbox(ctx: click.Context, outbox_dir: Path | None, as_json: bool) -> None:
     ctx.obj = {"outbox_dir": outbox_dir}
     if ctx.invoked_subcommand is not None:
         return
-    from tops_job.delivery.drain import list_outbox
+    from tops_job.plugins.manager import get_plugin_manager
 
-    listing = list_outbox(_config({"outbox_dir": outbox_dir}, need_key=False).outbox)
+    config = _config({"outbox_dir": outbox_dir}, need_key=False)
+    listing = get_plugin_manager().hooks.outbox(config=config).inventory()
     if as_json:
         click.echo(json.dumps(listing, indent=2))
         return
@@ -300,13 +301,15 @@ def outbox_send(ctx: click.Context, submitter_name: str | None, **flags: Any) ->
         config = _config({**flags, "outbox_dir": ctx.obj["outbox_dir"]}, need_key=False)
         if not config.aggregator_url and not submitter_name:
             raise ConfigError("AGGREGATOR_URL", "set it (or --aggregator-url) to say where to send the outbox")
-        _name, factory = choose_submitter(config, get_plugin_manager(), submitter_name)
-        code, report = send_outbox(config, factory(config), stop)
+        pm = get_plugin_manager()
+        _name, factory = choose_submitter(config, pm, submitter_name)
+        backend = pm.hooks.outbox(config=config)
+        code, report = send_outbox(config, factory(config), stop, store=backend.receipts())
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     counts = report.counts
-    click.echo(f"[outbox] {config.outbox}: {counts['accepted']} accepted, {counts['duplicate']} duplicate, "
+    click.echo(f"[outbox] {backend.location}: {counts['accepted']} accepted, {counts['duplicate']} duplicate, "
                f"{counts['rejected']} rejected, {report.pending} pending"
                + (f" (left because {report.detail['left_because']})" if report.detail.get("left_because") else ""),
                err=True)

@@ -344,3 +344,62 @@ def test_trace_plugins_logs_hook_calls(invoke):
     assert traced.exit_code == 0
     assert re.search(r"\[plugins\] +tops_job_signer \[hook\]", traced.output)
     assert "finish tops_job_signer" in traced.output
+
+
+# ---------------------------------------------------------------- tops_job_outbox
+
+def test_hook_tops_job_outbox_keeps_receipts_where_the_plugin_says(register_plugin, invoke, isolated_env, tmp_path):
+    from tests.support.net import free_port
+    from tops_job import LocalOutbox
+
+    volume = tmp_path / "volume"
+    asked: list = []
+
+    class Plugin:
+        @hookimpl
+        def tops_job_outbox(self, config):
+            asked.append(config.outbox)
+            return LocalOutbox(volume)
+
+    register_plugin(Plugin(), "volume-outbox")
+    down = f"http://127.0.0.1:{free_port()}/verify"  # nothing listens: every receipt stays pending
+    result = invoke("run", "--size", "16", "--attempts", "3", "--protocol", "v1", "--aggregator-url", down,
+                    "--drain-timeout", "1")
+    assert result.exit_code == int(ExitCode.PENDING), result.output
+    assert len(list(volume.glob("*.json"))) == 3
+    assert not list((isolated_env["data"] / "outbox").glob("*.json"))  # the built-in directory was not used
+    assert summary_of(isolated_env)["delivery"]["outbox"] == str(volume)
+    listing = json.loads(invoke("outbox", "--json").output)
+    assert listing["outbox"] == str(volume) and len(listing["pending"]) == 3
+    # a run without an aggregator counts what waits in the plugin's outbox, never sends it
+    ledger = invoke("run", "--size", "16", "--attempts", "1")
+    assert ledger.exit_code == int(ExitCode.PENDING), ledger.output
+    assert f"3 receipts wait in {volume}" in ledger.output
+    assert len(asked) == 3
+
+
+def test_hook_tops_job_outbox_failure_stops_the_run_and_none_leaves_the_directory(register_plugin, invoke, isolated_env):
+    class Declines:
+        @hookimpl
+        def tops_job_outbox(self, config):
+            return None
+
+    register_plugin(Declines(), "declines")
+    from tests.support.net import free_port
+
+    down = f"http://127.0.0.1:{free_port()}/verify"
+    kept = invoke("run", "--size", "16", "--attempts", "1", "--protocol", "v1", "--aggregator-url", down,
+                  "--drain-timeout", "1")
+    assert kept.exit_code == int(ExitCode.PENDING), kept.output
+    assert len(list((isolated_env["data"] / "outbox").glob("*.json"))) == 1  # the built-in answered
+
+    class Broken:
+        @hookimpl
+        def tops_job_outbox(self, config):
+            raise ConnectionError("bucket unreachable")
+
+    register_plugin(Broken(), "broken-outbox")
+    result = invoke("run", "--size", "16", "--attempts", "1", "--protocol", "v1", "--aggregator-url", down)
+    assert result.exit_code == int(ExitCode.STORAGE_ERROR), result.output
+    assert "the outbox plugin failed: ConnectionError: bucket unreachable" in result.output
+    assert len(list((isolated_env["data"] / "outbox").glob("*.json"))) == 1  # nothing fell back to the disk

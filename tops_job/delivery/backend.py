@@ -106,6 +106,7 @@ class ExchangeStore(Protocol):
 
     location: str
     withheld_location: str
+    done_location: str  # where verdicts are kept
 
     def acquire(self) -> bool: ...
     def release(self) -> None: ...

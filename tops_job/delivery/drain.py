@@ -78,11 +78,14 @@ def exit_code_for(report: DeliveryReport, stop_reason: str | None) -> ExitCode:
     return ExitCode.OK
 
 
-def send_outbox(config: Any, submitter: Any, stop: Any, on_receipt: Any = None) -> tuple[ExitCode, DeliveryReport]:
-    """Deliver what the outbox holds, within `config.drain_timeout` seconds."""
+def send_outbox(config: Any, submitter: Any, stop: Any, on_receipt: Any = None,
+                store: Any = None) -> tuple[ExitCode, DeliveryReport]:
+    """Deliver what the outbox holds (`store`, a ReceiptStore; the directory
+    TOPS_JOB_OUTBOX_DIR when None), within `config.drain_timeout` seconds."""
     from tops_job.delivery.sender import OutboxDelivery
 
-    delivery = OutboxDelivery.from_config(config, submitter, on_receipt or (lambda event: None), stop=stop)
+    delivery = OutboxDelivery.from_config(config, submitter, on_receipt or (lambda event: None), stop=stop,
+                                          store=store)
     delivery.start()
     report = delivery.finish(config.drain_timeout)
     return exit_code_for(report, stop.reason), report

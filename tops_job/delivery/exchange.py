@@ -16,9 +16,10 @@ from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any
 
+from tops_job.delivery.backend import ExchangeStore
 from tops_job.delivery.drain_threads import drain
 from tops_job.delivery.exchange_http import FINAL_ITEM, HttpExchange
-from tops_job.delivery.exchange_outbox import CHALLENGED, OPENED, SIGNED, ExchangeOutbox
+from tops_job.delivery.exchange_outbox import CHALLENGED, OPENED, SIGNED
 from tops_job.delivery.outcomes import Outcome
 from tops_job.delivery.protocol import DeliveryReport
 from tops_job.delivery.ratelimit import TokenBucket
@@ -35,7 +36,7 @@ OPEN_ITEMS_MAX = 4
 
 
 class ExchangeDelivery:
-    def __init__(self, outbox: ExchangeOutbox, client: HttpExchange, on_receipt: Callable[[ReceiptEvent], None], *,
+    def __init__(self, outbox: ExchangeStore, client: HttpExchange, on_receipt: Callable[[ReceiptEvent], None], *,
                  policy: RetryPolicy | None = None, stop: Any = None, workers: int = 2, linger_s: float = LINGER_S,
                  bucket: TokenBucket | None = None):
         self.outbox = outbox
@@ -47,7 +48,7 @@ class ExchangeDelivery:
         self.linger_s = linger_s
         self.bucket = bucket or TokenBucket(10.0)  # RATE_LIMIT_PER_SECOND: exchange requests per second
         self._waited: dict[str, float] = {}  # digest -> seconds its requests waited for the rate limiter
-        self.report = DeliveryReport(detail={"submitter": client.name, "outbox": str(outbox.path), "protocol": "v2"})
+        self.report = DeliveryReport(detail={"submitter": client.name, "outbox": outbox.location, "protocol": "v2"})
         self._cond = threading.Condition()
         self._fresh: deque[str] = deque()  # commitments to send (awaiting a challenge)
         self._ready: dict[str, float] = {}  # challenged commitments -> when they became ready to open
@@ -71,13 +72,13 @@ class ExchangeDelivery:
         if self.outbox.acquire():
             earlier = self.outbox.recover()
             if earlier:
-                log.info("[outbox] %d v2 attempts from earlier runs in %s: resuming them", len(earlier), self.outbox.path)
+                log.info("[outbox] %d v2 attempts from earlier runs in %s: resuming them", len(earlier), self.outbox.location)
             with self._cond:
                 for digest, state in earlier.items():
                     self._track(digest, state)
                 self._earlier = len(earlier)
         else:
-            log.warning("[outbox] %s is in use by another run: leaving its attempts to that run", self.outbox.path)
+            log.warning("[outbox] %s is in use by another run: leaving its attempts to that run", self.outbox.location)
         for index in range(self.workers):
             thread = threading.Thread(target=self._work, name=f"tops-job-exchange-{index}", daemon=True)
             thread.start()
@@ -129,13 +130,13 @@ class ExchangeDelivery:
         self.report.detail["earlier_runs"] = self._earlier
         if self._withheld:
             self.report.detail["withheld"] = self._withheld
-            self.report.detail["withheld_in"] = str(self.outbox.withheld_dir)
+            self.report.detail["withheld_in"] = self.outbox.withheld_location
         if states:
             # a commitment whose challenge never came back stays pending, and says so
             self.report.detail["left_because"] = {
                 "awaiting_challenge": states[SIGNED], "awaiting_verdict": states[CHALLENGED] + states[OPENED]}
             log.warning("[outbox] %d v2 attempts left in %s (%d awaiting a challenge, %d awaiting a verdict; last "
-                        "error %s): the next run resumes them", self.report.pending, self.outbox.path, states[SIGNED],
+                        "error %s): the next run resumes them", self.report.pending, self.outbox.location, states[SIGNED],
                         states[CHALLENGED] + states[OPENED], self._last_error)
         self.client.close()
         self.outbox.release()
@@ -310,7 +311,7 @@ class ExchangeDelivery:
             verdict = "expired" if status == 410 else "rejected"
             self._send_errors[ErrorClass.VALIDATION.value] += 1
             log.warning("[exchange] attempt %s %s (%s %s): recorded in %s", digest[:16], verdict, status,
-                        item.get("error"), self.outbox.done_dir)
+                        item.get("error"), self.outbox.done_location)
             self._final(digest, verdict, Outcome.REJECTED, item)
             return True
         self._last_error = str(item.get("error") or f"item status {status}")

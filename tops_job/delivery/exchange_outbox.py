@@ -51,6 +51,7 @@ class ExchangeOutbox:
         self.done_dir = self.path / "done"
         self.withheld_dir = self.path / "withheld"
         self.location, self.withheld_location = str(self.path), str(self.withheld_dir)
+        self.done_location = str(self.done_dir)
         self._lock_handle: Any = None
         try:
             self.done_dir.mkdir(parents=True, exist_ok=True)

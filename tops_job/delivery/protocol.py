@@ -12,12 +12,14 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from tops_job.delivery.outcomes import Outcome, Submitter
-from tops_job.errors import ErrorClass
+from tops_job.errors import ErrorClass, StorageError
 from tops_job.observability.events import ReceiptEvent
+
+if TYPE_CHECKING:
+    from tops_job.delivery.backend import OutboxBackend
 
 log = logging.getLogger("tops_job.delivery")
 
@@ -62,7 +64,7 @@ class InlineDelivery:
     an outbox is empty when it is not (`tops-job outbox send` delivers them)."""
 
     def __init__(self, submitter: Submitter, on_receipt: Callable[[ReceiptEvent], None],
-                 outbox: Path | None = None):
+                 outbox: OutboxBackend | None = None):
         self.submitter = submitter
         self.on_receipt = on_receipt
         self.outbox = outbox
@@ -70,9 +72,9 @@ class InlineDelivery:
 
     def start(self) -> None:
         waiting = self._outbox_depth()
-        if waiting:
+        if waiting and self.outbox is not None:
             log.warning("[outbox] %d receipts wait in %s for an aggregator; this run (no AGGREGATOR_URL) does not "
-                        "send them: `tops-job outbox send --aggregator-url URL` does", waiting, self.outbox)
+                        "send them: `tops-job outbox send --aggregator-url URL` does", waiting, self.outbox.location)
 
     def enqueue(self, receipt: dict[str, Any], digest: bytes, *, held: bool = False) -> None:
         # `held` changes nothing here: the ledger verifies every receipt itself before it is
@@ -99,15 +101,17 @@ class InlineDelivery:
         self.report.detail.update(self.state())
         self.report.pending = self.report.detail["outbox_depth"]
         if self.outbox is not None:
-            self.report.detail["outbox"] = str(self.outbox)
+            self.report.detail["outbox"] = self.outbox.location
         return self.report
 
     def _outbox_depth(self) -> int:
-        if self.outbox is None or not self.outbox.is_dir():
+        if self.outbox is None:
             return 0
-        from tops_job.delivery.outbox import Outbox
-
-        return Outbox.count_in(self.outbox)
+        try:
+            return self.outbox.waiting()
+        except StorageError as exc:  # a count for the report: the run goes on
+            log.warning("[outbox] cannot count the receipts waiting in %s: %s", self.outbox.location, exc)
+            return 0
 
     def state(self) -> dict[str, Any]:
         rejected = self.report.counts[Outcome.REJECTED.value]

@@ -24,10 +24,10 @@ from typing import Any
 
 from opentelemetry import trace
 
+from tops_job.delivery.backend import Claim, ReceiptStore
 from tops_job.delivery.breaker import CircuitBreaker
 from tops_job.delivery.drain_threads import drain
 from tops_job.delivery.entries import Entries, Entry, State
-from tops_job.delivery.outbox import Claim, Outbox
 from tops_job.delivery.outcomes import UNCONFIRMED, Outcome, SubmitResult, Submitter
 from tops_job.delivery.protocol import DeliveryReport
 from tops_job.delivery.ratelimit import TokenBucket
@@ -43,7 +43,7 @@ CACHE_MAX = 64  # receipts kept in memory to save a read back; the rest are read
 
 
 class OutboxDelivery:
-    def __init__(self, outbox: Outbox, submitter: Submitter, on_receipt: Callable[[ReceiptEvent], None], *,
+    def __init__(self, outbox: ReceiptStore, submitter: Submitter, on_receipt: Callable[[ReceiptEvent], None], *,
                  policy: RetryPolicy | None = None, budget: RetryBudget | None = None,
                  breaker: CircuitBreaker | None = None, bucket: TokenBucket | None = None,
                  stop: Any = None, workers: int = 4):
@@ -56,7 +56,7 @@ class OutboxDelivery:
         self.bucket = bucket or TokenBucket(10.0)
         self.stop = stop  # runner.StopSignal or None
         self.workers = max(1, workers)
-        self.report = DeliveryReport(detail={"submitter": submitter.name, "outbox": str(outbox.path)})
+        self.report = DeliveryReport(detail={"submitter": submitter.name, "outbox": outbox.location})
         self.entries = Entries(CACHE_MAX)  # one state per receipt: queued, in flight, parked, final
         self._cond = self.entries.cond
         self._closing = False
@@ -72,10 +72,16 @@ class OutboxDelivery:
 
     @classmethod
     def from_config(cls, config: Any, submitter: Submitter, on_receipt: Callable[[ReceiptEvent], None],
-                    stop: Any = None) -> OutboxDelivery:
+                    stop: Any = None, store: ReceiptStore | None = None) -> OutboxDelivery:
+        """`store`: the outbox backend's receipt store (the `tops_job_outbox` hook's); the
+        directory TOPS_JOB_OUTBOX_DIR when None."""
         policy = RetryPolicy(max_retries=config.max_retries, base_s=config.retry_base_s, cap_s=config.retry_cap_s,
                              retry_after_cap_s=max(config.retry_cap_s, 120.0))
-        return cls(Outbox(config.outbox), submitter, on_receipt, policy=policy,
+        if store is None:
+            from tops_job.delivery.outbox import Outbox
+
+            store = Outbox(config.outbox)
+        return cls(store, submitter, on_receipt, policy=policy,
                    budget=RetryBudget(floor=config.retry_budget),
                    breaker=CircuitBreaker(config.breaker_threshold, config.breaker_cooldown_s),
                    bucket=TokenBucket(config.rate_limit_per_second), stop=stop, workers=config.send_concurrency)
@@ -96,11 +102,11 @@ class OutboxDelivery:
         if not self.outbox.acquire():
             self._left_to_other_run = self.outbox.count()
             log.warning("[outbox] %s is in use by another run: leaving its %d earlier receipts to that run",
-                        self.outbox.path, self._left_to_other_run)
+                        self.outbox.location, self._left_to_other_run)
             return
         earlier = self.outbox.recover()
         if earlier:
-            log.info("[outbox] %d receipts from earlier runs in %s: sending them first", len(earlier), self.outbox.path)
+            log.info("[outbox] %d receipts from earlier runs in %s: sending them first", len(earlier), self.outbox.location)
         self._earlier = sum(self.entries.add(digest, earlier=True) for digest in earlier)
 
     def enqueue(self, receipt: dict[str, Any], digest: bytes, *, held: bool = False) -> None:
@@ -145,7 +151,7 @@ class OutboxDelivery:
             self.report.detail["left_to_other_run"] = self._left_to_other_run
         if self._withheld:
             self.report.detail["withheld"] = self._withheld
-            self.report.detail["withheld_in"] = str(self.outbox.withheld_dir)
+            self.report.detail["withheld_in"] = self.outbox.withheld_location
         if self._stale:
             self.report.detail["answered_but_kept_in_outbox"] = dict(self._stale)
         self.report.detail["outbox_at_end"] = self.outbox.count()
@@ -154,7 +160,7 @@ class OutboxDelivery:
                  self.report.detail["retries_refused"])
         if pending:
             log.warning("[outbox] %d receipts left in %s (nothing is lost): the next run or `tops-job outbox send` "
-                        "sends them", pending, self.outbox.path)
+                        "sends them", pending, self.outbox.location)
         self.submitter.close()
         self.outbox.release()
         return self.report
@@ -314,7 +320,7 @@ class OutboxDelivery:
             self.breaker.record_success()  # the aggregator is up and answered
             if self.outbox.reject(digest, {"status": result.status, "error": result.error, "answer": result.response}):
                 log.warning("[sender] receipt %s rejected (%s %s): moved to %s", digest, result.status, result.error,
-                            self.outbox.rejected_dir)
+                            self.outbox.rejected_location)
             else:
                 with self._cond:
                     self._stale[Outcome.REJECTED.value] += 1

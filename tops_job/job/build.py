@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 from tops_job.appendlog import AppendLog
 from tops_job.compute import create_backend
 from tops_job.config import Config
+from tops_job.delivery.backend import OutboxBackend
 from tops_job.delivery.outcomes import Submitter
 from tops_job.delivery.protocol import InlineDelivery
 from tops_job.errors import LIBRARY_ERRORS, ConfigError, SignatureError, StorageError
@@ -97,14 +98,16 @@ def make_delivery_factory(config: Config, pm: PluginManager, submitter_name: str
                           stop: StopSignal | None = None,
                           chosen: tuple[str, SubmitterFactory] | None = None):
     name, factory = chosen or choose_submitter(config, pm, submitter_name)
+    outbox = pm.hooks.outbox(config=config)  # the directory, or a plugin's durable storage
     if uses_exchange(config, factory):  # tops-receipt/2 challenge mode: commit, challenge, open
-        return _exchange_delivery(config, stop)
+        return _exchange_delivery(config, outbox, stop)
     submitter = factory(config)
     if name == "ledger":
-        return lambda on_receipt: InlineDelivery(submitter, on_receipt, outbox=config.outbox)
+        return lambda on_receipt: InlineDelivery(submitter, on_receipt, outbox=outbox)
     from tops_job.delivery.sender import OutboxDelivery  # network submitters: durable outbox + background sender
 
-    return lambda on_receipt: OutboxDelivery.from_config(config, submitter, on_receipt, stop=stop)
+    return lambda on_receipt: OutboxDelivery.from_config(config, submitter, on_receipt, stop=stop,
+                                                         store=outbox.receipts())
 
 
 def uses_exchange(config: Config, factory: SubmitterFactory) -> bool:
@@ -117,10 +120,9 @@ def uses_exchange(config: Config, factory: SubmitterFactory) -> bool:
             and config.challenge is not False)
 
 
-def _exchange_delivery(config: Config, stop: StopSignal | None):
+def _exchange_delivery(config: Config, outbox: OutboxBackend, stop: StopSignal | None):
     from tops_job.delivery.exchange import ExchangeDelivery
     from tops_job.delivery.exchange_http import HttpExchange
-    from tops_job.delivery.exchange_outbox import ExchangeOutbox
     from tops_job.delivery.ratelimit import TokenBucket
     from tops_job.delivery.retry import RetryPolicy
 
@@ -129,7 +131,7 @@ def _exchange_delivery(config: Config, stop: StopSignal | None):
     policy = RetryPolicy(max_retries=1 << 30, base_s=config.retry_base_s, cap_s=config.retry_cap_s,
                          retry_after_cap_s=max(config.retry_cap_s, 120.0))
     return lambda on_receipt: ExchangeDelivery(
-        ExchangeOutbox(config.outbox), HttpExchange(url, connect_timeout=config.connect_timeout,
+        outbox.exchanges(), HttpExchange(url, connect_timeout=config.connect_timeout,
                                                     read_timeout=max(config.read_timeout, 30.0)),
         on_receipt, policy=policy, stop=stop, workers=min(2, config.send_concurrency),
         bucket=TokenBucket(config.rate_limit_per_second))

@@ -27,13 +27,14 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 from tops_job import __version__, hookspecs
-from tops_job.errors import LIBRARY_ERRORS
+from tops_job.errors import LIBRARY_ERRORS, ConfigError, StorageError
 
 if TYPE_CHECKING:
     import click
 
     from tops_job.compute.autotune import ProfileCache
     from tops_job.config import Config
+    from tops_job.delivery.backend import OutboxBackend
     from tops_job.observability.events import Reporter
     from tops_job.spec.signing import Signer
 
@@ -46,6 +47,7 @@ DEFAULT_PLUGINS = {
     "tops_job.builtins.ledger_submitter": "tops_job.plugins.builtins.ledger_submitter",
     "tops_job.builtins.http_submitter": "tops_job.plugins.builtins.http_submitter",
     "tops_job.builtins.profile_store": "tops_job.plugins.builtins.profile_store",
+    "tops_job.builtins.outbox": "tops_job.plugins.builtins.outbox",
     "tops_job.builtins.observability": "tops_job.plugins.builtins.observability",
 }
 ENTRY_POINT_GROUP = "tops_job"
@@ -225,6 +227,21 @@ class Hooks:
     def profile_store(self, *, config: Config) -> ProfileCache | None:
         store: ProfileCache | None = first_result(self._pm, "tops_job_profile_store", config=config)
         return store
+
+    def outbox(self, *, config: Config) -> OutboxBackend:
+        """Where the run keeps receipts. A configured backend that fails stops the run (as a
+        StorageError, exit 6, unless it raised one of the library's errors): falling back to
+        the instance's disk would lose receipts the operator put in durable storage."""
+        try:
+            backend: OutboxBackend | None = self._pm.hook.tops_job_outbox(config=config)
+        except LIBRARY_ERRORS:
+            raise
+        except Exception as exc:
+            raise StorageError(f"the outbox plugin failed: {type(exc).__name__}: {exc}") from exc
+        if backend is None:
+            raise ConfigError("TOPS_JOB_DISABLE_PLUGINS", "no outbox backend answered (is the built-in "
+                              "tops_job.builtins.outbox disabled?)")
+        return backend
 
     def register_commands(self, *, cli: click.Group) -> None:
         """Failures only logged: the CLI must work with a broken plugin installed."""

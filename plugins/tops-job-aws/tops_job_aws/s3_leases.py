@@ -84,7 +84,7 @@ class S3Objects:
         return f"s3://{self.bucket}/{self.key(name)}"
 
     def _fail(self, doing: str, name: str, exc: Exception) -> StorageError:
-        return StorageError(f"cannot {doing} {self.url(name)}: {exc}")  # (its second argument takes an OSError only)
+        return StorageError(f"cannot {doing} {self.url(name)}: {exc}")
 
     def create(self, name: str, body: bytes) -> str | None:
         """Store `body` under `name` unless something is there: its ETag, or None when
