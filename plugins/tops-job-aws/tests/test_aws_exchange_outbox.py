@@ -291,3 +291,195 @@ def test_an_unreachable_store_is_a_storage_error_naming_the_url():
                  lambda: store.put_challenge(_digest(1), {"leaves": [0]}), lambda: store.verdict(_digest(1))):
         with pytest.raises(StorageError, match=r"s3://nowhere/p/"):
             call()
+
+
+# ---- end to end: real `tops-job run` processes, a real aggregator, the outbox in moto's S3
+
+
+class CountingProxy:
+    """A real HTTP server in front of the aggregator that counts, per attempt digest, the
+    commitments and opened sets posted through it. POSTs after the first `forward` are
+    answered 503 (the exchange down, the run challenge still served)."""
+
+    def __init__(self, upstream: str, forward: int | None = None):
+        from collections import Counter
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        import requests
+
+        from tops_job.spec.v2 import digest_of
+
+        self.commits: Counter[str] = Counter()
+        self.opens: Counter[str] = Counter()
+        self.forward = forward
+        self._lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                answer = requests.get(upstream + self.path, timeout=10)
+                self._answer(answer.status_code, answer.content)
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                with proxy._lock:
+                    refuse = proxy.forward is not None and proxy.forward <= 0
+                    if proxy.forward is not None:
+                        proxy.forward -= 1
+                if refuse:
+                    return self._answer(503, b'{"ok":false,"error":"down"}')
+                envelope = json.loads(body)
+                answer = requests.post(upstream + self.path, data=body, timeout=30,
+                                       headers={"Content-Type": "application/json"})
+                with proxy._lock:  # counted once the aggregator has it
+                    if "commit" in envelope:
+                        proxy.commits[digest_of(envelope["commit"]).hex()] += 1
+                    for item in envelope.get("open", ()):
+                        proxy.opens[item["digest"]] += 1
+                self._answer(answer.status_code, answer.content)
+
+            def _answer(self, status, body):
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def agg(tmp_path, aws_env):
+    from tests.support.peers import Aggregator
+
+    server = Aggregator(tmp_path / "agg.sqlite3", accept="v2")
+    yield server
+    server.stop()
+
+
+def _run_env(tmp_path, bucket, name):
+    from tests.support.peers import worker_env
+
+    env = worker_env(tmp_path, TOPS_JOB_S3_OUTBOX_URL=f"s3://{bucket}/{PREFIX}", TOPS_JOB_S3_OUTBOX_LEASE_S=str(TTL),
+                     TOPS_JOB_DATA_DIR=str(tmp_path / f"data-{name}"))  # each run a fresh instance's disk
+    for local in ("TOPS_JOB_PROTOCOL", "TOPS_JOB_OUTBOX_DIR"):  # v2 (the default), the outbox in S3
+        env.pop(local)
+    return env
+
+
+def _command(tmp_path, url, attempts, name):
+    from tests.support.peers import CLI
+
+    return [*CLI, "run", "--size", "96,96,256", "--attempts", str(attempts), "--aggregator-url", url,
+            "--receipts-out", str(tmp_path / f"{name}.jsonl"), "--summary", str(tmp_path / f"{name}.summary.json")]
+
+
+def _signed(path):
+    from tops_job.spec.v2 import digest_of
+
+    out = set()
+    for line in path.read_text().splitlines() if path.exists() else ():
+        try:
+            out.add(digest_of(json.loads(line)).hex())
+        except ValueError:  # a line cut short by kill -9
+            continue
+    return out
+
+
+def _accepted(agg):
+    import sqlite3
+
+    conn = sqlite3.connect(agg.db)
+    try:
+        return [row[0] for row in conn.execute("SELECT digest FROM v2_commitments WHERE state = 'accepted'")]
+    finally:
+        conn.close()
+
+
+def _commits_in(s3, bucket):
+    return {key[3:67] for key in _keys(s3, bucket, "v2/") if key.endswith(".commit.json") and "/" not in key[3:]}
+
+
+def _killed_run(tmp_path, s3, bucket, agg, *, forward: int, at_least: int):
+    """`tops-job run` that exchanges its first `forward` requests, then finds the exchange
+    down, and is killed -9 once `at_least` commitments wait in the bucket: what it left."""
+    import subprocess
+
+    proxy = CountingProxy(agg.base, forward)
+    proc = subprocess.Popen(_command(tmp_path, proxy.base, 400, "dead"), env=_run_env(tmp_path, bucket, "dead"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while len(_commits_in(s3, bucket)) < at_least and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        proc.kill()
+        proc.wait(10)
+    finally:
+        proc.kill()
+        proxy.close()
+    left = _commits_in(s3, bucket)
+    assert len(left) >= at_least
+    return left, _signed(tmp_path / "dead.jsonl")
+
+
+def test_a_killed_runs_attempts_in_s3_are_accepted_once_by_a_run_on_a_fresh_disk(tmp_path, aws_env, s3, bucket, agg):
+    import subprocess
+
+    left, signed = _killed_run(tmp_path, s3, bucket, agg, forward=3, at_least=6)
+    assert left <= signed  # a commitment is in the bucket only once signed (and written out)
+    time.sleep(TTL + 1.5)  # the dead run's lease expires
+    proxy = CountingProxy(agg.base)
+    try:
+        result = subprocess.run(_command(tmp_path, proxy.base, 1, "next"), env=_run_env(tmp_path, bucket, "next"),
+                                capture_output=True, text=True, timeout=120)
+    finally:
+        proxy.close()
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"{len(left)} v2 attempts from earlier runs" in result.stderr
+    accepted = _accepted(agg)
+    assert len(accepted) == len(set(accepted))
+    assert left | _signed(tmp_path / "next.jsonl") <= set(accepted)  # the dead run's and its own
+    assert all(proxy.opens[digest] == 1 for digest in left)  # each opened once, by the run that resumed it
+    assert _commits_in(s3, bucket) == set()
+    done = {key[len("v2/done/"):-5] for key in _keys(s3, bucket, "v2/done/")}
+    assert left <= done
+    assert not [key for key in _keys(s3, bucket, "v2/") if key.endswith((".leaves", ".held", ".challenge.json"))]
+
+
+def test_two_concurrent_runs_never_send_the_same_attempt(tmp_path, aws_env, s3, bucket, agg):
+    import subprocess
+
+    left, _ = _killed_run(tmp_path, s3, bucket, agg, forward=0, at_least=8)
+    time.sleep(TTL + 1.5)
+    proxy = CountingProxy(agg.base)
+    try:
+        procs = [subprocess.Popen(_command(tmp_path, proxy.base, 3, name), env=_run_env(tmp_path, bucket, name),
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for name in "bc"]
+        errs = [proc.communicate(timeout=120)[1] for proc in procs]
+    finally:
+        proxy.close()
+    assert [proc.returncode for proc in procs] == [0, 0], errs[0][-2000:] + errs[1][-2000:]
+    assert sum(f"{len(left)} v2 attempts from earlier runs" in err for err in errs) == 1  # one resumed them
+    own = _signed(tmp_path / "b.jsonl") | _signed(tmp_path / "c.jsonl")
+    assert len(own) == 6
+    sent = left | own
+    assert set(proxy.commits) == sent and set(proxy.opens) == sent
+    assert max(proxy.commits.values()) == 1 and max(proxy.opens.values()) == 1  # never twice
+    accepted = _accepted(agg)
+    assert sorted(accepted) == sorted(sent)
+    assert _commits_in(s3, bucket) == set()
