@@ -371,11 +371,11 @@ def agg(tmp_path, aws_env):
     server.stop()
 
 
-def _run_env(tmp_path, bucket, name):
+def _run_env(tmp_path, bucket, name, **extra):
     from tests.support.peers import worker_env
 
     env = worker_env(tmp_path, TOPS_JOB_S3_OUTBOX_URL=f"s3://{bucket}/{PREFIX}", TOPS_JOB_S3_OUTBOX_LEASE_S=str(TTL),
-                     TOPS_JOB_DATA_DIR=str(tmp_path / f"data-{name}"))  # each run a fresh instance's disk
+                     TOPS_JOB_DATA_DIR=str(tmp_path / f"data-{name}"), **extra)  # each run a fresh instance's disk
     for local in ("TOPS_JOB_PROTOCOL", "TOPS_JOB_OUTBOX_DIR"):  # v2 (the default), the outbox in S3
         env.pop(local)
     return env
@@ -414,13 +414,13 @@ def _commits_in(s3, bucket):
     return {key[3:67] for key in _keys(s3, bucket, "v2/") if key.endswith(".commit.json") and "/" not in key[3:]}
 
 
-def _killed_run(tmp_path, s3, bucket, agg, *, forward: int, at_least: int):
+def _killed_run(tmp_path, s3, bucket, agg, *, forward: int, at_least: int, **extra):
     """`tops-job run` that exchanges its first `forward` requests, then finds the exchange
     down, and is killed -9 once `at_least` commitments wait in the bucket: what it left."""
     import subprocess
 
     proxy = CountingProxy(agg.base, forward)
-    proc = subprocess.Popen(_command(tmp_path, proxy.base, 400, "dead"), env=_run_env(tmp_path, bucket, "dead"),
+    proc = subprocess.Popen(_command(tmp_path, proxy.base, 400, "dead"), env=_run_env(tmp_path, bucket, "dead", **extra),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
@@ -440,17 +440,21 @@ def _killed_run(tmp_path, s3, bucket, agg, *, forward: int, at_least: int):
 def test_a_killed_runs_attempts_in_s3_are_accepted_once_by_a_run_on_a_fresh_disk(tmp_path, aws_env, s3, bucket, agg):
     import subprocess
 
-    left, signed = _killed_run(tmp_path, s3, bucket, agg, forward=3, at_least=6)
+    # every attempt held for the self-audit first: written held, released once verified
+    left, signed = _killed_run(tmp_path, s3, bucket, agg, forward=3, at_least=6, TOPS_JOB_AUDIT_EVERY="1")
     assert left <= signed  # a commitment is in the bucket only once signed (and written out)
     time.sleep(TTL + 1.5)  # the dead run's lease expires
     proxy = CountingProxy(agg.base)
     try:
-        result = subprocess.run(_command(tmp_path, proxy.base, 1, "next"), env=_run_env(tmp_path, bucket, "next"),
-                                capture_output=True, text=True, timeout=120)
+        result = subprocess.run(_command(tmp_path, proxy.base, 1, "next"), capture_output=True, text=True,
+                                env=_run_env(tmp_path, bucket, "next", TOPS_JOB_AUDIT_EVERY="1"), timeout=120)
     finally:
         proxy.close()
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"{len(left)} v2 attempts from earlier runs" in result.stderr
+    summary = json.loads((tmp_path / "next.summary.json").read_text())
+    assert summary["receipts"]["accepted"] == len(left) + 1 and summary["receipts"]["pending"] == 0
+    assert summary["device_checks"]["self_audit"]["audited"] == 1  # its own attempt was held, audited, then sent
     accepted = _accepted(agg)
     assert len(accepted) == len(set(accepted))
     assert left | _signed(tmp_path / "next.jsonl") <= set(accepted)  # the dead run's and its own
