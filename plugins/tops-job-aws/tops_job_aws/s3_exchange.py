@@ -41,6 +41,7 @@ log = logging.getLogger("tops_job_aws.outbox")
 _NAME = re.compile(r"v2/([0-9a-f]{64})\.(held|leaves|commit\.json|challenge\.json|opened\.json)")
 _SIDES = (".opened.json", ".challenge.json", ".leaves")  # removed before the commitment
 _KINDS = ("commit.json", "challenge.json", "opened.json")
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,128}")  # a lease token (a run's uuid4().hex)
 DRAIN = "v2/.drain"
 
 
@@ -132,7 +133,9 @@ class S3ExchangeStore:
         if stored is None:
             return False
         token = stored.body.decode("ascii", "replace").strip()
-        return bool(token) and token != self.lease.token and self.lease.alive(token)
+        if not _TOKEN.fullmatch(token):
+            return False  # not a marker a run wrote: nobody holds it
+        return token != self.lease.token and self.lease.alive(token)
 
     def drop_challenge(self, digest: str) -> None:
         """The aggregator does not know the commitment (a new database): it will draw again."""
@@ -227,9 +230,9 @@ class S3ExchangeStore:
                 continue  # a live run sends it (or is still writing it)
             try:
                 kept = self._tidy(digest, kinds)
-            except StorageError:
-                self.claims.give_up(_claim(digest))
-                raise
+            except StorageError as exc:  # left for a later run; the others are resumed
+                log.warning("[outbox] v2 attempt %s not resumed: %s", digest[:16], exc)
+                kept = None
             if kept is None:
                 self.claims.give_up(_claim(digest))
             else:
