@@ -31,6 +31,7 @@ import json
 import logging
 import re
 import threading
+import time
 from typing import Any
 
 from tops_job import AWAITING_CHALLENGE, AWAITING_VERDICT, CHALLENGED, StorageError
@@ -76,10 +77,20 @@ class S3ExchangeStore:
         if not self.claims.owns(_claim(digest)):
             log.warning("[outbox] v2 attempt %s is not this run's to send: left to the run that owns it", digest[:16])
             return False
-        if not self.lease.fresh():
+        if not self._fresh():
             log.warning("[outbox] this run's lease in %s is not fresh (the store unreachable?): v2 attempt %s is not "
                         "sent, another run may have taken it over", self.objects.url("leases"), digest[:16])
             return False
+        return True
+
+    def _fresh(self) -> bool:
+        """Whether the lease is fresh, waiting up to one renewal period for a renewal that is
+        merely late (a busy machine), not for a store that stays unreachable."""
+        deadline = time.monotonic() + self.lease.ttl_s / 3
+        while not self.lease.fresh():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
         return True
 
     # ---- writes
