@@ -126,7 +126,7 @@ def through_http(bodies: list[bytes], workers: int, clients: int, seconds: float
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(os.environ, PYTHONPATH=str(REPO))
         server = subprocess.Popen([sys.executable, "-m", "tops_job.cli", "aggregator", "serve", "--port", "0",
-                                   "--db", db or f"{tmp}/agg.sqlite3", "--threads", str(threads), "--workers", str(workers)],
+                                   "--db", db or f"{tmp}/agg.sqlite3", "--accept", "both", "--threads", str(threads), "--workers", str(workers)],
                                   stderr=subprocess.PIPE, text=True, env=env)
         try:
             line = server.stderr.readline()

@@ -108,7 +108,7 @@ class TimedStore:
 
     def __getattr__(self, name: str) -> Any:
         target = getattr(self._store, name)
-        if not callable(target) or name.startswith("_"):
+        if not callable(target) or name.startswith("_") or name == "transaction":  # its block is timed by the caller
             return target
         histogram = self._metrics.db.labels(name)
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from tops_job.aggregator.migrations import rollback_quietly
-
 COMMITTED, ACCEPTED, REJECTED, EXPIRED = "committed", "accepted", "rejected", "expired"
 
 
@@ -77,8 +75,7 @@ class V2Store:
         """Record a checked commitment with its drawn leaves, or return the record already
         there for this digest. Raises Conflict for a replayed nonce or another key's run."""
         conn = self._conn()
-        conn.execute(self._store.begin)
-        try:
+        with self._store.transaction(conn):
             existing = self.commitment(digest)
             if existing is None:
                 owner = conn.execute("SELECT pubkey FROM v2_runs WHERE run_id = ?", (run_id,)).fetchone()
@@ -95,10 +92,6 @@ class V2Store:
                     (digest, pubkey, did, nonce, run_id, attempt, ops, challenge, s, json.dumps(leaves), now_ms,
                      now_ms + ttl_ms, COMMITTED, commitment))
                 existing = self.commitment(digest)
-            conn.execute("COMMIT")
-        except BaseException:
-            rollback_quietly(conn)
-            raise
         assert existing is not None
         return existing
 
@@ -107,16 +100,11 @@ class V2Store:
         """Move a COMMITTED record to its final state; returns the state it ends in (a verdict
         recorded first by another request wins)."""
         conn = self._conn()
-        conn.execute(self._store.begin)
-        try:
+        with self._store.transaction(conn):
             conn.execute("UPDATE v2_commitments SET state = ?, error = ?, detail = ?, verdict_ms = ?, clock_epoch = ?,"
                          " accepted_clock_ms = ? WHERE digest = ? AND state = ?",
                          (state, error, detail, now_ms, clock_epoch, clock_ms, digest, COMMITTED))
             row = conn.execute("SELECT state FROM v2_commitments WHERE digest = ?", (digest,)).fetchone()
-            conn.execute("COMMIT")
-        except BaseException:
-            rollback_quietly(conn)
-            raise
         return str(row[0])
 
     def run_report(self, run_id: str, now_ms: int) -> dict[str, Any] | None:

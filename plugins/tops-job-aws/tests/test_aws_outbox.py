@@ -7,15 +7,18 @@ from __future__ import annotations
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.support.peers import signed_receipts
+from tests.support import CLI
+from tests.support.peers import Aggregator, FaultProxy, run_worker, signed_digests, signed_receipts, start_worker, worker_env
 from tops_job import ConfigError, StorageError, digest_of_any, receipt_line
 from tops_job_aws import tops_job_outbox
 from tops_job_aws.s3_leases import Claims, RunLease, S3Objects
@@ -197,6 +200,10 @@ def test_held_receipts_unhold_withhold_and_a_dead_runs_are_promoted(s3, bucket, 
     assert "never audited" in caplog.text and not keys(s3, bucket, "held/")
     assert later.load(hexd(unaudited)) == unaudited
     assert not keys(s3, bucket, "quarantine/")
+    # the run, alive after all (its lease had lapsed), finishes its audit: nothing raises, the
+    # receipt is where the other run put it, and the summary's problems say what happened
+    run.unhold(hexd(unaudited))
+    assert run.problems["held_receipt_taken_over"] == 1 and later.holds(hexd(unaudited))
 
 
 def test_claims_keep_senders_apart(s3, bucket, stores, receipts, caplog):
@@ -276,11 +283,12 @@ def test_objects_that_are_not_entries_are_quarantined_and_others_left_alone(s3, 
     for name in strays:
         s3.put_object(Bucket=bucket, Key=f"{PREFIX}/{name}", Body=b"x")
     s3.put_object(Bucket=bucket, Key=f"{PREFIX}/README.txt", Body=b"the operator's own file")
+    s3.put_object(Bucket=bucket, Key=f"{PREFIX}/receipts/", Body=b"")  # the S3 console's "folder"
     s3.put_object(Bucket=bucket, Key=f"{PREFIX}/held/not-a-held-name.json", Body=b"x")
     assert store.recover() == [hexd(receipts[0])]
     assert keys(s3, bucket, "quarantine/") == {"quarantine/" + name.split("/", 1)[1] for name in strays}
     assert store.quarantined == len(strays)
-    assert {"README.txt", "held/not-a-held-name.json"} <= keys(s3, bucket)
+    assert {"README.txt", "held/not-a-held-name.json", "receipts/"} <= keys(s3, bucket)
 
 
 def test_s3_failures_are_storage_errors_naming_the_url(aws_env, s3, bucket, receipts):
@@ -328,3 +336,137 @@ def test_the_hook_reads_its_settings_and_names_a_bad_one(aws_env, bucket, monkey
     monkeypatch.setenv("TOPS_JOB_S3_OUTBOX_URL", "https://bucket/box")
     with pytest.raises(ConfigError, match="TOPS_JOB_S3_OUTBOX_URL"):
         tops_job_outbox(config=None)
+
+
+# ---- end to end: real runs, a real aggregator
+
+
+E2E_LEASE_S = "4"
+
+
+def closed_port_url() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}/verify"
+
+
+def s3_env(tmp: Path, bucket: str, name: str, **extra: str) -> dict[str, str]:
+    """A worker's environment with the S3 outbox and its own, fresh data directory."""
+    settings = {"TOPS_JOB_S3_OUTBOX_URL": f"s3://{bucket}/{PREFIX}", "TOPS_JOB_S3_OUTBOX_LEASE_S": E2E_LEASE_S,
+                "TOPS_JOB_DATA_DIR": str(tmp / f"{name}-data"), "TOPS_JOB_OUTBOX_DIR": str(tmp / f"{name}-local-outbox"),
+                "PYTHONPATH": os.pathsep.join(sys.path)}
+    return worker_env(tmp, **{**settings, **extra})
+
+
+def waiting_in_bucket(s3: Any, bucket: str) -> set[str]:
+    """Digests stored under receipts/ or held/."""
+    return {name.split("/")[1][:64] for name in keys(s3, bucket) if name.startswith(("receipts/", "held/"))}
+
+
+def wait_for_dead_leases(objects: S3Objects) -> None:
+    judge = RunLease(objects, float(E2E_LEASE_S))
+    deadline = time.monotonic() + 3 * float(E2E_LEASE_S)
+    while any(judge.alive(item.key[len("leases/"):-5]) for item in objects.list("leases/")):
+        assert time.monotonic() < deadline, "a killed run's lease never expired"
+        time.sleep(0.25)
+
+
+@pytest.fixture
+def aggregator(tmp_path: Path):
+    agg = Aggregator(tmp_path / "aggregator.db")
+    yield agg
+    agg.stop()
+
+
+def test_a_killed_run_s_receipts_are_delivered_by_a_run_on_another_machine(aws_env, s3, bucket, tmp_path, aggregator):
+    """Run A signs with the aggregator down, so receipts pile up in the bucket, and is killed
+    with SIGKILL; run B, with a fresh data directory (another instance), delivers each of
+    them exactly once."""
+    a = start_worker(tmp_path, closed_port_url(), "--protocol", "v1", "--attempts", "100000",
+                     env=s3_env(tmp_path, bucket, "a"), name="a")
+    try:
+        deadline = time.monotonic() + 40
+        while len(waiting_in_bucket(s3, bucket)) < 6:
+            assert a.poll() is None, a.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "run A stored no receipts in the bucket"
+            time.sleep(0.1)
+    finally:
+        a.kill()
+        a.wait(10)
+    left = waiting_in_bucket(s3, bucket)
+    written = set(signed_digests(tmp_path / "a.jsonl"))
+    assert left and written <= left  # nothing reached the aggregator; each written-out receipt is in the bucket
+    assert not (tmp_path / "a-local-outbox").exists() or not list((tmp_path / "a-local-outbox").glob("*.json"))
+
+    before = keys(s3, bucket)
+    listing = subprocess.run([*CLI, "outbox", "--json"], env=s3_env(tmp_path, bucket, "look"), capture_output=True,
+                             text=True, timeout=60)
+    assert listing.returncode == 0, listing.stderr[-3000:]
+    shown = json.loads(listing.stdout)
+    assert shown["outbox"] == f"s3://{bucket}/{PREFIX}"
+    assert {entry["digest"] for entry in shown["pending"]} == {name[9:73] for name in before if name.startswith("receipts/")}
+    assert shown["held_for_self_audit"] == sum(name.startswith("held/") for name in before)
+    assert all(entry["run_id"] and entry["age_s"] >= 0 for entry in shown["pending"])
+    assert keys(s3, bucket) == before  # listing takes no lease and writes nothing
+
+    wait_for_dead_leases(S3Objects(s3, bucket, PREFIX))
+    b = run_worker(tmp_path, aggregator.url, "--protocol", "v1", "--attempts", "1", env=s3_env(tmp_path, bucket, "b"),
+                   name="b")
+    assert b.returncode == 0, b.stderr[-3000:]
+    stored = aggregator.digests()
+    assert len(stored) == len(set(stored))  # none counted twice
+    assert left | set(signed_digests(tmp_path / "b.jsonl")) == set(stored)
+    assert waiting_in_bucket(s3, bucket) == set()
+    summary = json.loads((tmp_path / "b.summary.json").read_text())
+    assert summary["receipts"]["duplicate"] == 0 and summary["delivery"]["earlier_runs"] == len(left)
+    assert summary["receipts"]["accepted"] == len(left) + 1
+
+
+def test_concurrent_senders_never_send_the_same_entry(aws_env, s3, bucket, tmp_path, aggregator, receipts):
+    """A run sends its own receipts (slowly) while the drain claim is held elsewhere; then two
+    `tops-job outbox send` start together: one drains everything in the bucket, the run's
+    in-flight receipts included, and the per-entry claims keep every receipt to one POST."""
+    proxy = FaultProxy(aggregator.base, default="latency", latency_s=0.5)
+    earlier = set()
+    holder = S3Outbox(bucket, PREFIX, s3, float(E2E_LEASE_S)).receipts()
+    for receipt in receipts:
+        holder.put(receipt, digest_of_any(receipt))
+        earlier.add(hexd(receipt))
+    assert holder.acquire()  # an earlier run, still draining
+    env = s3_env(tmp_path, bucket, "run", TOPS_JOB_SEND_CONCURRENCY="1")
+    try:
+        run = start_worker(tmp_path, proxy.url, "--protocol", "v1", "--attempts", "12", env=env, name="run")
+        deadline = time.monotonic() + 60
+        while len(signed_digests(tmp_path / "run.jsonl")) < 3:
+            assert time.monotonic() < deadline and run.poll() is None, "the run signed nothing"
+            time.sleep(0.05)
+    finally:
+        holder.release()
+    senders = [subprocess.Popen([*CLI, "outbox", "send", "--aggregator-url", proxy.url],
+                                env=s3_env(tmp_path, bucket, f"send{i}", TOPS_JOB_SEND_CONCURRENCY="4"),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        for proc in (run, *senders):
+            _, err = proc.communicate(timeout=120)
+            assert proc.returncode == 0, (proc.args, err[-3000:])
+    finally:
+        for proc in (run, *senders):
+            proc.kill()
+        proxy.close()
+    made = earlier | set(signed_digests(tmp_path / "run.jsonl"))
+    assert len(made) == len(receipts) + 12
+    sent_twice = {key: n for key, n in proxy.keys.items() if n != 1}
+    assert not sent_twice, f"{len(sent_twice)} receipts sent more than once"
+    assert set(proxy.keys) == made and set(aggregator.digests()) == made
+    assert waiting_in_bucket(s3, bucket) == set() and not keys(s3, bucket, "claims/")
+
+
+@pytest.mark.parametrize("command", [("run", "--protocol", "v1", "--attempts", "1"), ("outbox", "send"), ("outbox",)])
+@pytest.mark.parametrize("variable,value", [("TOPS_JOB_S3_OUTBOX_URL", "https://bucket/box"),
+                                            ("TOPS_JOB_S3_OUTBOX_LEASE_S", "1")])
+def test_bad_outbox_settings_exit_2_naming_the_variable(aws_env, s3, bucket, tmp_path, command, variable, value):
+    env = s3_env(tmp_path, bucket, "bad", AGGREGATOR_URL=closed_port_url(), **{variable: value})
+    result = subprocess.run([*CLI, *command], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert variable in result.stderr
+    assert not keys(s3, bucket)  # nothing was written before the check

@@ -12,7 +12,7 @@ from .settings import KMS_KEY_ID
 
 @click.group()
 def aws() -> None:
-    """AWS plugin (tops-job-aws): KMS signer, S3 profile cache and summaries."""
+    """AWS plugin (tops-job-aws): KMS signer, S3 outbox, S3 profile cache and summaries."""
 
 
 @aws.command("key")

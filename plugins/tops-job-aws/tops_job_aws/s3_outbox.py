@@ -143,6 +143,8 @@ class S3ReceiptStore:
             match = _ENTRY.fullmatch(name)
             if match:
                 digests.append(match.group(1))
+            elif item.key.endswith("/") and item.size == 0:
+                continue  # a "folder" marker (the S3 console makes them): not an entry, harmless
             else:
                 self.quarantine(item.key, "not an outbox entry name")
         return digests
@@ -361,12 +363,8 @@ class S3Outbox:
         return S3ExchangeStore(self.objects, *self._ownership())
 
     def waiting(self) -> int:
-        """Entries under receipts/ (a list, nothing written; 0 with a warning when S3 cannot be read)."""
-        try:
-            return sum(1 for item in self.objects.list("receipts/") if _ENTRY.fullmatch(item.key[len("receipts/"):]))
-        except StorageError as exc:
-            log.warning("[outbox] cannot count the receipts waiting: %s", exc)
-            return 0
+        """Entries under receipts/ (one list; nothing written, no lease)."""
+        return sum(1 for item in self.objects.list("receipts/") if _ENTRY.fullmatch(item.key[len("receipts/"):]))
 
     def inventory(self) -> dict[str, Any]:
         """What `tops-job outbox` lists (delivery/drain.list_outbox's shape). Reads only."""
