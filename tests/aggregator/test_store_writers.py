@@ -52,3 +52,16 @@ def test_a_transaction_that_raises_is_rolled_back_and_gives_the_turn_back(tmp_pa
 def test_new_databases_use_16_kib_pages(tmp_path):
     store = Store(str(tmp_path / "agg.sqlite3"))
     assert store._conn().execute("PRAGMA page_size").fetchone()[0] == 16384
+
+
+def test_the_server_keeps_freed_memory_on_glibc():
+    """serve.keep_freed_memory sets glibc's trim and mmap thresholds (benchmarks/RESULTS.md
+    has what it saves); on glibc Linux it must take effect, or the server silently loses it."""
+    import platform
+    import subprocess
+    import sys
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("not a glibc system: keep_freed_memory changes nothing there by design")
+    code = "from tops_job.aggregator.serve import keep_freed_memory; print(keep_freed_memory())"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "True"

@@ -57,6 +57,33 @@ def raise_fd_limit() -> int:
     return soft
 
 
+# glibc's mallopt parameters
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+KEEP_FREED_BYTES = 128 << 20  # free heap kept at the top before glibc returns it to the kernel
+HEAP_ALLOCATIONS_UP_TO = 8 << 20  # larger allocations get their own mapping
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc keep freed memory for the next request instead of handing it back to the
+    kernel. A receipt's body, its decoded strings and the verifier's arrays are freed after
+    each request; glibc's defaults trimmed and re-mapped them, and the kernel zeroed the pages
+    again on the next request's first touch: about 230 page faults and 0.5 ms of system time
+    per 93 KB receipt, most of the server's system time. False where the C library is not
+    glibc (nothing changed)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        mallopt = getattr(libc, "mallopt", None)
+    except OSError:
+        return False
+    if mallopt is None or not sys.platform.startswith("linux"):
+        return False
+    return bool(mallopt(_M_TRIM_THRESHOLD, KEEP_FREED_BYTES)) and bool(mallopt(_M_MMAP_THRESHOLD, HEAP_ALLOCATIONS_UP_TO))
+
+
 def connection_limit(requested: int | None, threads: int) -> int:
     """The most connections one process may hold: what was asked, and safely under the
     descriptor limit whatever was asked."""
@@ -200,6 +227,7 @@ def _serve_built(build: Callable[[], Built], sock: socket.socket, server_options
     # A thread waiting for the GIL (the poll loop, a cheap verification) gets it after 1 ms
     # instead of 5 behind a costly verification's Python-level work.
     sys.setswitchinterval(0.001)
+    keep_freed_memory()
     app, close, tick = build()
     try:
         server = make_server(app, sock, **server_options)
