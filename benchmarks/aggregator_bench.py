@@ -184,7 +184,8 @@ def main() -> None:
     parser.add_argument("--tile", type=int, default=1024)
     parser.add_argument("--out", type=Path, default=Path("receipts.jsonl"))
     parser.add_argument("--workers", default="1,2", help="worker counts to measure, comma-separated")
-    parser.add_argument("--clients", type=int, default=32, help="keep-alive connections (SO_REUSEPORT hashes each to one worker: few connections split unevenly)")
+    parser.add_argument("--clients", type=int, default=32,
+                        help="keep-alive connections (SO_REUSEPORT hashes each to one worker: few split unevenly)")
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--threads", type=int, default=8, help="server threads per worker")
     parser.add_argument("--db", help="a postgresql:// DSN of an empty database per run (default: a fresh SQLite file)")
