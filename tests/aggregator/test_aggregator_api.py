@@ -66,6 +66,20 @@ def test_valid_vector_is_accepted_once_then_duplicate_then_replay_is_409(server)
     assert _count(server.db) == before + 1
 
 
+def test_an_accepted_receipt_is_stored_as_sent_and_any_other_spelling_is_still_a_duplicate(server):
+    receipt = _lines("valid.jsonl")[1]
+    sent = json.dumps(receipt, separators=(",", ":"))
+    assert _post(server.base, sent).json()["duplicate"] is False
+    conn = sqlite3.connect(server.db)
+    try:
+        stored = conn.execute("SELECT receipt FROM receipts WHERE digest = ?", (digest_of(receipt).hex(),)).fetchone()[0]
+    finally:
+        conn.close()
+    assert stored == sent  # the bytes the worker signed and sent, not a re-serialisation
+    respelled = _post(server.base, json.dumps(receipt, indent=1, sort_keys=False))  # verified again, then the store
+    assert respelled.status_code == 200 and respelled.json()["duplicate"] is True
+
+
 @pytest.mark.parametrize("index", range(22))
 def test_invalid_vectors_are_422_with_a_stable_code(server, index):
     vectors = _lines("invalid.jsonl")
