@@ -83,7 +83,7 @@ time.sleep(120)
 """
 
 
-def test_a_killed_runs_claims_are_taken_over_once_its_lease_expires(aws_env, backend, bucket, stores, caplog):
+def test_a_killed_runs_claims_are_taken_over_once_its_lease_expires(aws_env, s3, backend, bucket, stores, caplog):
     caplog.set_level("INFO", logger="tops_job_aws.outbox")
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, bucket, PREFIX], stdout=subprocess.PIPE, text=True,
                               env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
@@ -108,6 +108,14 @@ def test_a_killed_runs_claims_are_taken_over_once_its_lease_expires(aws_env, bac
     assert other.acquire()
     assert other.claims.owner("entry-1") == other.lease.token
     assert "took over entry-1" in caplog.text
+    # the dead run's lease object is still there; it goes once it is two lease lives old
+    dead = f"leases/{token}.json"
+    assert dead in keys(s3, bucket, "leases/")
+    assert other.lease.sweep() == 0 or time.monotonic() - killed >= 2 * LEASE_S
+    time.sleep(max(0.0, 2 * LEASE_S + 1.5 - (time.monotonic() - killed)))
+    other.recover()  # sweeps
+    assert dead not in keys(s3, bucket, "leases/")
+    assert other.lease.name in keys(s3, bucket, "leases/")  # a live run's stays
 
 
 def _race(objects: S3Objects, names: list[str], takers: int) -> dict[str, list[str]]:

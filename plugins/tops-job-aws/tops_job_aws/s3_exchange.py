@@ -250,6 +250,7 @@ class S3ExchangeStore:
                 with self._mutex:
                     self._mine.add(digest)
                 resumed.append((kinds["commit.json"], digest, kept))
+        self.lease.sweep()
         return {digest: state for _, digest, state in sorted(resumed)}
 
     def _sweep_claims(self, names: dict[str, dict[str, float]]) -> None:

@@ -266,6 +266,23 @@ class RunLease:
         return stored is not None and stored.age_s < max(self.ttl_s, _ttl(stored.body))
 
 
+    def sweep(self, limit: int = 100) -> int:
+        """Delete up to `limit` leases of runs dead for two lease lives (a kill -9 leaves its
+        lease behind; nothing needs it once no claim can name a live run by it). A run that
+        comes back rewrites its lease. Returns how many went; failures are only logged."""
+        swept = 0
+        try:
+            for item in self.objects.list("leases/")[:limit]:
+                if item.key == self.name:
+                    continue
+                stored = self.objects.read(item.key, 4096)
+                if stored is not None and stored.age_s >= 2 * max(self.ttl_s, _ttl(stored.body)):
+                    swept += self.objects.delete(item.key, stored.etag)
+        except StorageError as exc:
+            log.warning("[outbox] cannot sweep expired leases (%s); they stay, harmless", exc)
+        return swept
+
+
 class Claims:
     """Which run owns which entry: `claims/<name>` holding the owner's lease token."""
 

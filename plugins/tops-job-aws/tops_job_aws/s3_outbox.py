@@ -147,6 +147,7 @@ class S3ReceiptStore:
                 continue  # a "folder" marker (the S3 console makes them): not an entry, harmless
             else:
                 self.quarantine(item.key, "not an outbox entry name")
+        self.lease.sweep()
         return digests
 
     def _recover_held(self) -> None:
