@@ -80,6 +80,16 @@ def test_an_accepted_receipt_is_stored_as_sent_and_any_other_spelling_is_still_a
     assert respelled.status_code == 200 and respelled.json()["duplicate"] is True
 
 
+@pytest.mark.parametrize("encode", [lambda t: t.encode("utf-16"), lambda t: t.encode("utf-32"),
+                                    lambda t: b"\xef\xbb\xbf" + t.encode(), lambda t: t.encode()[:-2] + b"\xff}"],
+                         ids=["utf-16", "utf-32", "utf-8 BOM", "invalid utf-8"])
+def test_a_body_that_is_not_plain_utf8_is_400_malformed_json(server, encode):
+    before = _count(server.db)
+    answer = _post(server.base, encode(json.dumps(_lines("valid.jsonl")[2])))
+    assert answer.status_code == 400 and answer.json()["error"] == "malformed_json", answer.text
+    assert _count(server.db) == before
+
+
 @pytest.mark.parametrize("index", range(22))
 def test_invalid_vectors_are_422_with_a_stable_code(server, index):
     vectors = _lines("invalid.jsonl")
