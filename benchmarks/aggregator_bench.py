@@ -77,25 +77,29 @@ def in_process(receipts: list[dict], seconds: float) -> float:
     return done / (time.process_time() - began)
 
 
-def _verify_for(args: tuple[list[dict], float]) -> int:
+def _verify_for(args: tuple[list[dict], float]) -> tuple[int, float]:
+    """(receipts verified, CPU seconds of this process, its BLAS threads included)."""
     from tops_job.spec.verify import verify_receipt
 
     receipts, seconds = args
-    done, wall = 0, time.perf_counter()
+    done, wall, cpu = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - wall < seconds:
         verify_receipt(receipts[done % len(receipts)])
         done += 1
-    return done
+    return done, time.process_time() - cpu
 
 
-def alone_in_processes(receipts: list[dict], procs: int, seconds: float) -> float:
-    """Receipts/s (wall) of the verification alone in `procs` processes at once: what this
-    machine gives right now to CPU-bound work in that many processes."""
+def alone_in_processes(receipts: list[dict], procs: int, seconds: float) -> tuple[float, float]:
+    """(receipts/s wall, receipts per CPU-second) of the verification alone in `procs`
+    processes at once: what this machine gives right now to CPU-bound work in that many
+    processes, and the per-core baseline at the same concurrency as the HTTP run."""
     with ProcessPoolExecutor(procs) as pool:
         list(pool.map(_verify_for, [(receipts[:4], 0.2)] * procs))  # warm: imports, first calls
         began = time.perf_counter()
-        total = sum(pool.map(_verify_for, [(receipts, seconds)] * procs))
-        return total / (time.perf_counter() - began)
+        results = list(pool.map(_verify_for, [(receipts, seconds)] * procs))
+        wall = time.perf_counter() - began
+    done, cpu = sum(r[0] for r in results), sum(r[1] for r in results)
+    return done / wall, done / cpu
 
 
 def _request(host: str, port: int, body: bytes) -> bytes:
@@ -205,13 +209,14 @@ def main() -> None:
     print(f"verification in-process: {alone:.0f} receipts/s per core")
     results = {}
     for workers in (int(w) for w in args.workers.split(",")):
-        parallel = alone_in_processes(receipts, workers, min(args.seconds, 3.0))
+        parallel, parallel_per_core = alone_in_processes(receipts, workers, min(args.seconds, 3.0))
         r = through_http(bodies, workers, args.clients, args.seconds, args.threads, args.db)
         results[workers] = r
         print(f"HTTP, {workers} worker(s), {args.clients} clients: {r['receipts']} verified in {r['wall']:.1f}s ="
               f" {r['per_s']:.0f} receipts/s; server CPU {r['cpu']:.1f}s = {r['per_core']:.0f} receipts/s per core"
-              f" ({r['per_core'] / alone:.2f} of verification alone; {r['errors']} errors);"
-              f" verification alone in {workers} process(es) just before: {parallel:.0f} receipts/s"
+              f" ({r['per_core'] / alone:.2f} of verification alone in-process, {r['per_core'] / parallel_per_core:.2f}"
+              f" of it in {workers} process(es) just before: {parallel_per_core:.0f}/core; {r['errors']} errors);"
+              f" verification alone in {workers} process(es): {parallel:.0f} receipts/s wall"
               f" (HTTP reaches {r['per_s'] / parallel:.2f} of it); the clients used {r['clients_cpu']:.1f} CPU-s")
     if 1 in results and len(results) > 1:
         for workers, r in results.items():
