@@ -42,8 +42,40 @@ def test_a_full_disk_leaves_whole_lines_and_the_next_run_appends_cleanly(tmp_pat
         assert summary["exit_reason"] == "STORAGE_ERROR" and summary["error"]["class"] == "storage"
         subprocess.run(["mount", "-o", "remount,size=2m", str(disk)], check=True)
         again = _run(tmp_path, "--attempts", "3", flag, str(target), name="again")
-        assert again.returncode == 0, again.stderr[-3000:]
+        # the ledger's receipt that did not fit waits in the outbox, and a ledger run says so (3)
+        assert again.returncode == (3 if flag == "--ledger" else 0), again.stderr[-3000:]
         assert len(_lines(target)) == len(before) + 3
+
+
+def test_the_receipt_a_full_ledger_cannot_take_waits_in_the_outbox_and_is_appended_later(tmp_path):
+    env = worker_env(tmp_path)
+    with small_tmpfs(tmp_path / "disk", "200k") as disk:
+        ledger = disk / "ledger.jsonl"
+        full = _run(tmp_path, "--attempts", "200", "--ledger", str(ledger), env=env, name="full")
+        assert full.returncode == 6, full.stderr[-3000:]
+        in_ledger = {line["digest_hex"] for line in _lines(ledger)}
+        waiting = outbox_digests(tmp_path / "outbox")
+        assert len(waiting) == 1 and not set(waiting) & in_ledger  # the one that did not fit, nothing lost
+        assert f"receipt {waiting[0]} is kept in the outbox" in full.stderr
+        summary = json.loads((tmp_path / "full.summary.json").read_text())
+        assert summary["delivery"]["pending"] == 1
+        subprocess.run(["mount", "-o", "remount,size=2m", str(disk)], check=True)
+        sent = subprocess.run([*CLI, "outbox", "send", "--submitter", "ledger"], capture_output=True, text=True,
+                              env={**env, "TOPS_JOB_LEDGER": str(ledger)}, timeout=120)
+        assert sent.returncode == 0, sent.stderr[-3000:]
+        assert {line["digest_hex"] for line in _lines(ledger)} == in_ledger | set(waiting)
+        assert outbox_digests(tmp_path / "outbox") == []
+
+
+def test_a_receipt_neither_the_full_ledger_nor_the_outbox_can_take_is_logged_whole(tmp_path):
+    with small_tmpfs(tmp_path / "disk", "200k") as disk:
+        env = {**worker_env(tmp_path), "TOPS_JOB_OUTBOX_DIR": str(disk / "outbox")}
+        full = _run(tmp_path, "--attempts", "200", "--ledger", str(disk / "ledger.jsonl"), env=env, name="full")
+        assert full.returncode == 6, full.stderr[-3000:]
+        (logged,) = [line for line in full.stderr.splitlines() if "could not be stored anywhere" in line]
+        kept = json.loads(logged.split("to keep: ", 1)[1])
+        assert digest_of(kept).hex() in logged  # the whole receipt, signed: `tops-job verify` takes it
+        assert digest_of(kept).hex() not in {line["digest_hex"] for line in _lines(disk / "ledger.jsonl")}
 
 
 def test_a_partial_last_line_is_set_aside_before_the_next_append(tmp_path, caplog):

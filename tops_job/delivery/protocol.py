@@ -81,10 +81,37 @@ class InlineDelivery:
         # appended, so a receipt held for the self-audit is checked as the aggregator would
         # check it already, and the fsync'd append is what makes it durable.
         begun = time.perf_counter()
-        result = self.submitter.submit(receipt, digest)
+        try:
+            result = self.submitter.submit(receipt, digest)
+        except StorageError as exc:  # the run stops (exit 6); the receipt it signed must not go with it
+            self._keep(receipt, digest, exc)
+            raise
         self.report.counts[result.outcome.value] += 1
         self.on_receipt(ReceiptEvent(digest=digest.hex(), outcome=result.outcome.value, status=result.status,
                                      error=result.error, latency_s=time.perf_counter() - begun))
+
+    def _keep(self, receipt: dict[str, Any], digest: bytes, failure: StorageError) -> None:
+        """The ledger could not take a receipt this run signed (a full or failing disk): it
+        goes to the outbox, where `tops-job outbox send --submitter ledger` appends it later,
+        and where the outbox cannot take it either, into the log, whole, so it is never lost."""
+        from tops_job.spec.canonical import receipt_line
+
+        if self.outbox is not None:
+            try:
+                store = self.outbox.receipts()
+                try:
+                    store.put(receipt, digest)
+                finally:
+                    store.release()
+            except Exception as exc:
+                log.error("[ledger] %s; the outbox %s cannot take receipt %s either (%s)", failure,
+                          self.outbox.location, digest.hex(), exc)
+            else:
+                log.error("[ledger] %s; receipt %s is kept in the outbox %s: `tops-job outbox send --submitter "
+                          "ledger` appends it once the ledger's disk has room", failure, digest.hex(), self.outbox.location)
+                return
+        log.error("[ledger] receipt %s could not be stored anywhere; here it is, whole, to keep: %s", digest.hex(),
+                  receipt_line(receipt))
 
     def release(self, digest: bytes) -> None:
         """Nothing to do: the receipt was verified and appended by `enqueue`."""
