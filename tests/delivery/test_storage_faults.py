@@ -160,3 +160,13 @@ def _own(tmp_path):
     from tests.support.peers import signed_digests
 
     return signed_digests(tmp_path / "run.jsonl")
+
+
+@pytest.mark.parametrize("protocol", ["v1", "v2"])
+def test_an_outbox_path_that_is_a_file_exits_2_naming_the_variable(tmp_path, protocol):
+    (tmp_path / "not-a-dir").write_text("x")
+    env = {**worker_env(tmp_path), "TOPS_JOB_OUTBOX_DIR": str(tmp_path / "not-a-dir")}
+    result = _run(tmp_path, "--attempts", "1", "--protocol", protocol, "--aggregator-url", "http://127.0.0.1:9/verify",
+                  env=env)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "TOPS_JOB_OUTBOX_DIR" in result.stderr and "not a directory" in result.stderr.lower()

@@ -56,7 +56,8 @@ class ExchangeOutbox:
         try:
             self.done_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise StorageError(f"cannot create outbox {self.path}: {exc.strerror or exc}") from None
+            raise StorageError(f"cannot create outbox {self.path} (TOPS_JOB_OUTBOX_DIR, --outbox): {exc.strerror or exc}",
+                               exc) from None
 
     # ---- ownership
 
@@ -81,7 +82,7 @@ class ExchangeOutbox:
         try:
             write_atomic(self.path / name, data, sync_dir=True, tmp_prefix=f".tmp-{os.getpid()}-", tmp_suffix=".part")
         except OSError as exc:
-            raise StorageError(f"cannot write {self.path / name}: {exc.strerror or exc}") from None
+            raise StorageError(f"cannot write {self.path / name}: {exc.strerror or exc}", exc) from None
 
     def put(self, commitment: dict[str, Any], digest: str, leaf_hashes: bytes | None, *, held: bool = False) -> None:
         """Durable before it returns: the held marker first, the leaf hashes, then the commitment."""
@@ -115,7 +116,7 @@ class ExchangeOutbox:
             _unlink(self.path / f"{digest}.held")
             fsync_dir(self.path)
         except OSError as exc:
-            raise StorageError(f"cannot move {digest} to {self.withheld_dir}: {exc.strerror or exc}") from None
+            raise StorageError(f"cannot move {digest} to {self.withheld_dir}: {exc.strerror or exc}", exc) from None
         log.warning("[outbox] v2 attempt %s withheld (%s): kept in %s, never sent", digest, reason, self.withheld_dir)
 
     def held_by_live_run(self, digest: str) -> bool:
@@ -141,7 +142,7 @@ class ExchangeOutbox:
         try:
             write_atomic(self.done_dir / f"{digest}.json", _line(record), sync_dir=True)
         except OSError as exc:
-            raise StorageError(f"cannot write {self.done_dir}: {exc.strerror or exc}") from None
+            raise StorageError(f"cannot write {self.done_dir}: {exc.strerror or exc}", exc) from None
         for suffix in (".opened.json", ".challenge.json", ".leaves", ".commit.json"):
             _unlink(self.path / f"{digest}{suffix}")
         fsync_dir(self.path)

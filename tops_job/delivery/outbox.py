@@ -148,7 +148,8 @@ class Outbox:
         try:
             private_dir(self.path)
         except OSError as exc:
-            raise StorageError(f"cannot create outbox {self.path}: {exc.strerror or exc}", exc) from None
+            raise StorageError(f"cannot create outbox {self.path} (TOPS_JOB_OUTBOX_DIR, --outbox): {exc.strerror or exc}",
+                               exc) from None
 
     def problem(self, what: str, detail: str) -> None:
         """Something in the outbox is not as this worker left it: counted for the summary,
