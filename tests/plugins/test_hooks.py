@@ -403,3 +403,15 @@ def test_hook_tops_job_outbox_failure_stops_the_run_and_none_leaves_the_director
     assert result.exit_code == int(ExitCode.STORAGE_ERROR), result.output
     assert "the outbox plugin failed: ConnectionError: bucket unreachable" in result.output
     assert len(list((isolated_env["data"] / "outbox").glob("*.json"))) == 1  # nothing fell back to the disk
+
+
+def test_hook_tops_job_outbox_built_in_stores_offer_every_protocol_member(tmp_path):
+    """The directory backend's stores have every member the senders use (runtime_checkable
+    protocols check names; mypy checks the signatures of the built-ins)."""
+    from tops_job import ExchangeStore, LocalOutbox, OutboxBackend, ReceiptStore
+
+    backend = LocalOutbox(tmp_path / "outbox")
+    assert isinstance(backend, OutboxBackend)
+    receipts, exchanges = backend.receipts(), backend.exchanges()
+    assert isinstance(receipts, ReceiptStore) and isinstance(exchanges, ExchangeStore)
+    assert backend.waiting() == 0 and backend.inventory()["outbox"] == str(tmp_path / "outbox")

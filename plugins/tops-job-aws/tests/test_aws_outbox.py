@@ -478,3 +478,15 @@ def test_bad_outbox_settings_exit_2_naming_the_variable(aws_env, s3, bucket, tmp
     assert result.returncode == 2, result.stderr[-3000:]
     assert variable in result.stderr
     assert not keys(s3, bucket)  # nothing was written before the check
+
+
+def test_the_s3_backend_and_its_stores_offer_every_protocol_member(aws_env, backend):
+    from tops_job import ExchangeStore, OutboxBackend, ReceiptStore
+
+    assert isinstance(backend, OutboxBackend)
+    receipts, exchanges = backend.receipts(), backend.exchanges()
+    try:
+        assert isinstance(receipts, ReceiptStore) and isinstance(exchanges, ExchangeStore)
+    finally:
+        receipts.release()
+        exchanges.release()
