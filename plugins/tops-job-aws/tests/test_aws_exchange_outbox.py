@@ -432,6 +432,7 @@ def _killed_run(tmp_path, s3, bucket, agg, *, forward: int, at_least: int, **ext
     finally:
         proc.kill()
         proxy.close()
+    time.sleep(0.5)  # a request the run had sent whole before the kill may still land
     left = _commits_in(s3, bucket)
     assert len(left) >= at_least
     return left, _signed(tmp_path / "dead.jsonl")
@@ -442,7 +443,9 @@ def test_a_killed_runs_attempts_in_s3_are_accepted_once_by_a_run_on_a_fresh_disk
 
     # every attempt held for the self-audit first: written held, released once verified
     left, signed = _killed_run(tmp_path, s3, bucket, agg, forward=3, at_least=6, TOPS_JOB_AUDIT_EVERY="1")
-    assert left <= signed  # a commitment is in the bucket only once signed (and written out)
+    # the outbox is written before the receipt sinks: the kill may land between the two for
+    # the one attempt in flight, so at most one commitment in the bucket is not in --receipts-out
+    assert len(left - signed) <= 1
     time.sleep(TTL + 1.5)  # the dead run's lease expires
     proxy = CountingProxy(agg.base)
     try:
