@@ -9,6 +9,7 @@ from typing import Any
 
 from tops_job import Profile, profile_from_json
 
+from .s3_errors import missing
 from .settings import client
 
 log = logging.getLogger("tops_job_aws.s3")
@@ -16,11 +17,6 @@ log = logging.getLogger("tops_job_aws.s3")
 
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}/{name}" if prefix else name
-
-
-def _missing(exc: Exception) -> bool:
-    error = getattr(exc, "response", {}).get("Error", {})
-    return error.get("Code") in ("NoSuchKey", "404", "NotFound")
 
 
 class S3ProfileStore:
@@ -50,7 +46,7 @@ class S3ProfileStore:
         try:
             body = self._s3.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
         except ClientError as exc:
-            if not _missing(exc):
+            if not missing(exc):
                 log.warning("[autotune] cannot read cached profile %s: %s", self.path_for(key), exc)
             return None
         except BotoCoreError as exc:

@@ -131,8 +131,7 @@ class S3ExchangeStore:
         _check(digest)
         self.objects.write(f"v2/withheld/{digest}.reason.json", _line({"digest": digest, "reason": reason}))
         for suffix in (".leaves", ".commit.json"):
-            if self.objects.copy(f"v2/{digest}{suffix}", f"v2/withheld/{digest}{suffix}"):
-                self.objects.delete(f"v2/{digest}{suffix}")
+            self.objects.move(f"v2/{digest}{suffix}", f"v2/withheld/{digest}{suffix}")
         self.objects.delete(f"v2/{digest}.held")
         self._forget(digest)
         log.warning("[outbox] v2 attempt %s withheld (%s): kept in %s, never sent", digest, reason,

@@ -29,27 +29,11 @@ from typing import Any
 
 from tops_job import StorageError
 
+from .s3_errors import lost_race, missing, sdk_errors
+
 log = logging.getLogger("tops_job_aws.outbox")
 
 MAX_LEASE_S = 86400.0  # a lease claiming a longer life is judged by this one
-
-
-def _code(exc: Exception) -> str:
-    return str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
-
-
-def _status(exc: Exception) -> int:
-    return int(getattr(exc, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-
-
-def _lost_race(exc: Exception) -> bool:
-    """412: the condition did not hold; 409 ConditionalRequestConflict: another conditional
-    write to the key was in progress (S3 answers one of them so)."""
-    return _status(exc) in (409, 412) or _code(exc) in ("PreconditionFailed", "ConditionalRequestConflict")
-
-
-def _missing(exc: Exception) -> bool:
-    return _status(exc) == 404 or _code(exc) in ("NoSuchKey", "404", "NotFound")
 
 
 @dataclass(frozen=True)
@@ -102,23 +86,17 @@ class S3Objects:
         return etag
 
     def _put(self, name: str, body: bytes, **condition: str) -> str | None:
-        from botocore.exceptions import BotoCoreError, ClientError
-
         try:
             answer = self._s3.put_object(Bucket=self.bucket, Key=self.key(name), Body=body, **condition)
-        except ClientError as exc:
-            if condition and (_lost_race(exc) or ("IfMatch" in condition and _missing(exc))):
+        except sdk_errors() as exc:
+            if condition and (lost_race(exc) or ("IfMatch" in condition and missing(exc))):
                 return None
-            raise self._fail("write", name, exc) from None
-        except BotoCoreError as exc:
             raise self._fail("write", name, exc) from None
         return str(answer["ETag"])
 
     def read(self, name: str, limit: int | None = None) -> Stored | None:
         """The object, or None when there is none. With `limit`, at most `limit + 1` bytes
         are read (an object longer than `limit` is then known to be one, at bounded cost)."""
-        from botocore.exceptions import BotoCoreError, ClientError
-
         try:
             answer = self._s3.get_object(Bucket=self.bucket, Key=self.key(name))
             stream = answer["Body"]
@@ -126,71 +104,57 @@ class S3Objects:
                 body = stream.read() if limit is None else stream.read(limit + 1)
             finally:
                 stream.close()
-        except ClientError as exc:
-            if _missing(exc):
+        except sdk_errors() as exc:
+            if missing(exc):
                 return None
-            raise self._fail("read", name, exc) from None
-        except BotoCoreError as exc:
             raise self._fail("read", name, exc) from None
         return Stored(body, str(answer["ETag"]), _age(answer))
 
-    def copy(self, source: str, target: str) -> bool:
-        """Copy `source` to `target` inside the store (whatever `target` held is replaced):
-        False when `source` is not there."""
-        from botocore.exceptions import BotoCoreError, ClientError
-
+    def move(self, source: str, target: str, etag: str | None = None) -> bool:
+        """Move `source` to `target` (whatever `target` held is replaced): S3 has no rename,
+        so a copy inside the store, then a delete of the source (only its version `etag` when
+        given). False when `source` is not there. A death between the two leaves both."""
         try:
             self._s3.copy_object(Bucket=self.bucket, Key=self.key(target),
                                  CopySource={"Bucket": self.bucket, "Key": self.key(source)})
-        except ClientError as exc:
-            if _missing(exc):
+        except sdk_errors() as exc:
+            if missing(exc):
                 return False
             raise self._fail(f"copy {self.url(source)} to", target, exc) from None
-        except BotoCoreError as exc:
-            raise self._fail(f"copy {self.url(source)} to", target, exc) from None
+        self.delete(source, etag)
         return True
 
     def exists(self, name: str) -> bool:
-        from botocore.exceptions import BotoCoreError, ClientError
-
         try:
             self._s3.head_object(Bucket=self.bucket, Key=self.key(name))
-        except ClientError as exc:
-            if _missing(exc):
+        except sdk_errors() as exc:
+            if missing(exc):
                 return False
-            raise self._fail("look up", name, exc) from None
-        except BotoCoreError as exc:
             raise self._fail("look up", name, exc) from None
         return True
 
     def delete(self, name: str, etag: str | None = None) -> bool:
         """Delete `name` (only the version `etag` when given): False when that version is
         no longer there. Deleting what is already gone is success."""
-        from botocore.exceptions import BotoCoreError, ClientError
-
         try:
             self._s3.delete_object(Bucket=self.bucket, Key=self.key(name), **({"IfMatch": etag} if etag else {}))
-        except ClientError as exc:
-            if _missing(exc):
+        except sdk_errors() as exc:
+            if missing(exc):
                 return etag is None
-            if _lost_race(exc):
+            if lost_race(exc):
                 return False
-            raise self._fail("delete", name, exc) from None
-        except BotoCoreError as exc:
             raise self._fail("delete", name, exc) from None
         return True
 
     def list(self, under: str = "") -> list[Listed]:
         """Every object whose name starts with `under`, oldest first."""
-        from botocore.exceptions import BotoCoreError, ClientError
-
         found: list[Listed] = []
         base = self.key("")
         try:
             for page in self._s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.key(under)):
                 for item in page.get("Contents", ()):
                     found.append(Listed(item["Key"][len(base):], item["LastModified"].timestamp(), int(item["Size"])))
-        except (BotoCoreError, ClientError) as exc:
+        except sdk_errors() as exc:
             raise self._fail("list", under, exc) from None
         return sorted(found, key=lambda item: (item.modified, item.key))
 

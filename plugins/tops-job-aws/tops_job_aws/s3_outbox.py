@@ -316,8 +316,7 @@ class S3ReceiptStore:
             if not self.objects.exists(self._entry(digest)):
                 return True  # moved already: the answer kept with it stays
             self.objects.write(f"rejected/{digest}.answer.json", _json(answer))
-            if self.objects.copy(self._entry(digest), f"rejected/{digest}.json"):
-                self.objects.delete(self._entry(digest))
+            self.objects.move(self._entry(digest), f"rejected/{digest}.json")
         except StorageError as exc:
             self.problem("unmovable_rejection", f"cannot move rejected {digest} to {self.rejected_location} ({exc}); "
                          "it stays in the outbox")
@@ -328,8 +327,7 @@ class S3ReceiptStore:
         """Move object `name` (relative to the prefix) to quarantine/, with a warning."""
         target = "quarantine/" + name.split("/", 1)[-1]
         try:
-            if self.objects.copy(name, target):
-                self.objects.delete(name, etag)
+            self.objects.move(name, target, etag)
         except StorageError as exc:
             self.problem("unquarantinable", f"{self.objects.url(name)} ({why}) cannot be moved to quarantine/ ({exc}); "
                          "it is left in place and skipped")
