@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import json
 import random
-import sqlite3
 import subprocess
 import time
 
 import pytest
 import requests
 
-from tests.support.peers import CLI, Aggregator, FaultProxy, worker_env
-from tops_job.spec.v2 import digest_of
+from tests.support.peers import CLI, Aggregator, FaultProxy, signed_digests, worker_env
 
 SIZE = "96,96,256"
 
@@ -41,25 +39,6 @@ def _run(tmp_path, url, *args, name="run"):
                           text=True, timeout=120)
 
 
-def _signed(path):
-    out = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                out.append(digest_of(json.loads(line)).hex())
-            except ValueError:  # a line cut short by kill -9
-                continue
-    return out
-
-
-def _accepted(db):
-    conn = sqlite3.connect(db)
-    try:
-        return [row[0] for row in conn.execute("SELECT digest FROM v2_commitments WHERE state = 'accepted'")]
-    finally:
-        conn.close()
-
-
 def _pending(outbox):
     return sorted(p.name[:64] for p in (outbox / "v2").glob("*.commit.json"))
 
@@ -71,8 +50,8 @@ def test_default_run_commits_opens_and_is_accepted_once_each(tmp_path, agg):
     assert summary["receipts"]["accepted"] == 6 and summary["delivery"]["protocol"] == "v2"
     report = requests.get(f"{agg.base}/v2/runs/{summary['run_id']}", timeout=10).json()
     assert report["accepted"] == 6 and report["awaiting_openings"] == 0 and report["rate_floor_ops_per_s"] > 0
-    signed = _signed(tmp_path / "run.jsonl")
-    assert sorted(signed) == sorted(_accepted(agg.db))
+    signed = signed_digests(tmp_path / "run.jsonl")
+    assert sorted(signed) == sorted(agg.v2_accepted())
     assert _pending(tmp_path / "outbox") == []
 
 
@@ -86,10 +65,10 @@ def test_commitments_whose_challenge_never_comes_back_stay_pending_and_say_so(tm
     summary = json.loads((tmp_path / "run.summary.json").read_text())
     assert summary["delivery"]["left_because"] == {"awaiting_challenge": 3, "awaiting_verdict": 0}
     assert "awaiting a challenge" in result.stderr
-    assert len(_pending(tmp_path / "outbox")) == 3 and _accepted(agg.db) == []
+    assert len(_pending(tmp_path / "outbox")) == 3 and agg.v2_accepted() == []
     again = _run(tmp_path, agg.base, "--attempts", "1", name="again")
     assert again.returncode == 0, again.stderr[-3000:]
-    assert sorted(_accepted(agg.db)) == sorted(_signed(tmp_path / "run.jsonl") + _signed(tmp_path / "again.jsonl"))
+    assert sorted(agg.v2_accepted()) == sorted(signed_digests(tmp_path / "run.jsonl") + signed_digests(tmp_path / "again.jsonl"))
     assert _pending(tmp_path / "outbox") == []
 
 
@@ -105,13 +84,13 @@ def test_kill_9_anywhere_then_every_attempt_is_accepted_exactly_once(tmp_path, a
             time.sleep(rng.uniform(0.8, 2.5))
             proc.kill()
             proc.wait(10)
-            signed.update(_signed(tmp_path / f"kill{trial}.jsonl"))
+            signed.update(signed_digests(tmp_path / f"kill{trial}.jsonl"))
     finally:
         proxy.close()
     final = _run(tmp_path, agg.base, "--attempts", "1", name="final")
     assert final.returncode == 0, final.stderr[-3000:]
-    signed.update(_signed(tmp_path / "final.jsonl"))
-    accepted = _accepted(agg.db)
+    signed.update(signed_digests(tmp_path / "final.jsonl"))
+    accepted = agg.v2_accepted()
     assert len(accepted) == len(set(accepted))  # never counted twice
     assert signed <= set(accepted)  # never lost
     assert len(set(accepted) - signed) <= 6  # at most one per kill was durable but not yet written out

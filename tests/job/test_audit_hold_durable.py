@@ -96,13 +96,7 @@ def _signed(path: Path, protocol: str) -> dict[str, int]:
 
 
 def _accepted(agg: Aggregator, protocol: str) -> list[str]:
-    if protocol == "v1":
-        return agg.digests()
-    conn = sqlite3.connect(agg.db)
-    try:
-        return [row[0] for row in conn.execute("SELECT digest FROM v2_commitments WHERE state = 'accepted'")]
-    finally:
-        conn.close()
+    return agg.digests() if protocol == "v1" else agg.v2_accepted()
 
 
 def _seen_by_aggregator(agg: Aggregator, protocol: str) -> list[str]:

@@ -55,6 +55,14 @@ class Aggregator:
         finally:
             conn.close()
 
+    def v2_accepted(self) -> list[str]:
+        """Digests of the tops-receipt/2 commitments it accepted."""
+        conn = sqlite3.connect(self.db)
+        try:
+            return [row[0] for row in conn.execute("SELECT digest FROM v2_commitments WHERE state = 'accepted'")]
+        finally:
+            conn.close()
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()
@@ -198,8 +206,8 @@ def start_worker(tmp: Path, url: str, *args: str, env: dict[str, str] | None = N
 
 
 def signed_digests(path: Path) -> list[str]:
-    """Digests of the receipts a run wrote with --receipts-out."""
-    from tops_job.spec.canonical import digest_of
+    """Digests of the receipts a run wrote with --receipts-out (either schema)."""
+    from tops_job.spec.any_receipt import digest_of_any as digest_of
 
     if not path.exists():
         return []

@@ -389,25 +389,9 @@ def _command(tmp_path, url, attempts, name):
 
 
 def _signed(path):
-    from tops_job.spec.v2 import digest_of
+    from tests.support.peers import signed_digests
 
-    out = set()
-    for line in path.read_text().splitlines() if path.exists() else ():
-        try:
-            out.add(digest_of(json.loads(line)).hex())
-        except ValueError:  # a line cut short by kill -9
-            continue
-    return out
-
-
-def _accepted(agg):
-    import sqlite3
-
-    conn = sqlite3.connect(agg.db)
-    try:
-        return [row[0] for row in conn.execute("SELECT digest FROM v2_commitments WHERE state = 'accepted'")]
-    finally:
-        conn.close()
+    return set(signed_digests(path))
 
 
 def _commits_in(s3, bucket):
@@ -458,7 +442,7 @@ def test_a_killed_runs_attempts_in_s3_are_accepted_once_by_a_run_on_a_fresh_disk
     summary = json.loads((tmp_path / "next.summary.json").read_text())
     assert summary["receipts"]["accepted"] == len(left) + 1 and summary["receipts"]["pending"] == 0
     assert summary["device_checks"]["self_audit"]["audited"] == 1  # its own attempt was held, audited, then sent
-    accepted = _accepted(agg)
+    accepted = agg.v2_accepted()
     assert len(accepted) == len(set(accepted))
     assert left | _signed(tmp_path / "next.jsonl") <= set(accepted)  # the dead run's and its own
     assert all(proxy.opens[digest] == 1 for digest in left)  # each opened once, by the run that resumed it
@@ -487,6 +471,6 @@ def test_two_concurrent_runs_never_send_the_same_attempt(tmp_path, aws_env, s3, 
     sent = left | own
     assert set(proxy.commits) == sent and set(proxy.opens) == sent
     assert max(proxy.commits.values()) == 1 and max(proxy.opens.values()) == 1  # never twice
-    accepted = _accepted(agg)
+    accepted = agg.v2_accepted()
     assert sorted(accepted) == sorted(sent)
     assert _commits_in(s3, bucket) == set()
