@@ -16,7 +16,7 @@ from tops_job.config import Config
 from tops_job.delivery.backend import OutboxBackend
 from tops_job.delivery.outcomes import Submitter
 from tops_job.delivery.protocol import InlineDelivery
-from tops_job.errors import LIBRARY_ERRORS, ConfigError, SignatureError, StorageError
+from tops_job.errors import ConfigError, SignatureError, StorageError
 from tops_job.job.attempt import Identity
 from tops_job.job.attempt_v2 import V2Attempts
 from tops_job.job.device_guard import DeviceGuard
@@ -43,12 +43,7 @@ def build_identity(config: Config, pm: PluginManager, signer_name: str | None = 
     the run (never a silent fall-back to the local key); so does `signer_name`
     (--signer, TOPS_JOB_SIGNER) when the chosen signer has another name, e.g. because
     the plugin that should have answered failed to load."""
-    try:
-        signer = pm.hooks.signer(config=config)
-    except LIBRARY_ERRORS:
-        raise
-    except Exception as exc:
-        raise SignatureError(f"the signer plugin failed: {type(exc).__name__}: {exc}") from exc
+    signer = pm.hooks.signer(config=config)
     if signer is None:
         raise ConfigError("WORKER_SK_HEX", "no signer is configured: set WORKER_SK_HEX or TOPS_JOB_KEY_FILE, "
                           "or configure a signer plugin" + _load_failures(pm))

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 from tops_job import __version__, hookspecs
-from tops_job.errors import LIBRARY_ERRORS, ConfigError, StorageError
+from tops_job.errors import LIBRARY_ERRORS, ConfigError, SignatureError, StorageError
 
 if TYPE_CHECKING:
     import click
@@ -190,6 +190,18 @@ def first_result(pm: PluginManager, hook_name: str, **kwargs: Any) -> Any:
     return None
 
 
+def first_result_or_stop(pm: PluginManager, hook_name: str, failure: type[Exception], what: str, **kwargs: Any) -> Any:
+    """A firstresult hook whose failure must stop the run, never give way to the next
+    answer (a signer, an outbox backend): the library's own errors propagate, anything else
+    becomes `failure` naming `what`."""
+    try:
+        return getattr(pm.hook, hook_name)(**kwargs)
+    except LIBRARY_ERRORS:
+        raise
+    except Exception as exc:
+        raise failure(f"{what} failed: {type(exc).__name__}: {exc}") from exc
+
+
 def describe_plugins(pm: PluginManager) -> list[dict[str, Any]]:
     """What `tops-job plugins` prints: each plugin with its status, version and hooks."""
     report = pm.load_report
@@ -214,8 +226,10 @@ class Hooks:
         self._pm = pm
 
     def signer(self, *, config: Config) -> Signer | None:
-        """The chosen signer. Any exception propagates: a failing signer stops the run."""
-        result: Signer | None = self._pm.hook.tops_job_signer(config=config)
+        """The chosen signer. A failing signer stops the run (a SignatureError, unless it
+        raised one of the library's errors): never a silent fall-back to the local key."""
+        result: Signer | None = first_result_or_stop(self._pm, "tops_job_signer", SignatureError,
+                                                     "the signer plugin", config=config)
         return result
 
     def register_submitters(self, *, register: Callable[..., None]) -> None:
@@ -232,12 +246,8 @@ class Hooks:
         """Where the run keeps receipts. A configured backend that fails stops the run (as a
         StorageError, exit 6, unless it raised one of the library's errors): falling back to
         the instance's disk would lose receipts the operator put in durable storage."""
-        try:
-            backend: OutboxBackend | None = self._pm.hook.tops_job_outbox(config=config)
-        except LIBRARY_ERRORS:
-            raise
-        except Exception as exc:
-            raise StorageError(f"the outbox plugin failed: {type(exc).__name__}: {exc}") from exc
+        backend: OutboxBackend | None = first_result_or_stop(self._pm, "tops_job_outbox", StorageError,
+                                                             "the outbox plugin", config=config)
         if backend is None:
             raise ConfigError("TOPS_JOB_DISABLE_PLUGINS", "no outbox backend answered (is the built-in "
                               "tops_job.builtins.outbox disabled?)")
