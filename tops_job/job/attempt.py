@@ -53,15 +53,7 @@ def run_attempt(backend: Backend, shape: Shape, identity: Identity, *, run_id: s
     stages: dict[str, int] = {}
     with tracer.start_as_current_span("attempt", attributes={"tops_job.attempt": attempt}) as span, \
             _error_class_on(span):
-        mark = time.perf_counter_ns()
-        with tracer.start_as_current_span("inputs"):
-            backend.prepare(shape)
-            seed = attempt_seed(identity.did, nonce)
-            backend.generate_inputs(matrix_key(seed, "A"), matrix_key(seed, "B"))
-        mark = _lap(stages, "inputs", mark)
-        with tracer.start_as_current_span("product"):
-            elapsed_ns = backend.multiply()
-        mark = _lap(stages, "product", mark)
+        elapsed_ns, mark = compute_product(backend, shape, attempt_seed(identity.did, nonce), stages)
         with tracer.start_as_current_span("commitment"):
             commitment = backend.commit(tile)
             openings = make_openings(commitment, nonce, opens)
@@ -109,6 +101,21 @@ def _error_class_on(span: trace.Span) -> Iterator[None]:
     except Exception:
         span.set_attribute("error.type", ErrorClass.INTERNAL.value)
         raise
+
+
+def compute_product(backend: Backend, shape: Shape, seed: bytes, stages: dict[str, int]) -> tuple[int, int]:
+    """An attempt's first two stages (v1 and v2 alike), each a span timed into `stages`:
+    "inputs" (A and B generated from the attempt's seed on the device) and "product".
+    Returns the product's elapsed ns and when the product stage ended (perf_counter_ns),
+    for the next lap."""
+    mark = time.perf_counter_ns()
+    with tracer.start_as_current_span("inputs"):
+        backend.prepare(shape)
+        backend.generate_inputs(matrix_key(seed, "A"), matrix_key(seed, "B"))
+    mark = _lap(stages, "inputs", mark)
+    with tracer.start_as_current_span("product"):
+        elapsed_ns = backend.multiply()
+    return elapsed_ns, _lap(stages, "product", mark)
 
 
 def _lap(stages: dict[str, int], name: str, since: int) -> int:

@@ -16,8 +16,7 @@ from opentelemetry import trace
 
 from tops_job.compute.base import Backend, Shape
 from tops_job.errors import ConfigError, ErrorClass, ExitCode, TopsJobError
-from tops_job.job.attempt import Identity, _error_class_on, _lap, sign
-from tops_job.spec.inputs import matrix_key
+from tops_job.job.attempt import Identity, _error_class_on, _lap, compute_product, sign
 from tops_job.spec.v2 import (
     CHALLENGE,
     FIAT_SHAMIR,
@@ -81,15 +80,7 @@ def run_commit_attempt(backend: Backend, shape: Shape, identity: Identity, *, ru
     stages: dict[str, int] = {}
     with tracer.start_as_current_span("attempt", attributes={"tops_job.attempt": attempt}) as span, \
             _error_class_on(span):
-        mark = time.perf_counter_ns()
-        with tracer.start_as_current_span("inputs"):
-            backend.prepare(shape)
-            seed = attempt_seed(pubkey, identity.did, nonce)
-            backend.generate_inputs(matrix_key(seed, "A"), matrix_key(seed, "B"))
-        mark = _lap(stages, "inputs", mark)
-        with tracer.start_as_current_span("product"):
-            elapsed_ns = backend.multiply()
-        mark = _lap(stages, "product", mark)
+        elapsed_ns, mark = compute_product(backend, shape, attempt_seed(pubkey, identity.did, nonce), stages)
         with tracer.start_as_current_span("commitment"):
             commitment = backend.commit(tile)
             header = build_header(mode=mode, did=identity.did, pubkey=pubkey, run_id=run_id, attempt=attempt,
