@@ -105,15 +105,7 @@ def _written_by_another_live_process(tmp: Path) -> bool:
         pid = int(tmp.name[len(_TMP_PREFIX):].split("-", 1)[0])
     except ValueError:
         return False  # an older name without a pid: a leftover
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # alive, another user's
-    return True
+    return another_live_process(pid)
 
 
 @dataclass
