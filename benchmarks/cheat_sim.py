@@ -107,12 +107,16 @@ def cheat_data(honest: list[bytes], f: float, rng: random.Random) -> tuple[list[
     return data, skipped
 
 
+def grinding_tree(seed: bytes, f: float, rng: random.Random) -> tuple[list[bytes], set[int], int, Incremental]:
+    """A cheater's leaves for the product of `seed` (a fraction `f` skipped), the skipped
+    leaves, the one it re-rolls while grinding, and the tree it commits to."""
+    data, skipped = cheat_data(leaves_of(product(seed)), f, rng)
+    return data, set(skipped), skipped[0], Incremental(data)
+
+
 def grind_v1(f: float, seconds: float, rng: random.Random) -> dict:
     nonce = os.urandom(32)
-    honest = leaves_of(product(v1_seed(DID, nonce)))
-    data, skipped = cheat_data(honest, f, rng)
-    skipped_set, spare = set(skipped), skipped[0]
-    tree = Incremental(data)
+    data, skipped_set, spare, tree = grinding_tree(v1_seed(DID, nonce), f, rng)
     begun, tries = time.perf_counter(), 0
     while time.perf_counter() - begun < seconds:
         tries += 1
@@ -154,10 +158,7 @@ def v2_challenge_trials(f: float, trials: int, rng: random.Random) -> dict:
 
 def grind_v2_fs(f: float, seconds: float, rng: random.Random) -> dict:
     nonce = os.urandom(32)
-    honest = leaves_of(product(attempt_seed(SIGNER.public_key, DID, nonce)))
-    data, skipped = cheat_data(honest, f, rng)
-    skipped_set, spare = set(skipped), skipped[0]
-    tree = Incremental(data)
+    data, skipped_set, spare, tree = grinding_tree(attempt_seed(SIGNER.public_key, DID, nonce), f, rng)
     begun, tries = time.perf_counter(), 0
     while time.perf_counter() - begun < seconds:
         tries += 1
