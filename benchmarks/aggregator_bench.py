@@ -1,8 +1,9 @@
 """Aggregator throughput: receipts verified per second through HTTP with 1 and N worker
-processes, against the verification alone in-process.
+processes, against the verification alone.
 
     python benchmarks/aggregator_bench.py --make 3000 --shape 16,1024,1024 --tile 1024 --out r.jsonl
-    python benchmarks/aggregator_bench.py r.jsonl --workers 1,2 --clients 8 --seconds 4
+    python benchmarks/aggregator_bench.py r.jsonl --workers 1,2 --seconds 4
+    python benchmarks/aggregator_bench.py r.jsonl --decompose      # where a receipt's CPU goes
 
 An aggregator answers a resend of an accepted receipt from its store without verifying it
 again, so every receipt is posted once per server (a fresh database each): every request
@@ -10,11 +11,17 @@ costs one full verification. `--make` signs receipts with the spec's test key (i
 one process per core). The clients are plain keep-alive sockets with prepared requests, so
 they take little of the CPU the server is measured on. Per core = receipts / CPU seconds of
 the server's processes.
+
+The verification alone runs in child processes, as many as the server's workers, twice: with
+the C library's default allocator settings (what a plain `verify_receipt` loop gets) and with
+the server's (`serve.keep_freed_memory`), which alone takes a 93 KB receipt's verification
+from ~1.7 to ~0.95 ms here. The second is the like-for-like baseline.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import socket
@@ -23,8 +30,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -66,22 +75,12 @@ def make(count: int, shape: tuple[int, int, int], tile: int, out: Path) -> None:
     print(f"wrote {min(count, len(lines))} receipts of shape {shape}, tile {tile} to {out}")
 
 
-def in_process(receipts: list[dict], seconds: float) -> float:
-    from tops_job.spec.verify import verify_receipt
-
-    done, began = 0, time.process_time()
-    wall = time.perf_counter()
-    while time.perf_counter() - wall < seconds:
-        verify_receipt(receipts[done % len(receipts)])
-        done += 1
-    return done / (time.process_time() - began)
-
-
-def _verify_for(args: tuple[list[dict], float]) -> tuple[int, float]:
+def _verify_for(args: tuple[list[str], float]) -> tuple[int, float]:
     """(receipts verified, CPU seconds of this process, its BLAS threads included)."""
     from tops_job.spec.verify import verify_receipt
 
-    receipts, seconds = args
+    lines, seconds = args
+    receipts = [json.loads(line) for line in lines]
     done, wall, cpu = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - wall < seconds:
         verify_receipt(receipts[done % len(receipts)])
@@ -89,14 +88,24 @@ def _verify_for(args: tuple[list[dict], float]) -> tuple[int, float]:
     return done, time.process_time() - cpu
 
 
-def alone_in_processes(receipts: list[dict], procs: int, seconds: float) -> tuple[float, float]:
-    """(receipts/s wall, receipts per CPU-second) of the verification alone in `procs`
-    processes at once: what this machine gives right now to CPU-bound work in that many
-    processes, and the per-core baseline at the same concurrency as the HTTP run."""
-    with ProcessPoolExecutor(procs) as pool:
-        list(pool.map(_verify_for, [(receipts[:4], 0.2)] * procs))  # warm: imports, first calls
+def _init_child(server_allocator: bool) -> None:
+    if server_allocator:
+        from tops_job.aggregator.serve import keep_freed_memory
+
+        keep_freed_memory()
+
+
+def alone_in_processes(lines: list[str], procs: int, seconds: float, *, server_allocator: bool) -> tuple[float, float]:
+    """(receipts/s wall, receipts per CPU-second) of the verification alone in `procs` fresh
+    processes at once (spawned, so nothing of this process's heap comes along), with the C
+    library's allocator defaults or the server's settings."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(procs, mp_context=context, initializer=_init_child, initargs=(server_allocator,)) as pool:
+        list(pool.map(_verify_for, [(lines[:4], 0.2)] * procs))  # warm: imports, first calls
         began = time.perf_counter()
-        results = list(pool.map(_verify_for, [(receipts, seconds)] * procs))
+        results = list(pool.map(_verify_for, [(lines, seconds)] * procs))
         wall = time.perf_counter() - began
     done, cpu = sum(r[0] for r in results), sum(r[1] for r in results)
     return done / wall, done / cpu
@@ -125,59 +134,182 @@ def _read_answer(sock: socket.socket, buffer: bytearray) -> tuple[int, bytes]:
     return status, rest[:length]
 
 
+def _drive(server: subprocess.Popen, host: str, port: int, bodies: list[bytes], clients: int, seconds: float,
+           counted: bytes = b'"duplicate":false', again: bool = False) -> dict[str, float]:
+    """Post each body once (`again`: round and round) from `clients` keep-alive connections
+    for `seconds`; a 200 whose answer holds `counted` counts. Throughput and the server's CPU
+    (its worker processes too)."""
+    requests_ = [_request(host, port, body) for body in bodies]
+    lock = threading.Lock()
+    cursor = itertools.cycle(range(len(requests_))) if again else iter(range(len(requests_)))
+    counts, errors = [0] * clients, [0] * clients
+    stop = threading.Event()
+
+    def client(index: int) -> None:
+        sock = socket.create_connection((host, port))
+        buffer = bytearray()
+        while not stop.is_set():
+            with lock:
+                i = next(cursor, None)
+            if i is None:
+                return
+            sock.sendall(requests_[i])
+            status, body = _read_answer(sock, buffer)
+            if status == 200 and counted in body:
+                counts[index] += 1
+            else:
+                errors[index] += 1
+        sock.close()
+
+    cpu0, wall0, mine0 = tree_cpu(server.pid), time.perf_counter(), time.process_time()
+    pool = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for thread in pool:
+        thread.start()
+    stop.wait(seconds)
+    stop.set()
+    for thread in pool:
+        thread.join()
+    wall, cpu = time.perf_counter() - wall0, tree_cpu(server.pid) - cpu0
+    clients_cpu = time.process_time() - mine0
+    total = sum(counts)
+    if total >= len(bodies) and not again:
+        print(f"  note: all {len(bodies)} receipts were used before {seconds}s; make more for a longer window")
+    return {"receipts": total, "wall": wall, "per_s": total / wall, "cpu": cpu, "per_core": total / cpu,
+            "errors": sum(errors), "clients_cpu": clients_cpu}
+
+
+def _started(command: list[str]) -> tuple[subprocess.Popen, str, int]:
+    """A server subprocess that prints `serving on http://HOST:PORT` on stderr first."""
+    server = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert server.stderr is not None
+    stderr = server.stderr
+    line = stderr.readline()
+    if "serving on " not in line:
+        server.kill()
+        raise RuntimeError(f"the server did not start: {line!r}")
+    base = line.split("serving on ", 1)[1].split()[0]
+    host, port = base.removeprefix("http://").rsplit(":", 1)
+    threading.Thread(target=lambda: [None for _ in stderr], daemon=True).start()
+    time.sleep(1.0)  # the workers start
+    return server, host, int(port)
+
+
 def through_http(bodies: list[bytes], workers: int, clients: int, seconds: float, threads: int,
-                 db: str | None = None) -> dict[str, float]:
+                 db: str | None = None, extra: tuple[str, ...] = ()) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
-        env = dict(os.environ, PYTHONPATH=str(REPO))
-        server = subprocess.Popen([sys.executable, "-m", "tops_job.cli", "aggregator", "serve", "--port", "0",
-                                   "--db", db or f"{tmp}/agg.sqlite3", "--accept", "both", "--threads", str(threads), "--workers", str(workers)],
-                                  stderr=subprocess.PIPE, text=True, env=env)
+        server, host, port = _started([sys.executable, "-m", "tops_job.cli", "aggregator", "serve", "--port", "0",
+                                       "--db", db or f"{tmp}/agg.sqlite3", "--accept", "both", "--threads", str(threads),
+                                       "--workers", str(workers), *extra])
         try:
-            line = server.stderr.readline()
-            base = line.split("serving on ", 1)[1].split()[0]
-            host, port = base.removeprefix("http://").rsplit(":", 1)
-            threading.Thread(target=lambda: [None for _ in server.stderr], daemon=True).start()
-            time.sleep(1.0)  # the workers start
-            requests_ = [_request(host, int(port), body) for body in bodies]
-            lock = threading.Lock()
-            cursor = iter(range(len(requests_)))
-            counts, errors = [0] * clients, [0] * clients
-            stop = threading.Event()
-
-            def client(index: int) -> None:
-                sock = socket.create_connection((host, int(port)))
-                buffer = bytearray()
-                while not stop.is_set():
-                    with lock:
-                        i = next(cursor, None)
-                    if i is None:
-                        return
-                    sock.sendall(requests_[i])
-                    status, body = _read_answer(sock, buffer)
-                    if status == 200 and b'"duplicate":false' in body:
-                        counts[index] += 1
-                    else:
-                        errors[index] += 1
-                sock.close()
-
-            cpu0, wall0, mine0 = tree_cpu(server.pid), time.perf_counter(), time.process_time()
-            pool = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-            for thread in pool:
-                thread.start()
-            stop.wait(seconds)
-            stop.set()
-            for thread in pool:
-                thread.join()
-            wall, cpu = time.perf_counter() - wall0, tree_cpu(server.pid) - cpu0
-            clients_cpu = time.process_time() - mine0
-            total = sum(counts)
-            if total >= len(bodies):
-                print(f"  note: all {len(bodies)} receipts were used before {seconds}s; make more for a longer window")
-            return {"receipts": total, "wall": wall, "per_s": total / wall, "cpu": cpu, "per_core": total / cpu,
-                    "errors": sum(errors), "clients_cpu": clients_cpu}
+            return _drive(server, host, port, bodies, clients, seconds)
         finally:
             server.terminate()
             server.wait(15)
+
+
+# ---- --decompose: where one receipt's CPU goes
+
+def serve_body_reader(threads: int) -> None:
+    """The aggregator's HTTP server (serve.make_server, its options, its allocator settings)
+    around an app that reads the body and answers a fixed 200: what HTTP alone costs."""
+    from tops_job.aggregator import serve
+
+    sys.setswitchinterval(0.001)  # as serve._serve_built
+    serve.keep_freed_memory()
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+        answer = b'{"ok":true,"duplicate":false}'
+        start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(answer)))])
+        return [answer]
+
+    sock = serve.bind("127.0.0.1", 0)
+    server = serve.make_server(app, sock, threads=threads, limit=serve.connection_limit(None, threads), header_timeout=10.0,
+                               body_timeout=30.0, idle_timeout=60, max_request_body_size=1 << 24)
+    print(f"serving on http://127.0.0.1:{sock.getsockname()[1]}", file=sys.stderr, flush=True)
+    server.run()
+
+
+def _stages(lines: list[str], keep_openings: bool = False) -> dict[str, float]:
+    """CPU milliseconds per receipt, in this (fresh, spawned) process with the server's
+    allocator settings: the JSON parse, the verification, and the aggregator's WSGI app
+    called directly on one thread (its store's commit thread apart)."""
+    import io
+
+    from tops_job.aggregator.group_commit import GroupCommitStore
+    from tops_job.aggregator.metrics import AggregatorMetrics
+    from tops_job.aggregator.serve import keep_freed_memory
+    from tops_job.aggregator.service import Settings, build_app, open_store
+    from tops_job.spec.receipt import parse_json
+    from tops_job.spec.verify import verify_receipt
+
+    keep_freed_memory()
+    half = len(lines) // 2
+    began = time.process_time()
+    receipts = [parse_json(line) for line in lines[:half]]
+    parse_ms = (time.process_time() - began) / half * 1e3
+    for receipt in receipts[:10]:
+        verify_receipt(receipt)
+    began = time.process_time()
+    for receipt in receipts:
+        verify_receipt(receipt)
+    verify_ms = (time.process_time() - began) / half * 1e3
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = Settings(db=f"{tmp}/agg.sqlite3", accept="both", keep_openings=keep_openings)
+        store = GroupCommitStore(open_store(settings.db))
+        app, _gate = build_app(settings, store, AggregatorMetrics())
+
+        def post(line: str) -> None:
+            body = line.encode()
+            statuses: list[str] = []
+            environ = {"REQUEST_METHOD": "POST", "PATH_INFO": "/verify", "CONTENT_TYPE": "application/json",
+                       "CONTENT_LENGTH": str(len(body)), "wsgi.input": io.BytesIO(body), "REMOTE_ADDR": "127.0.0.1"}
+            b"".join(app(environ, lambda status, headers: statuses.append(status)))
+            if not statuses[0].startswith("200"):
+                raise RuntimeError(f"the app answered {statuses[0]}")
+
+        for line in lines[half:half + 10]:
+            post(line)
+        rest = lines[half + 10:]
+        process, thread = time.process_time(), time.thread_time()
+        for line in rest:
+            post(line)
+        app_ms = (time.process_time() - process) / len(rest) * 1e3
+        request_thread_ms = (time.thread_time() - thread) / len(rest) * 1e3
+        store.close()
+    return {"parse": parse_ms, "verify": verify_ms, "app": app_ms, "app_request_thread": request_thread_ms}
+
+
+def decompose(lines: list[str], bodies: list[bytes], clients: int, seconds: float, threads: int,
+              extra: tuple[str, ...] = ()) -> None:
+    import multiprocessing
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        stages = pool.submit(_stages, lines[:1200], "--keep-openings" in extra).result()
+    echo, host, port = _started([sys.executable, str(Path(__file__).resolve()), "--serve-body-reader",
+                                 "--threads", str(threads)])
+    try:
+        http = _drive(echo, host, port, bodies, clients, seconds, again=True)
+    finally:
+        echo.terminate()
+        echo.wait(15)
+    whole = through_http(bodies, 1, clients, seconds, threads, extra=extra)
+    http_ms, whole_ms = http["cpu"] / http["receipts"] * 1e3, whole["cpu"] / whole["receipts"] * 1e3
+    parts = stages["app"] + http_ms
+    rows = [
+        ("verification alone (verify_receipt, server's allocator settings)", stages["verify"]),
+        ("parsing the body (parse_json)", stages["parse"]),
+        ("the aggregator's app called in-process, one request at a time", stages["app"]),
+        ("  of which the request's own thread (parse, checks, verification, answer)", stages["app_request_thread"]),
+        ("  of which the store's commit thread (SQLite, fsync)", stages["app"] - stages["app_request_thread"]),
+        (f"waitress ({threads} threads) around an app that only reads the body", http_ms),
+        (f"the whole server through HTTP, 1 worker, {clients} clients", whole_ms),
+        ("  beyond the app in-process plus HTTP (threads, the GIL, caches)", whole_ms - parts),
+    ]
+    print("\nCPU per receipt (ms):")
+    for what, ms in rows:
+        print(f"  {what:<78} {ms:6.2f}")
+    print(f"  verification alone / whole server: {stages['verify'] / whole_ms:.2f}")
 
 
 def main() -> None:
@@ -193,7 +325,13 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--threads", type=int, default=8, help="server threads per worker")
     parser.add_argument("--db", help="a postgresql:// DSN of an empty database per run (default: a fresh SQLite file)")
+    parser.add_argument("--server-args", default="", help="more `aggregator serve` options, e.g. '--keep-openings'")
+    parser.add_argument("--decompose", action="store_true", help="where one receipt's CPU goes (1 worker), then exit")
+    parser.add_argument("--serve-body-reader", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve_body_reader:
+        serve_body_reader(args.threads)
+        return
     if args.make:
         m, n, k = (int(x) for x in args.shape.split(","))
         make(args.make, (m, n, k), args.tile, args.out)
@@ -201,23 +339,29 @@ def main() -> None:
     if args.receipts is None:
         parser.error("give a receipts file (or --make N)")
     lines = [line for line in args.receipts.read_text().splitlines() if line.strip()]
-    receipts = [json.loads(line) for line in lines[:200]]
     bodies = [line.encode() for line in lines]
-    shape = {k: receipts[0][k] for k in ("m", "n", "k", "tile", "opens")}
+    head = json.loads(lines[0])
+    shape = {k: head[k] for k in ("m", "n", "k", "tile", "opens")}
     print(f"{len(bodies)} receipts, shape {shape}, {sum(map(len, bodies)) // len(bodies)} bytes each, {os.cpu_count()} cores")
-    alone = in_process(receipts, min(args.seconds, 5.0))
-    print(f"verification in-process: {alone:.0f} receipts/s per core")
+    if args.decompose:
+        decompose(lines, bodies, args.clients, args.seconds, args.threads, tuple(args.server_args.split()))
+        return
     results = {}
+    sample = lines[:200]
     for workers in (int(w) for w in args.workers.split(",")):
-        parallel, parallel_per_core = alone_in_processes(receipts, workers, min(args.seconds, 3.0))
-        r = through_http(bodies, workers, args.clients, args.seconds, args.threads, args.db)
+        seconds = min(args.seconds, 3.0)
+        _, library = alone_in_processes(sample, workers, seconds, server_allocator=False)
+        wall, tuned = alone_in_processes(sample, workers, seconds, server_allocator=True)
+        print(f"verification alone in {workers} process(es): {library:.0f} receipts/s per core with the library's"
+              f" allocator defaults, {tuned:.0f} with the server's settings ({wall:.0f} receipts/s wall)")
+        r = through_http(bodies, workers, args.clients, args.seconds, args.threads, args.db, tuple(args.server_args.split()))
         results[workers] = r
         print(f"HTTP, {workers} worker(s), {args.clients} clients: {r['receipts']} verified in {r['wall']:.1f}s ="
-              f" {r['per_s']:.0f} receipts/s; server CPU {r['cpu']:.1f}s = {r['per_core']:.0f} receipts/s per core"
-              f" ({r['per_core'] / alone:.2f} of verification alone in-process, {r['per_core'] / parallel_per_core:.2f}"
-              f" of it in {workers} process(es) just before: {parallel_per_core:.0f}/core; {r['errors']} errors);"
-              f" verification alone in {workers} process(es): {parallel:.0f} receipts/s wall"
-              f" (HTTP reaches {r['per_s'] / parallel:.2f} of it); the clients used {r['clients_cpu']:.1f} CPU-s")
+              f" {r['per_s']:.0f} receipts/s; server CPU {r['cpu']:.1f}s = {r['per_core']:.0f} receipts/s per core,"
+              f" {r['cpu'] / max(1, r['receipts']) * 1e3:.2f} ms each: {r['per_core'] / tuned:.2f} of the verification"
+              f" alone with the server's allocator settings, {r['per_core'] / library:.2f} with the library's defaults;"
+              f" {r['per_s'] / wall:.2f} of its wall throughput; {r['errors']} errors; the clients used"
+              f" {r['clients_cpu']:.1f} CPU-s")
     if 1 in results and len(results) > 1:
         for workers, r in results.items():
             if workers != 1:

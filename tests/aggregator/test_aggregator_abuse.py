@@ -37,16 +37,6 @@ def _fd_room(wanted: int) -> int:
     return soft - 200 if soft - 200 < wanted else wanted
 
 
-def _metric(base: str, name: str, labels: str = "") -> float:
-    text = requests.get(f"{base}/metrics", timeout=10).text
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + (("{" + labels) if labels else "")) and not line.startswith("#"):
-            if labels or line.startswith(name + " ") or line.startswith(name + "{"):
-                total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
 def _honest_latencies(base: str, body: str, seconds: float) -> list[float]:
     """POSTs of an accepted receipt (answered duplicate) and GET /health, one after another."""
     session = requests.Session()
@@ -111,7 +101,7 @@ def test_idle_and_slowloris_connections_neither_kill_the_process_nor_block_hones
             print(f"\n[abuse] {idle_n} idle + {slow_n} slowloris connections: {len(latencies)} honest requests,"
                   f" p50 {sorted(latencies)[len(latencies) // 2] * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms")
         assert p99 < 1.0, p99
-        assert _metric(agg.base, "tops_job_aggregator_connections") >= idle_n + slow_n - 10
+        assert agg.metric("tops_job_aggregator_connections") >= idle_n + slow_n - 10
 
         # The slow requests still trickle, but their headers are overdue: the server closes them.
         time.sleep(max(0.0, began + 8 + 3 - time.monotonic()))
@@ -127,7 +117,7 @@ def test_idle_and_slowloris_connections_neither_kill_the_process_nor_block_hones
             except TimeoutError:
                 pass
         assert closed == len(slow), f"{closed} of {len(slow)} slow requests closed"
-        assert _metric(agg.base, "tops_job_aggregator_slow_requests_closed_total") >= len(slow)
+        assert agg.metric("tops_job_aggregator_slow_requests_closed_total") >= len(slow)
         assert agg.proc.poll() is None
     finally:
         for sock in held:
@@ -145,7 +135,7 @@ def test_at_the_connection_limit_idle_connections_make_room(tmp_path, receipt_bo
         latencies = _honest_latencies(agg.base, receipt_body, 2.0)
         assert _p99(latencies) < 1.0
         assert agg.proc.poll() is None
-        assert _metric(agg.base, "tops_job_aggregator_connections_shed_total") > 0
+        assert agg.metric("tops_job_aggregator_connections_shed_total") > 0
     finally:
         for sock in held:
             sock.close()
@@ -199,12 +189,12 @@ def test_resend_of_an_accepted_receipt_is_answered_without_verifying_it_again(tm
     try:
         first = requests.post(agg.url, data=receipt_body, headers=JSON, timeout=30).json()
         assert first["duplicate"] is False
-        verified = _metric(agg.base, "tops_job_aggregator_verify_duration_seconds_count")
+        verified = agg.metric("tops_job_aggregator_verify_duration_seconds_count")
         for _ in range(20):
             again = requests.post(agg.url, data=receipt_body, headers=JSON, timeout=30).json()
             assert again == dict(first, duplicate=True)
-        assert _metric(agg.base, "tops_job_aggregator_verify_duration_seconds_count") == verified
-        assert _metric(agg.base, "tops_job_aggregator_receipts_total", 'reason="none",verdict="duplicate"') == 20
+        assert agg.metric("tops_job_aggregator_verify_duration_seconds_count") == verified
+        assert agg.metric("tops_job_aggregator_receipts_total", 'reason="none",verdict="duplicate"') == 20
     finally:
         agg.stop()
 
@@ -225,8 +215,8 @@ def test_challenges_are_limited_per_client_and_per_did_and_expired_ones_purged(t
         time.sleep(3)  # every challenge expired, none used: the next issue purges them
         assert session.get(f"{agg.base}/challenge", params={"did": "did:x:late"}, timeout=10).status_code == 200
         assert sqlite3.connect(agg.db).execute("SELECT COUNT(*) FROM challenges").fetchone()[0] == 1
-        assert _metric(agg.base, "tops_job_aggregator_challenges_expired_total") == statuses[200]
-        assert _metric(agg.base, "tops_job_aggregator_challenges_issued_total") == statuses[200] + 1
+        assert agg.metric("tops_job_aggregator_challenges_expired_total") == statuses[200]
+        assert agg.metric("tops_job_aggregator_challenges_issued_total") == statuses[200] + 1
     finally:
         agg.stop()
 
@@ -297,7 +287,7 @@ def test_two_workers_share_the_port_and_their_metrics(tmp_path):
         assert codes == [200] * 40
         # Whichever worker answers the scrape, the counts are the sum over both.
         for _ in range(4):
-            assert _metric(agg.base, "tops_job_aggregator_receipts_total", 'reason="none",verdict="accepted"') == 40
+            assert agg.metric("tops_job_aggregator_receipts_total", 'reason="none",verdict="accepted"') == 40
         children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(agg.proc.pid)], capture_output=True, text=True)
         pids = [int(pid) for pid in children.stdout.split()]
         assert len(pids) == 2
@@ -331,7 +321,7 @@ def test_under_a_small_descriptor_limit_a_flood_of_connections_is_survived(tmp_p
             held.append(socket.create_connection(("127.0.0.1", port), timeout=10))
         latencies = _honest_latencies(agg.base, receipt_body, 2.0)
         assert _p99(latencies) < 1.0 and agg.proc.poll() is None
-        assert _metric(agg.base, "tops_job_aggregator_connection_limit") <= 256 - 64
+        assert agg.metric("tops_job_aggregator_connection_limit") <= 256 - 64
     finally:
         for sock in held:
             sock.close()

@@ -63,6 +63,11 @@ class Aggregator:
         finally:
             conn.close()
 
+    def metric(self, name: str, labels: str = "") -> float:
+        """The sum of a /metrics sample's values: all its series, or those whose labels
+        begin with `labels` (e.g. 'verdict="duplicate"')."""
+        return scrape_metric(self.base, name, labels)
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()
@@ -70,6 +75,17 @@ class Aggregator:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+
+
+def scrape_metric(base: str, name: str, labels: str = "") -> float:
+    """Aggregator.metric for any server's /metrics at `base`."""
+    text = requests.get(f"{base}/metrics", timeout=10).text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + (("{" + labels) if labels else "")) and not line.startswith("#"):
+            if labels or line.startswith(name + " ") or line.startswith(name + "{"):
+                total += float(line.rsplit(" ", 1)[1])
+    return total
 
 
 class FaultProxy:

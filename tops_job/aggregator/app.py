@@ -10,6 +10,14 @@ Before any verification work: stored strings are length-capped, the receipt's co
 from its header and capped, and a resend of an accepted receipt is answered from the store.
 Verifications run at most `gate.slots` at once (guard.py).
 
+Of an accepted v1 receipt the store keeps its claim: the signed body and `sig`, without the
+openings (`keep_openings` keeps the body as sent). The openings are evidence for this
+verification, nine tenths or more of a receipt's bytes, and writing them made the database
+grow by the size of every body and cost the server more CPU than any step but verification
+(benchmarks/RESULTS.md); tops-receipt/2 never stored its opened leaves either. The claim is
+enough for anyone to check later who signed what: its digest and signature are those of the
+receipt.
+
 tops-receipt/2 (docs/spec/receipt-v2.md §10), in v2_exchange.py:
 GET  /v2/challenge ?did=…&pubkey=… a run challenge bound to that key
 POST /v2/exchange  {"commit": …, "open": [...]}: record a commitment, then draw its leaves;
@@ -44,7 +52,7 @@ from tops_job.aggregator.store import ACCEPTED, DUPLICATE, Store, TooManyChallen
 from tops_job.aggregator.v2_exchange import V2Endpoints
 from tops_job.aggregator.v2_store import V2Store
 from tops_job.errors import ReceiptInvalid
-from tops_job.spec.canonical import digest_of
+from tops_job.spec.canonical import digest_of, receipt_line
 from tops_job.spec.receipt import DEFAULT_MIN_OPENS, parse_json
 from tops_job.spec.verify import verify_receipt
 
@@ -89,7 +97,7 @@ class AggregatorApp:
                  monotonic_ns: Callable[[], int] = time.monotonic_ns, max_cost: int = guard.DEFAULT_MAX_COST,
                  gate: guard.VerifyGate | None = None, challenge_limiter: guard.RateLimiter | None = None,
                  challenge_ttl_ms: int = CHALLENGE_TTL_MS, events: Events | None = None,
-                 accept: str = "v2", v2: V2Endpoints | None = None):
+                 accept: str = "v2", v2: V2Endpoints | None = None, keep_openings: bool = False):
         if accept not in ACCEPT_CHOICES:
             raise ValueError(f"accept must be one of {ACCEPT_CHOICES}")
         self.store = store
@@ -101,6 +109,7 @@ class AggregatorApp:
         self.min_opens = min_opens
         self.allow = allow
         self.full = full
+        self.keep_openings = keep_openings
         self.clock = clock  # wall clock: timestamps people read
         self.monotonic_ns = monotonic_ns  # step-free clock: intervals (rate floors)
         self.clock_domain = guard.clock_domain()
@@ -241,12 +250,11 @@ class AggregatorApp:
         if cost is not None and cost > self.max_cost:
             return _error(422, "cost_over_cap", f"verifying this receipt generates {cost} elements (opens × k × (1 + columns));"
                           f" this aggregator verifies at most {self.max_cost}")
-        # Kept as sent: the body parsed as UTF-8 JSON without duplicate keys, and serialising
-        # 93 KB again (0.26 ms) cost a quarter of a receipt's verification. A byte-identical
-        # resend (what a worker's outbox sends) is answered from the store; any other spelling
-        # of an accepted receipt is verified again and answered duplicate by the store.
-        line = text
-        resent = self._resend(receipt, line)
+        # A byte-identical resend (what a worker's outbox sends) is answered from the store;
+        # any other spelling of an accepted receipt is verified again and answered duplicate
+        # by the store.
+        sent_sha256 = hashlib.sha256(data).hexdigest()
+        resent = self._resend(receipt, sent_sha256, text)
         if resent is not None:
             return resent
         # A challenge this aggregator never issued to this did is refused before the work
@@ -280,26 +288,29 @@ class AggregatorApp:
         outcome = self.store.add_receipt(
             digest=verified.digest.hex(), did=verified.did, nonce=verified.nonce, pubkey=verified.pubkey.hex(),
             run_id=verified.run_id, attempt=verified.attempt, ops=verified.ops, started_ms=verified.started_ms,
-            challenge=challenge, accepted_ms=int(self.clock() * 1000), receipt=line,
+            challenge=challenge, accepted_ms=int(self.clock() * 1000),
+            receipt=text if self.keep_openings else claim_line(receipt), sent_sha256=sent_sha256,
             challenge_elapsed_ms=elapsed_ms)
         if outcome in (ACCEPTED, DUPLICATE):
             return 200, verified.response(duplicate=outcome == DUPLICATE), {}
         self._rejected(receipt, "replayed_nonce")
         return _error(409, "replayed_nonce", "this (did, nonce) was accepted with another digest")
 
-    def _resend(self, receipt: Any, line: str | None) -> Response | None:
+    def _resend(self, receipt: Any, sent_sha256: str, text: str) -> Response | None:
         """The answer to a byte-for-byte resend of an accepted receipt, from the store and
         without verifying it again; None for anything else."""
-        if line is None:
-            return None
         try:
             digest = digest_of(receipt)
         except (TypeError, ValueError, AttributeError):
             return None
         stored = self.store.stored_receipt(digest.hex())
-        if stored is None or stored[1] != line:
+        if stored is None:
             return None
-        return 200, {"ok": True, "sig_ok": True, "proof_ok": True, "pubkey_hex": stored[0], "digest_hex": digest.hex(),
+        pubkey, kept, accepted_sha256 = stored
+        # rows from before sent_sha256 kept the whole body as sent
+        if accepted_sha256 != sent_sha256 and not (accepted_sha256 is None and kept == text):
+            return None
+        return 200, {"ok": True, "sig_ok": True, "proof_ok": True, "pubkey_hex": pubkey, "digest_hex": digest.hex(),
                      "duplicate": True}, {}
 
     def _since_issue(self, issued: dict[str, Any]) -> int:
@@ -346,6 +357,12 @@ class AggregatorApp:
             return _error(429, "too_many_challenges", "this did holds too many unused challenges; use one or wait",
                           {"Retry-After": "60"})
         return 200, issued, {}
+
+
+def claim_line(receipt: dict[str, Any]) -> str:
+    """What the store keeps of an accepted v1 receipt: every field but the openings (the
+    signed body and `sig`), as one JSON line."""
+    return receipt_line({key: value for key, value in receipt.items() if key != "openings"})
 
 
 def _query(environ: dict[str, Any]) -> dict[str, str]:

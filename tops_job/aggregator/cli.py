@@ -86,6 +86,8 @@ def aggregator() -> None:
               help="v2: seconds a run challenge stays usable.")
 @click.option("--open-ttl", type=click.FloatRange(0.001), default=600.0, show_default=True,
               help="v2: seconds a drawn challenge stays answerable.")
+@click.option("--keep-openings", is_flag=True, envvar="TOPS_JOB_AGGREGATOR_KEEP_OPENINGS",
+              help="v1: store accepted receipts whole, as sent (default: the signed claim without its openings).")
 def serve(host: str, port: int, db: str | None, allow: tuple[str, ...], max_body: int, min_opens: int,
           full: bool, threads: int, **guards: Any) -> None:
     """Verify and count receipts over HTTP until TERM or INT."""

@@ -115,6 +115,12 @@ MIGRATIONS: tuple[Migration, ...] = (
         "CREATE INDEX IF NOT EXISTS v2_commitments_run ON v2_commitments (run_id)",
         "CREATE INDEX IF NOT EXISTS v2_commitments_key ON v2_commitments (pubkey)",
     )),
+    # A v1 receipt is kept as its signed claim (the body and `sig`, without the openings);
+    # a byte-identical resend is recognised by the SHA-256 of the body it was accepted from.
+    # Rows stored before keep the whole receipt and no hash: a resend is compared to that.
+    Migration(4, "v1 receipts: the SHA-256 of the body as sent", (
+        "ALTER TABLE receipts ADD COLUMN sent_sha256 TEXT",
+    )),
 )
 
 LATEST = MIGRATIONS[-1].version

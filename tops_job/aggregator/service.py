@@ -45,6 +45,7 @@ class Settings:
     cost_cap: int = 1 << 26  # v2: largest verification cost taken
     run_ttl: float = 6 * 3600.0  # v2: seconds a run challenge stays usable
     open_ttl: float = 600.0  # v2: seconds a drawn challenge stays answerable
+    keep_openings: bool = False  # v1: store accepted receipts whole, not their claim
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -90,6 +91,7 @@ def build_app(settings: Settings, store: Any, metrics: Any) -> tuple[Any, Any]:
                         full=settings.full, max_cost=settings.max_cost, gate=gate,
                         challenge_limiter=guard.RateLimiter(rate=settings.challenge_rate, burst=max(1, int(settings.challenge_rate * 5))),
                         challenge_ttl_ms=settings.challenge_ttl_s * 1000, events=metrics, accept=settings.accept, v2=v2,
+                        keep_openings=settings.keep_openings,
                         **settings.extra)
     return MetricsMiddleware(FleetViews(app, timed), metrics, gate), gate
 

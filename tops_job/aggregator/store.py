@@ -73,12 +73,14 @@ class Store:
 
     def add_receipt(self, *, digest: str, did: str, nonce: str, pubkey: str, run_id: str, attempt: int, ops: int,
                     started_ms: int, challenge: str | None, accepted_ms: int, receipt: str,
-                    challenge_elapsed_ms: int | None = None) -> str:
+                    challenge_elapsed_ms: int | None = None, sent_sha256: str | None = None) -> str:
         """ACCEPTED (stored now), DUPLICATE (this digest was stored before) or REPLAY
-        (the (did, nonce) was stored with another digest)."""
+        (the (did, nonce) was stored with another digest). `receipt` is what is kept of it
+        (the app's choice); `sent_sha256` identifies the body it was accepted from."""
         return self.add_receipts([dict(digest=digest, did=did, nonce=nonce, pubkey=pubkey, run_id=run_id, attempt=attempt,
                                        ops=ops, started_ms=started_ms, challenge=challenge, accepted_ms=accepted_ms,
-                                       receipt=receipt, challenge_elapsed_ms=challenge_elapsed_ms)])[0]
+                                       receipt=receipt, challenge_elapsed_ms=challenge_elapsed_ms,
+                                       sent_sha256=sent_sha256)])[0]
 
     @contextmanager
     def transaction(self, conn: Any) -> Iterator[None]:
@@ -122,11 +124,11 @@ class Store:
             for item in items:
                 cursor = conn.execute(
                     "INSERT INTO receipts (digest, did, nonce, pubkey, run_id, attempt, ops, started_ms, challenge,"
-                    " accepted_ms, receipt, challenge_elapsed_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                    " accepted_ms, receipt, challenge_elapsed_ms, sent_sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                     " ON CONFLICT DO NOTHING",
                     (item["digest"], item["did"], item["nonce"], item["pubkey"], item["run_id"], item["attempt"], item["ops"],
                      item["started_ms"], item["challenge"], item["accepted_ms"], item["receipt"],
-                     item.get("challenge_elapsed_ms")))
+                     item.get("challenge_elapsed_ms"), item.get("sent_sha256")))
                 if cursor.rowcount == 1:
                     outcomes.append(ACCEPTED)
                 elif conn.execute("SELECT 1 FROM receipts WHERE digest = ?", (item["digest"],)).fetchone():
@@ -135,11 +137,13 @@ class Store:
                     outcomes.append(REPLAY)
         return outcomes
 
-    def stored_receipt(self, digest: str) -> tuple[str, str] | None:
-        """(pubkey hex, receipt line) of an accepted receipt, to answer a resend without
-        verifying it again."""
-        row = self._conn().execute("SELECT pubkey, receipt FROM receipts WHERE digest = ?", (digest,)).fetchone()
-        return None if row is None else (row[0], row[1])
+    def stored_receipt(self, digest: str) -> tuple[str, str, str | None] | None:
+        """(pubkey hex, what was kept of the receipt, SHA-256 hex of the body it was accepted
+        from or None for rows older than that column) of an accepted receipt, to answer a
+        resend without verifying it again."""
+        row = self._conn().execute("SELECT pubkey, receipt, sent_sha256 FROM receipts WHERE digest = ?",
+                                   (digest,)).fetchone()
+        return None if row is None else (row[0], row[1], row[2])
 
     def issue_challenge(self, did: str, now_ms: int, ttl_ms: int, *, issuer: str | None = None,
                         mono_ns: int | None = None) -> dict[str, Any]:
