@@ -61,6 +61,15 @@ def test_debug_receipt_prints_each_receipt_as_a_json_line(monkeypatch):
     assert [r["attempt"] for r in lines] == [0, 1] and all("sig" in r for r in lines)
 
 
+def test_verify_keeps_freed_memory_for_the_next_receipt(monkeypatch):
+    """The heap setting that halves `verify`'s time on large receipts (benchmarks/verify_bench.py)
+    is applied before the first receipt."""
+    applied = []
+    monkeypatch.setattr("tops_job.heap.keep_freed_memory", lambda: applied.append(True) or True)
+    result = invoke("verify", str(VECTORS_DIR / "valid.jsonl"))
+    assert result.exit_code == 0 and applied == [True]
+
+
 def test_verify_accepts_valid_vectors_and_rejects_invalid_ones():
     valid = invoke("verify", str(VECTORS_DIR / "valid.jsonl"))
     assert valid.exit_code == 0 and valid.output.count(": ok ") == 6

@@ -55,7 +55,7 @@ def test_new_databases_use_16_kib_pages(tmp_path):
 
 
 def test_the_server_keeps_freed_memory_on_glibc():
-    """serve.keep_freed_memory sets glibc's trim and mmap thresholds (benchmarks/RESULTS.md
+    """tops_job.heap.keep_freed_memory sets glibc's trim and mmap thresholds (benchmarks/RESULTS.md
     has what it saves); on glibc Linux it must take effect, or the server silently loses it."""
     import platform
     import subprocess
@@ -63,5 +63,5 @@ def test_the_server_keeps_freed_memory_on_glibc():
 
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("not a glibc system: keep_freed_memory changes nothing there by design")
-    code = "from tops_job.aggregator.serve import keep_freed_memory; print(keep_freed_memory())"
+    code = "from tops_job.heap import keep_freed_memory; print(keep_freed_memory())"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "True"

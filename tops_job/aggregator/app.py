@@ -11,12 +11,12 @@ from its header and capped, and a resend of an accepted receipt is answered from
 Verifications run at most `gate.slots` at once (guard.py).
 
 Of an accepted v1 receipt the store keeps its claim: the signed body and `sig`, without the
-openings (`keep_openings` keeps the body as sent). The openings are evidence for this
-verification, nine tenths or more of a receipt's bytes, and writing them made the database
-grow by the size of every body and cost the server more CPU than any step but verification
-(benchmarks/RESULTS.md); tops-receipt/2 never stored its opened leaves either. The claim is
-enough for anyone to check later who signed what: its digest and signature are those of the
-receipt.
+openings (`keep_openings` keeps the body as sent). The openings are the evidence for this
+verification and nearly all of a receipt's bytes (99 % of a 93 KB one, whose claim is 622
+bytes); writing them grew the database by every body and cost the server more CPU than any
+step but the verification (benchmarks/RESULTS.md). tops-receipt/2 never stored its opened
+leaves either. The claim is enough for anyone to check later who signed what: its digest and
+signature are the receipt's.
 
 tops-receipt/2 (docs/spec/receipt-v2.md §10), in v2_exchange.py:
 GET  /v2/challenge ?did=…&pubkey=… a run challenge bound to that key

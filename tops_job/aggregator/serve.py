@@ -38,6 +38,8 @@ from waitress.adjustments import Adjustments
 from waitress.channel import HTTPChannel
 from waitress.server import TcpWSGIServer
 
+from tops_job.heap import keep_freed_memory
+
 log = logging.getLogger("tops_job.aggregator")
 
 ACCEPT_BATCH = 256
@@ -55,33 +57,6 @@ def raise_fd_limit() -> int:
         except (ValueError, OSError):
             pass
     return soft
-
-
-# glibc's mallopt parameters
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-KEEP_FREED_BYTES = 128 << 20  # free heap kept at the top before glibc returns it to the kernel
-HEAP_ALLOCATIONS_UP_TO = 8 << 20  # larger allocations get their own mapping
-
-
-def keep_freed_memory() -> bool:
-    """Let glibc keep freed memory for the next request instead of handing it back to the
-    kernel. A receipt's body, its decoded strings and the verifier's arrays are freed after
-    each request; glibc's defaults trimmed and re-mapped them, and the kernel zeroed the pages
-    again on the next request's first touch: about 230 page faults and 0.5 ms of system time
-    per 93 KB receipt, most of the server's system time. False where the C library is not
-    glibc (nothing changed)."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        mallopt = getattr(libc, "mallopt", None)
-    except OSError:
-        return False
-    if mallopt is None or not sys.platform.startswith("linux"):
-        return False
-    return bool(mallopt(_M_TRIM_THRESHOLD, KEEP_FREED_BYTES)) and bool(mallopt(_M_MMAP_THRESHOLD, HEAP_ALLOCATIONS_UP_TO))
 
 
 def connection_limit(requested: int | None, threads: int) -> int:
