@@ -62,7 +62,7 @@ def test_debug_receipt_prints_each_receipt_as_a_json_line(monkeypatch):
 
 
 def test_verify_keeps_freed_memory_for_the_next_receipt(monkeypatch):
-    """The heap setting that halves `verify`'s time on large receipts (benchmarks/verify_bench.py)
+    """The heap setting that nearly halves `verify`'s CPU on large receipts (benchmarks/verify_bench.py)
     is applied before the first receipt."""
     applied = []
     monkeypatch.setattr("tops_job.heap.keep_freed_memory", lambda: applied.append(True) or True)
