@@ -13,9 +13,10 @@ they take little of the CPU the server is measured on. Per core = receipts / CPU
 the server's processes.
 
 The verification alone runs in child processes, as many as the server's workers, twice: with
-the C library's default allocator settings (what a plain `verify_receipt` loop gets) and with
-the server's (`tops_job.heap.keep_freed_memory`), which alone halves a 300 KB receipt's
-verification here (about 4 ms to 2). The second is the like-for-like baseline.
+the libraries' defaults (what a plain `verify_receipt` loop gets) and with the server's
+process settings (`serve.tune_process`: glibc keeps freed memory, which alone halves a 300 KB
+receipt's verification here, and BLAS runs on one thread). The second is the like-for-like
+baseline.
 """
 
 from __future__ import annotations
@@ -88,21 +89,21 @@ def _verify_for(args: tuple[list[str], float]) -> tuple[int, float]:
     return done, time.process_time() - cpu
 
 
-def _init_child(server_allocator: bool) -> None:
-    if server_allocator:
-        from tops_job.heap import keep_freed_memory
+def _init_child(server_settings: bool) -> None:
+    if server_settings:
+        from tops_job.aggregator.serve import tune_process
 
-        keep_freed_memory()
+        tune_process()
 
 
-def alone_in_processes(lines: list[str], procs: int, seconds: float, *, server_allocator: bool) -> tuple[float, float]:
+def alone_in_processes(lines: list[str], procs: int, seconds: float, *, server_settings: bool) -> tuple[float, float]:
     """(receipts/s wall, receipts per CPU-second) of the verification alone in `procs` fresh
     processes at once (spawned, so nothing of this process's heap comes along), with the C
-    library's allocator defaults or the server's settings."""
+    libraries' defaults or the server's process settings."""
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(procs, mp_context=context, initializer=_init_child, initargs=(server_allocator,)) as pool:
+    with ProcessPoolExecutor(procs, mp_context=context, initializer=_init_child, initargs=(server_settings,)) as pool:
         list(pool.map(_verify_for, [(lines[:4], 0.2)] * procs))  # warm: imports, first calls
         began = time.perf_counter()
         results = list(pool.map(_verify_for, [(lines, seconds)] * procs))
@@ -210,13 +211,11 @@ def through_http(bodies: list[bytes], workers: int, clients: int, seconds: float
 # ---- --decompose: where one receipt's CPU goes
 
 def serve_body_reader(threads: int) -> None:
-    """The aggregator's HTTP server (serve.make_server, its options, its allocator settings)
+    """The aggregator's HTTP server (serve.make_server, its options, its process settings)
     around an app that reads the body and answers a fixed 200: what HTTP alone costs."""
     from tops_job.aggregator import serve
-    from tops_job.heap import keep_freed_memory
 
-    sys.setswitchinterval(0.001)  # as serve._serve_built
-    keep_freed_memory()
+    serve.tune_process()
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
         environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
@@ -233,18 +232,18 @@ def serve_body_reader(threads: int) -> None:
 
 def _stages(lines: list[str], keep_openings: bool = False) -> dict[str, float]:
     """CPU milliseconds per receipt, in this (fresh, spawned) process with the server's
-    allocator settings: the JSON parse, the verification, and the aggregator's WSGI app
+    process settings: the JSON parse, the verification, and the aggregator's WSGI app
     called directly on one thread (its store's commit thread apart)."""
     import io
 
     from tops_job.aggregator.group_commit import GroupCommitStore
     from tops_job.aggregator.metrics import AggregatorMetrics
+    from tops_job.aggregator.serve import tune_process
     from tops_job.aggregator.service import Settings, build_app, open_store
-    from tops_job.heap import keep_freed_memory
     from tops_job.spec.receipt import parse_json
     from tops_job.spec.verify import verify_receipt
 
-    keep_freed_memory()
+    tune_process()
     half = len(lines) // 2
     began = time.process_time()
     receipts = [parse_json(line) for line in lines[:half]]
@@ -298,7 +297,7 @@ def decompose(lines: list[str], bodies: list[bytes], clients: int, seconds: floa
     http_ms, whole_ms = http["cpu"] / http["receipts"] * 1e3, whole["cpu"] / whole["receipts"] * 1e3
     parts = stages["app"] + http_ms
     rows = [
-        ("verification alone (verify_receipt, server's allocator settings)", stages["verify"]),
+        ("verification alone (verify_receipt, server's process settings)", stages["verify"]),
         ("parsing the body (parse_json)", stages["parse"]),
         ("the aggregator's app called in-process, one request at a time", stages["app"]),
         ("  of which the request's own thread (parse, checks, verification, answer)", stages["app_request_thread"]),
@@ -351,16 +350,16 @@ def main() -> None:
     sample = lines[:200]
     for workers in (int(w) for w in args.workers.split(",")):
         seconds = min(args.seconds, 3.0)
-        _, library = alone_in_processes(sample, workers, seconds, server_allocator=False)
-        wall, tuned = alone_in_processes(sample, workers, seconds, server_allocator=True)
-        print(f"verification alone in {workers} process(es): {library:.0f} receipts/s per core with the library's"
-              f" allocator defaults, {tuned:.0f} with the server's settings ({wall:.0f} receipts/s wall)")
+        _, library = alone_in_processes(sample, workers, seconds, server_settings=False)
+        wall, tuned = alone_in_processes(sample, workers, seconds, server_settings=True)
+        print(f"verification alone in {workers} process(es): {library:.0f} receipts/s per core with the libraries'"
+              f" defaults, {tuned:.0f} with the server's process settings ({wall:.0f} receipts/s wall)")
         r = through_http(bodies, workers, args.clients, args.seconds, args.threads, args.db, tuple(args.server_args.split()))
         results[workers] = r
         print(f"HTTP, {workers} worker(s), {args.clients} clients: {r['receipts']} verified in {r['wall']:.1f}s ="
               f" {r['per_s']:.0f} receipts/s; server CPU {r['cpu']:.1f}s = {r['per_core']:.0f} receipts/s per core,"
               f" {r['cpu'] / max(1, r['receipts']) * 1e3:.2f} ms each: {r['per_core'] / tuned:.2f} of the verification"
-              f" alone with the server's allocator settings, {r['per_core'] / library:.2f} with the library's defaults;"
+              f" alone with the server's process settings, {r['per_core'] / library:.2f} with the libraries' defaults;"
               f" {r['per_s'] / wall:.2f} of its wall throughput; {r['errors']} errors; the clients used"
               f" {r['clients_cpu']:.1f} CPU-s")
     if 1 in results and len(results) > 1:

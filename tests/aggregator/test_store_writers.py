@@ -65,3 +65,28 @@ def test_the_server_keeps_freed_memory_on_glibc():
         pytest.skip("not a glibc system: keep_freed_memory changes nothing there by design")
     code = "from tops_job.heap import keep_freed_memory; print(keep_freed_memory())"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "True"
+
+
+
+def test_a_serving_process_runs_blas_on_one_thread():
+    """serve.tune_process limits NumPy's BLAS to one thread in each serving process: its own
+    pool multiplied with the worker processes and spun (benchmarks/RESULTS.md). The limit is
+    read back from the loaded library, in a fresh process where it starts at the core count."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = ("import json, numpy\n"
+            "from threadpoolctl import threadpool_info\n"
+            "from tops_job.aggregator.serve import tune_process\n"
+            "blas = lambda: [i['num_threads'] for i in threadpool_info() if i['user_api'] == 'blas']\n"
+            "before = blas()\n"
+            "tune_process()\n"
+            "print(json.dumps([before, blas()]))")
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    before, after = json.loads(out)
+    assert after and all(n == 1 for n in after), out
+    if (os.cpu_count() or 1) > 1:
+        assert any(n > 1 for n in before), out  # otherwise this would pass without tune_process

@@ -198,11 +198,31 @@ def run(build: Callable[[], Built], sock: socket.socket, *, workers: int,
     return _prefork(build, sock, workers, server_options, on_worker_exit)
 
 
-def _serve_built(build: Callable[[], Built], sock: socket.socket, server_options: dict[str, Any]) -> None:
+def one_blas_thread() -> bool:
+    """Run this process's BLAS (OpenBLAS, MKL, BLIS: whichever NumPy loaded) on one thread.
+    A server's parallelism is its requests and worker processes; BLAS's own pool (a thread per
+    core) multiplies with them. Two workers on two cores ran each opened set's small products
+    on four threads that spun waiting for one another: 95 ms of CPU per tops-receipt/2 attempt
+    instead of 16, and `503 busy` once slots waited 5 s (benchmarks/RESULTS.md). The
+    environment variables only work before NumPy is imported, which the CLI has done by now;
+    threadpoolctl sets the loaded library's count at run time. False if none was found."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    threadpool_limits(limits=1, user_api="blas")
+    return any(info.get("user_api") == "blas" for info in threadpool_info())
+
+
+def tune_process() -> None:
+    """The settings of a process that serves verification (each worker, after the fork)."""
     # A thread waiting for the GIL (the poll loop, a cheap verification) gets it after 1 ms
     # instead of 5 behind a costly verification's Python-level work.
     sys.setswitchinterval(0.001)
     keep_freed_memory()
+    one_blas_thread()
+
+
+def _serve_built(build: Callable[[], Built], sock: socket.socket, server_options: dict[str, Any]) -> None:
+    tune_process()
     app, close, tick = build()
     try:
         server = make_server(app, sock, **server_options)

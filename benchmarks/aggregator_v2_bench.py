@@ -1,0 +1,156 @@
+"""Aggregator throughput for tops-receipt/2 challenge mode (the workers' default): attempts
+accepted per second through `/v2/exchange`, against the verification alone.
+
+    python benchmarks/aggregator_v2_bench.py --k 2816 --workers 1,2 --attempts 40
+
+Each client is one worker run: it takes a run challenge, then sends its attempts as a worker
+does, each commitment riding with the openings of the one before ({"commit": c_i,
+"open": [o_{i-1}]}), and the last openings alone. An attempt counts when its verdict is
+`accepted`. Attempts have m = 16 rows: the verification of an opened set costs
+s·(tile+1)·k whatever m and n are, so a short C keeps making them cheap while the aggregator
+does the work of the autotuned shape's k. The verification alone (`check_commitment` and
+`check_opened` on the same attempts) runs in freshly spawned processes with the server's
+process settings (`serve.tune_process`), as many as the server's workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from aggregator_bench import _read_answer, _started, tree_cpu  # noqa: E402
+
+S = 64  # the aggregator's default openings per commitment
+
+
+def _make(args: tuple[bytes, str, str, int, int, int, int]) -> list[tuple[dict[str, Any], Any]]:
+    """(commitment, the attempt to open later) for `count` attempts of one run."""
+    from tests.spec.v2_helpers import make
+
+    challenge, did, run_id, first, count, k, tile = args
+    made = [make(m=16, n=1024, k=k, tile=tile, challenge=challenge, did=did, run_id=run_id, attempt=first + i)
+            for i in range(count)]
+    return [(x.commitment, x) for x in made]
+
+
+def _verify_for(args: tuple[list[tuple[dict[str, Any], list[int], dict[str, Any]]], float]) -> tuple[int, float]:
+    from tops_job.aggregator.serve import tune_process
+    from tops_job.spec.v2 import check_commitment, check_opened
+
+    tune_process()
+    items, seconds = args
+    done, wall, cpu = 0, time.perf_counter(), time.process_time()
+    while time.perf_counter() - wall < seconds:
+        commitment, leaves, opened = items[done % len(items)]
+        check_opened(check_commitment(commitment, s=S), leaves, opened)
+        done += 1
+    return done, time.process_time() - cpu
+
+
+def alone(items: list[tuple[dict[str, Any], list[int], dict[str, Any]]], procs: int, seconds: float) -> float:
+    """Attempts verified per CPU-second, alone, in `procs` fresh processes at once."""
+    with ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        list(pool.map(_verify_for, [(items[:2], 0.2)] * procs))
+        results = list(pool.map(_verify_for, [(items, seconds)] * procs))
+    return sum(r[0] for r in results) / sum(r[1] for r in results)
+
+
+def _post(sock: Any, host: str, port: int, buffer: bytearray, body: dict[str, Any]) -> dict[str, Any]:
+    data = json.dumps(body, separators=(",", ":")).encode()
+    sock.sendall((f"POST /v2/exchange HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+                  f"Content-Length: {len(data)}\r\n\r\n").encode() + data)
+    status, answer = _read_answer(sock, buffer)
+    if status != 200:
+        raise RuntimeError(f"/v2/exchange answered {status}: {answer[:200]!r}")
+    return dict(json.loads(answer))
+
+
+def run(workers: int, clients: int, attempts: int, k: int, tile: int) -> None:
+    import socket
+
+    import requests
+
+    from tests.spec.v2_helpers import WORKER_SECRET
+    from tops_job.spec.signing import LocalKeySigner
+
+    pubkey = LocalKeySigner(WORKER_SECRET).public_key.hex()
+    with tempfile.TemporaryDirectory() as tmp:
+        server, host, port = _started([sys.executable, "-m", "tops_job.cli", "aggregator", "serve", "--port", "0",
+                                       "--db", f"{tmp}/agg.sqlite3", "--accept", "v2", "--workers", str(workers)])
+        try:
+            runs = []
+            for c in range(clients):
+                did = f"did:bench:{c}"
+                answer = requests.get(f"http://{host}:{port}/v2/challenge", params={"did": did, "pubkey": pubkey}, timeout=10)
+                answer.raise_for_status()
+                runs.append((bytes.fromhex(answer.json()["challenge"]), did, f"bench-{os.getpid()}-{c}", 0, attempts, k, tile))
+            with ProcessPoolExecutor(os.cpu_count() or 1) as pool:
+                made = list(pool.map(_make, runs))
+            accepted = [0] * clients
+            samples: list[tuple[dict[str, Any], list[int], dict[str, Any]]] = []
+            lock = threading.Lock()
+
+            def client(index: int) -> None:
+                sock = socket.create_connection((host, port))
+                buffer = bytearray()
+                previous = None
+                for commitment, attempt in made[index]:
+                    body: dict[str, Any] = {"commit": commitment}
+                    if previous is not None:
+                        body["open"] = [previous]
+                    answer = _post(sock, host, port, buffer, body)
+                    accepted[index] += sum(o.get("verdict") == "accepted" for o in answer.get("open", []))
+                    leaves = answer["commit"]["challenge"]["leaves"]
+                    previous = attempt.opened(leaves)
+                    if len(samples) < 200:
+                        with lock:
+                            samples.append((commitment, leaves, previous))
+                answer = _post(sock, host, port, buffer, {"open": [previous]})
+                accepted[index] += sum(o.get("verdict") == "accepted" for o in answer.get("open", []))
+                sock.close()
+
+            cpu0, wall0 = tree_cpu(server.pid), time.perf_counter()
+            pool_ = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+            for thread in pool_:
+                thread.start()
+            for thread in pool_:
+                thread.join()
+            wall, cpu = time.perf_counter() - wall0, tree_cpu(server.pid) - cpu0
+        finally:
+            server.terminate()
+            server.wait(15)
+    done = sum(accepted)
+    per_core_alone = alone(json.loads(json.dumps(samples)), workers, 3.0)
+    print(f"v2, {workers} worker(s), {clients} runs × {attempts} attempts (k = {k}, tile {tile}, s = {S}):"
+          f" {done} accepted in {wall:.1f}s = {done / wall:.0f} attempts/s; server CPU {cpu:.1f}s ="
+          f" {cpu / done * 1e3:.2f} ms an attempt; the verification alone {1e3 / per_core_alone:.2f} ms"
+          f" ({done / cpu / per_core_alone:.2f} of it per core)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--k", type=int, default=2816, help="inner dimension (this machine's autotune: 2816)")
+    parser.add_argument("--tile", type=int, default=64)
+    parser.add_argument("--workers", default="1,2")
+    parser.add_argument("--clients", type=int, default=16, help="concurrent worker runs")
+    parser.add_argument("--attempts", type=int, default=40, help="attempts per run")
+    args = parser.parse_args()
+    for workers in (int(w) for w in args.workers.split(",")):
+        run(workers, args.clients, args.attempts, args.k, args.tile)
+
+
+if __name__ == "__main__":
+    main()
