@@ -112,8 +112,8 @@ def alone_in_processes(lines: list[str], procs: int, seconds: float, *, server_s
     return done / wall, done / cpu
 
 
-def _request(host: str, port: int, body: bytes) -> bytes:
-    return (f"POST /verify HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+def _request(host: str, port: int, body: bytes, path: str = "/verify") -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n").encode() + body
 
 

@@ -31,19 +31,18 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from aggregator_bench import _read_answer, _started, tree_cpu  # noqa: E402
+from aggregator_bench import _read_answer, _request, _started, tree_cpu  # noqa: E402
 
-S = 64  # the aggregator's default openings per commitment
+from tops_job.spec.v2 import S_DEFAULT as S  # noqa: E402  (the aggregator's default openings per commitment)
 
 
-def _make(args: tuple[bytes, str, str, int, int, int, int]) -> list[tuple[dict[str, Any], Any]]:
-    """(commitment, the attempt to open later) for `count` attempts of one run."""
+def _make(args: tuple[bytes, str, str, int, int, int, int]) -> list[Any]:
+    """`count` attempts of one run (tests.spec.v2_helpers.Made: the commitment, and what opens it)."""
     from tests.spec.v2_helpers import make
 
     challenge, did, run_id, first, count, k, tile = args
-    made = [make(m=16, n=1024, k=k, tile=tile, challenge=challenge, did=did, run_id=run_id, attempt=first + i)
+    return [make(m=16, n=1024, k=k, tile=tile, challenge=challenge, did=did, run_id=run_id, attempt=first + i)
             for i in range(count)]
-    return [(x.commitment, x) for x in made]
 
 
 def _verify_for(args: tuple[list[tuple[dict[str, Any], list[int], dict[str, Any]]], float]) -> tuple[int, float]:
@@ -69,9 +68,7 @@ def alone(items: list[tuple[dict[str, Any], list[int], dict[str, Any]]], procs: 
 
 
 def _post(sock: Any, host: str, port: int, buffer: bytearray, body: dict[str, Any]) -> dict[str, Any]:
-    data = json.dumps(body, separators=(",", ":")).encode()
-    sock.sendall((f"POST /v2/exchange HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
-                  f"Content-Length: {len(data)}\r\n\r\n").encode() + data)
+    sock.sendall(_request(host, port, json.dumps(body, separators=(",", ":")).encode(), "/v2/exchange"))
     status, answer = _read_answer(sock, buffer)
     if status != 200:
         raise RuntimeError(f"/v2/exchange answered {status}: {answer[:200]!r}")
@@ -107,7 +104,8 @@ def run(workers: int, clients: int, attempts: int, k: int, tile: int) -> None:
                 sock = socket.create_connection((host, port))
                 buffer = bytearray()
                 previous = None
-                for commitment, attempt in made[index]:
+                for attempt in made[index]:
+                    commitment = attempt.commitment
                     body: dict[str, Any] = {"commit": commitment}
                     if previous is not None:
                         body["open"] = [previous]

@@ -48,25 +48,30 @@ class Aggregator:
         for _ in self.proc.stderr:
             pass
 
-    def digests(self) -> list[str]:
+    def _first_column(self, sql: str) -> list[str]:
         conn = sqlite3.connect(self.db)
         try:
-            return [row[0] for row in conn.execute("SELECT digest FROM receipts")]
+            return [row[0] for row in conn.execute(sql)]
         finally:
             conn.close()
 
+    def digests(self) -> list[str]:
+        return self._first_column("SELECT digest FROM receipts")
+
     def v2_accepted(self) -> list[str]:
         """Digests of the tops-receipt/2 commitments it accepted."""
-        conn = sqlite3.connect(self.db)
-        try:
-            return [row[0] for row in conn.execute("SELECT digest FROM v2_commitments WHERE state = 'accepted'")]
-        finally:
-            conn.close()
+        return self._first_column("SELECT digest FROM v2_commitments WHERE state = 'accepted'")
 
     def metric(self, name: str, labels: str = "") -> float:
         """The sum of a /metrics sample's values: all its series, or those whose labels
         begin with `labels` (e.g. 'verdict="duplicate"')."""
-        return scrape_metric(self.base, name, labels)
+        text = requests.get(f"{self.base}/metrics", timeout=10).text
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith(name + (("{" + labels) if labels else "")) and not line.startswith("#"):
+                if labels or line.startswith(name + " ") or line.startswith(name + "{"):
+                    total += float(line.rsplit(" ", 1)[1])
+        return total
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -75,17 +80,6 @@ class Aggregator:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-
-
-def scrape_metric(base: str, name: str, labels: str = "") -> float:
-    """Aggregator.metric for any server's /metrics at `base`."""
-    text = requests.get(f"{base}/metrics", timeout=10).text
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + (("{" + labels) if labels else "")) and not line.startswith("#"):
-            if labels or line.startswith(name + " ") or line.startswith(name + "{"):
-                total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 class FaultProxy:

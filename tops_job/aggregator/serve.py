@@ -198,18 +198,17 @@ def run(build: Callable[[], Built], sock: socket.socket, *, workers: int,
     return _prefork(build, sock, workers, server_options, on_worker_exit)
 
 
-def one_blas_thread() -> bool:
+def one_blas_thread() -> None:
     """Run this process's BLAS (OpenBLAS, MKL, BLIS: whichever NumPy loaded) on one thread.
     A server's parallelism is its requests and worker processes; BLAS's own pool (a thread per
     core) multiplies with them. Two workers on two cores ran each opened set's small products
     on four threads that spun waiting for one another: 95 ms of CPU per tops-receipt/2 attempt
     instead of 16, and `503 busy` once slots waited 5 s (benchmarks/RESULTS.md). The
     environment variables only work before NumPy is imported, which the CLI has done by now;
-    threadpoolctl sets the loaded library's count at run time. False if none was found."""
-    from threadpoolctl import threadpool_info, threadpool_limits
+    threadpoolctl sets the loaded library's count at run time."""
+    from threadpoolctl import threadpool_limits
 
     threadpool_limits(limits=1, user_api="blas")
-    return any(info.get("user_api") == "blas" for info in threadpool_info())
 
 
 def tune_process() -> None:
