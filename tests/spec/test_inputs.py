@@ -60,6 +60,30 @@ def test_element_rows_match_formula_anywhere(key, start, length):
     assert row.tolist() == [_reference_element(key, start + i) for i in range(length)]
 
 
+@settings(max_examples=30, deadline=None)
+@given(key=st.integers(0, 2**64 - 1), starts=st.lists(st.integers(0, 2**40), min_size=1, max_size=40),
+       length=st.integers(1, 70))
+def test_element_rows_of_many_starts_match_formula(key, starts, length):
+    """Rows at different offsets into their first word, and rows at the same one (copied together)."""
+    rows = element_rows(key, np.array(starts, dtype=np.uint64), length)
+    assert rows.shape == (len(starts), length) and rows.flags.c_contiguous
+    assert rows.tolist() == [[_reference_element(key, start + i) for i in range(length)] for start in starts]
+
+
+@pytest.mark.parametrize("offset,length", [(0, 32), (0, 40), (5, 32), (15, 17)])
+def test_element_rows_starting_alike_match_formula(offset, length):
+    """Rows at the same place in their first word (a verifier's rows when k % 16 == 0) are
+    generated in one piece; whole words are returned as generated."""
+    starts = [offset + 16 * w for w in (0, 3, 1000, 2**36)]
+    rows = element_rows(99, np.array(starts, dtype=np.uint64), length)
+    assert rows.shape == (len(starts), length) and rows.flags.c_contiguous
+    assert rows.tolist() == [[_reference_element(99, start + i) for i in range(length)] for start in starts]
+
+
+def test_element_rows_of_no_starts_is_empty():
+    assert element_rows(1, np.array([], dtype=np.uint64), 8).shape == (0, 8)
+
+
 def test_fill_rejects_unaligned_buffer():
     with pytest.raises(ValueError):
         fill_elements(1, np.empty(17, np.float32))

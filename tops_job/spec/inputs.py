@@ -114,12 +114,17 @@ def element_rows(key: int, starts: np.ndarray, length: int) -> np.ndarray:
     """
     starts = np.asarray(starts, dtype=np.uint64)
     rows = len(starts)
-    words_per_row = (length + 15) // 16 + 1
+    offsets = (starts & np.uint64(15)).tolist()  # where each row starts in its first word
+    first = offsets[0] if offsets else 0
+    same = len(set(offsets)) <= 1  # always when k % 16 == 0: rows start at multiples of k
+    words_per_row = (first + length + 15) // 16 if same else (length + 15) // 16 + 1
     word_index = (starts >> np.uint64(4))[:, None] + np.arange(words_per_row, dtype=np.uint64)[None, :]
     flat = np.empty(rows * words_per_row * 16, np.float32)
     _expand_words(splitmix64_words(key, word_index.reshape(-1)), flat)
     nibbles = flat.reshape(rows, words_per_row * 16)
+    if same:  # one copy, or none when the rows are whole words
+        return nibbles if nibbles.shape[1] == length else np.ascontiguousarray(nibbles[:, first : first + length])
     out = np.empty((rows, length), np.float32)
-    for row, offset in enumerate((starts & np.uint64(15)).tolist()):
+    for row, offset in enumerate(offsets):
         out[row] = nibbles[row, offset : offset + length]
     return out
