@@ -254,7 +254,8 @@ class AggregatorApp:
         # any other spelling of an accepted receipt is verified again and answered duplicate
         # by the store.
         sent_sha256 = hashlib.sha256(data).hexdigest()
-        resent = self._resend(receipt, sent_sha256, text)
+        digest = _digest(receipt)  # None: not well formed, and verify_receipt says how
+        resent = self._resend(digest, sent_sha256, text) if digest is not None else None
         if resent is not None:
             return resent
         # A challenge this aggregator never issued to this did is refused before the work
@@ -271,7 +272,7 @@ class AggregatorApp:
             return _error(503, "busy", "every verification slot is taken; retry later", {"Retry-After": "1"})
         began = time.perf_counter()
         try:
-            verified = verify_receipt(receipt, min_opens=self.min_opens, full=self.full, rng=self._columns(receipt))
+            verified = verify_receipt(receipt, min_opens=self.min_opens, full=self.full, rng=self._columns(digest))
         except ReceiptInvalid as exc:
             self._rejected(receipt, exc.code)
             return _error(422, exc.code, exc.detail)
@@ -296,13 +297,9 @@ class AggregatorApp:
         self._rejected(receipt, "replayed_nonce")
         return _error(409, "replayed_nonce", "this (did, nonce) was accepted with another digest")
 
-    def _resend(self, receipt: Any, sent_sha256: str, text: str) -> Response | None:
+    def _resend(self, digest: bytes, sent_sha256: str, text: str) -> Response | None:
         """The answer to a byte-for-byte resend of an accepted receipt, from the store and
         without verifying it again; None for anything else."""
-        try:
-            digest = digest_of(receipt)
-        except (TypeError, ValueError, AttributeError):
-            return None
         stored = self.store.stored_receipt(digest.hex())
         if stored is None:
             return None
@@ -329,12 +326,10 @@ class AggregatorApp:
             except _storage_errors() as exc:  # a count for the fleet view; the answer stands
                 log.warning("could not record a rejection (%s): %s", type(exc).__name__, exc)
 
-    def _columns(self, receipt: Any) -> random.Random | None:
+    def _columns(self, digest: bytes | None) -> random.Random | None:
         """v1 samples columns with the verifier's randomness; drawn from a key and the digest,
         the same receipt gets the same sample, so posting it again cannot re-roll the check."""
-        try:
-            digest = digest_of(receipt)
-        except (TypeError, ValueError, AttributeError):
+        if digest is None:
             return None  # verify_receipt rejects it before sampling
         return random.Random(hmac.new(self._column_key, digest, hashlib.sha256).digest())
 
@@ -357,6 +352,14 @@ class AggregatorApp:
             return _error(429, "too_many_challenges", "this did holds too many unused challenges; use one or wait",
                           {"Retry-After": "60"})
         return 200, issued, {}
+
+
+def _digest(receipt: Any) -> bytes | None:
+    """The receipt's signed digest, or None where its fields cannot make one."""
+    try:
+        return digest_of(receipt)
+    except (TypeError, ValueError, AttributeError):
+        return None
 
 
 def claim_line(receipt: dict[str, Any]) -> str:
