@@ -75,7 +75,7 @@ def _post(sock: Any, host: str, port: int, buffer: bytearray, body: dict[str, An
     return dict(json.loads(answer))
 
 
-def run(workers: int, clients: int, attempts: int, k: int, tile: int) -> None:
+def run(workers: int, clients: int, attempts: int, k: int, tile: int, extra: tuple[str, ...] = ()) -> None:
     import socket
 
     import requests
@@ -86,7 +86,7 @@ def run(workers: int, clients: int, attempts: int, k: int, tile: int) -> None:
     pubkey = LocalKeySigner(WORKER_SECRET).public_key.hex()
     with tempfile.TemporaryDirectory() as tmp:
         server, host, port = _started([sys.executable, "-m", "tops_job.cli", "aggregator", "serve", "--port", "0",
-                                       "--db", f"{tmp}/agg.sqlite3", "--accept", "v2", "--workers", str(workers)])
+                                       "--db", f"{tmp}/agg.sqlite3", "--accept", "v2", "--workers", str(workers), *extra])
         try:
             runs = []
             for c in range(clients):
@@ -145,9 +145,10 @@ def main() -> None:
     parser.add_argument("--workers", default="1,2")
     parser.add_argument("--clients", type=int, default=16, help="concurrent worker runs")
     parser.add_argument("--attempts", type=int, default=40, help="attempts per run")
+    parser.add_argument("--server-args", default="", help="more `aggregator serve` options, e.g. '--verify-slots 1'")
     args = parser.parse_args()
     for workers in (int(w) for w in args.workers.split(",")):
-        run(workers, args.clients, args.attempts, args.k, args.tile)
+        run(workers, args.clients, args.attempts, args.k, args.tile, tuple(args.server_args.split()))
 
 
 if __name__ == "__main__":
