@@ -2,6 +2,12 @@
 accepted per second through `/v2/exchange`, against the verification alone.
 
     python benchmarks/aggregator_v2_bench.py --k 2816 --workers 1,2 --attempts 40
+    python benchmarks/aggregator_v2_bench.py --k 16384 --tile 63      # at the cost cap, as a GPU's
+
+A GPU worker's attempts cost the verifier as much as it takes: its autotuned k is in the tens
+of thousands, and a worker narrows its tile until s·(tile+1)·k is under the cost cap (2^26),
+which at k = 16384 leaves 63 columns. k = 2816 with the default tile of 64 is what a worker
+on this machine's CPU sends, a sixth of the cap.
 
 Each client is one worker run: it takes a run challenge, then sends its attempts as a worker
 does, each commitment riding with the openings of the one before ({"commit": c_i,

@@ -26,6 +26,7 @@ from tops_job.spec.v2 import (
     leaf_count,
     max_tile_for,
     parse_json,
+    recorded_commitment,
     verify_challenge_transcript,
     verify_fs_receipt,
 )
@@ -49,6 +50,17 @@ def test_honest_exchange_is_accepted_with_the_stated_soundness():
     assert verified.ops == 2 * 8 * 32 * 256
     assert verified.soundness == "(1-f)^64"
     assert verified.digest == made.digest
+
+
+def test_a_recorded_commitment_rebuilds_what_its_check_returned():
+    made = make()
+    committed = check_commitment(made.commitment, s=S_DEFAULT)
+    kept = json.dumps(made.commitment, sort_keys=True, separators=(",", ":"))  # as the aggregator stores it
+    assert recorded_commitment(json.loads(kept), s=S_DEFAULT) == committed
+    cheat = make(skip_rows=8)  # every row of C left as zeros: the product check still runs on a rebuilt one
+    rebuilt = recorded_commitment(json.loads(json.dumps(cheat.commitment)), s=S_DEFAULT)
+    leaves = challenge_leaves(KEY, rebuilt.digest, S_DEFAULT, rebuilt.leaf_count)
+    assert _code(lambda: check_opened(rebuilt, leaves, cheat.opened(leaves))) == "wrong_product"
 
 
 def test_challenge_is_a_function_of_key_and_digest_only():
@@ -179,6 +191,26 @@ def test_required_strings_are_not_empty(field):
 ])
 def test_strict_json(data, code):
     assert _code(lambda: parse_json(data)) == code
+
+
+def _nested(wrappers: int) -> bytes:
+    """Objects and arrays in turn, the deepest branch after siblings: wrappers + 1 levels deep
+    (the innermost wrapper's empty sibling is one more)."""
+    text = "1"
+    for level in range(wrappers):
+        text = f'{{"s": ["x", 2, {{}}], "d": {text}}}' if level % 2 else f'["a", [], {{"b": 3}}, {text}]'
+    return text.encode()
+
+
+@pytest.mark.parametrize("wrappers", [1, 2, 7])  # 2, 3 and 8 levels: MAX_DEPTH is 8
+def test_nesting_up_to_the_limit_is_taken(wrappers):
+    assert parse_json(_nested(wrappers)) is not None
+
+
+@pytest.mark.parametrize("data", [_nested(8), _nested(9), _nested(40), b"[" * 100_000 + b"]" * 100_000,
+                                  b'{"a": ' * 9 + b"1" + b"}" * 9])
+def test_nesting_beyond_the_limit_is_malformed(data):
+    assert _code(lambda: parse_json(data)) == "malformed_json"
 
 
 def test_huge_integer_literal_is_out_of_range_not_converted():

@@ -19,7 +19,16 @@ from typing import Any
 
 from tops_job.aggregator.v2_store import ACCEPTED, COMMITTED, EXPIRED, REJECTED, Conflict, V2Store
 from tops_job.spec.errors import ReceiptInvalid
-from tops_job.spec.v2 import COST_CAP, S_DEFAULT, VerifierBusy, challenge_leaves, check_commitment, check_opened, parse_json
+from tops_job.spec.v2 import (
+    COST_CAP,
+    S_DEFAULT,
+    VerifierBusy,
+    challenge_leaves,
+    check_commitment,
+    check_opened,
+    parse_json,
+    recorded_commitment,
+)
 from tops_job.spec.v2.encoding import HEX32, PUBKEY
 
 log = logging.getLogger("tops_job.aggregator")
@@ -165,7 +174,7 @@ class V2Endpoints:
             return _item(404, "unknown_commitment", "no commitment with this digest here: send it again", digest)
         if record["state"] != COMMITTED or record["expires_ms"] <= self._now_ms():
             return self._state_answer(digest, record, challenge=False)
-        committed = check_commitment(json.loads(record["commitment"]), s=record["s"], cost_cap=1 << 62)
+        committed = recorded_commitment(json.loads(record["commitment"]), s=record["s"])
         if not self._verifying.acquire(timeout=5.0):
             return _item(503, "verifier_busy", "too many verifications at once; retry", digest)
         try:

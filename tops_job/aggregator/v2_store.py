@@ -91,8 +91,9 @@ class V2Store:
                     " committed_ms, expires_ms, state, commitment) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (digest, pubkey, did, nonce, run_id, attempt, ops, challenge, s, json.dumps(leaves), now_ms,
                      now_ms + ttl_ms, COMMITTED, commitment))
-                existing = self.commitment(digest)
-        assert existing is not None
+                existing = {"state": COMMITTED, "error": None, "detail": None, "leaves": list(leaves), "s": s,
+                            "expires_ms": now_ms + ttl_ms, "ops": ops, "commitment": commitment, "run_id": run_id,
+                            "pubkey": pubkey}  # what commitment(digest) reads back, without reading it
         return existing
 
     def set_verdict(self, digest: str, state: str, *, now_ms: int, error: str | None = None, detail: str | None = None,
@@ -101,9 +102,12 @@ class V2Store:
         recorded first by another request wins)."""
         conn = self._conn()
         with self._store.transaction(conn):
-            conn.execute("UPDATE v2_commitments SET state = ?, error = ?, detail = ?, verdict_ms = ?, clock_epoch = ?,"
-                         " accepted_clock_ms = ? WHERE digest = ? AND state = ?",
-                         (state, error, detail, now_ms, clock_epoch, clock_ms, digest, COMMITTED))
+            moved = conn.execute(
+                "UPDATE v2_commitments SET state = ?, error = ?, detail = ?, verdict_ms = ?, clock_epoch = ?,"
+                " accepted_clock_ms = ? WHERE digest = ? AND state = ?",
+                (state, error, detail, now_ms, clock_epoch, clock_ms, digest, COMMITTED)).rowcount == 1
+            if moved:
+                return state
             row = conn.execute("SELECT state FROM v2_commitments WHERE digest = ?", (digest,)).fetchone()
         return str(row[0])
 

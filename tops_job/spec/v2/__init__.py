@@ -31,7 +31,16 @@ from .header import (
 )
 from .leaves import challenge_leaves, fs_leaves
 from .openings import KeptCommitment, check_openings, make_openings
-from .verify import Committed, Verified, VerifierBusy, check_commitment, check_opened, verify_challenge_transcript, verify_fs_receipt
+from .verify import (
+    Committed,
+    Verified,
+    VerifierBusy,
+    check_commitment,
+    check_opened,
+    recorded_commitment,
+    verify_challenge_transcript,
+    verify_fs_receipt,
+)
 
 __all__ = [
     "CHALLENGE", "COST_CAP", "FIAT_SHAMIR", "G_FS", "K_MAX", "K_MIN", "MN_MAX", "S_DEFAULT", "S_FS", "S_MAX",
@@ -39,5 +48,5 @@ __all__ = [
     "build_header", "canonical_bytes", "challenge_leaves", "check_commitment", "check_cost", "check_header",
     "check_opened", "check_openings", "cost_of", "digest_of", "fs_leaves", "header_of", "leaf_columns",
     "leaf_count", "make_openings", "max_tile_for", "nonce_from_challenge", "ops_of", "parse_json",
-    "verify_challenge_transcript", "verify_fs_receipt",
+    "recorded_commitment", "verify_challenge_transcript", "verify_fs_receipt",
 ]

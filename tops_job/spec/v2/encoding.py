@@ -59,15 +59,17 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
-def _depth(value: Any) -> int:
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, (dict, list)):
-            deepest = max(deepest, depth)
-            children = item.values() if isinstance(item, dict) else item
-            stack.extend((child, depth + 1) for child in children)
-    return deepest
+def _too_deep(value: Any, limit: int) -> bool:
+    """Whether containers nest deeper than `limit`. Level by level, holding only containers:
+    an opened set's hundreds of strings are looked at once each and never queued."""
+    level, depth = [value] if isinstance(value, (dict, list)) else [], 0
+    while level:
+        depth += 1
+        if depth > limit:
+            return True
+        level = [child for item in level for child in (item.values() if isinstance(item, dict) else item)
+                 if isinstance(child, (dict, list))]
+    return False
 
 
 def parse_json(data: bytes | str) -> Any:
@@ -78,7 +80,7 @@ def parse_json(data: bytes | str) -> Any:
                            object_pairs_hook=_no_duplicate_keys)
     except (ValueError, RecursionError) as exc:
         raise ReceiptInvalid("malformed_json", str(exc)[:200]) from None
-    if _depth(value) > MAX_DEPTH:
+    if _too_deep(value, MAX_DEPTH):
         raise ReceiptInvalid("malformed_json", f"nested deeper than {MAX_DEPTH}")
     return value
 

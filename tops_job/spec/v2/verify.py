@@ -14,7 +14,7 @@ from typing import Any
 
 from ..errors import ReceiptInvalid
 from ..signing import is_low_s, recover_public_key
-from .header import CHALLENGE, COST_CAP, FIAT_SHAMIR, S_FS, S_MAX, S_MIN, check_cost, check_header, digest_of, leaf_count, ops_of
+from .header import CHALLENGE, COST_CAP, FIAT_SHAMIR, S_FS, S_MAX, S_MIN, check_cost, check_header, digest_of, header_of, leaf_count, ops_of
 from .leaves import challenge_leaves, fs_leaves
 from .openings import check_openings
 
@@ -90,6 +90,15 @@ def check_commitment(obj: Any, *, s: int, cost_cap: int = COST_CAP, mode: str = 
     pubkey = _signer(header, digest, obj["sig"])
     check_cost(header, s, cost_cap)
     return Committed(header=header, digest=digest, pubkey=pubkey, leaf_count=leaf_count(header), s=s)
+
+
+def recorded_commitment(obj: Mapping[str, Any], *, s: int) -> Committed:
+    """A commitment this verifier checked (check_commitment) and then kept in its own store,
+    rebuilt for its opening. Its signature is not recovered again: that recovery is most of a
+    check's cost, and what the store holds is only what passed it."""
+    header = header_of(obj)
+    return Committed(header=header, digest=digest_of(header), pubkey=bytes.fromhex(header["pubkey"]),
+                     leaf_count=leaf_count(header), s=s)
 
 
 def _verified(committed: Committed) -> Verified:
