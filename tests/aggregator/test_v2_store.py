@@ -1,20 +1,30 @@
-"""V2Store on both engines: what a write returns is what a read gives back, and the first
-verdict on a commitment is the one that stays."""
+"""V2Store on both engines, writing in transactions of its own and through the server's group
+commit: what a write returns is what a read gives back, the first verdict on a commitment is
+the one that stays, and concurrent writes share commits without sharing their outcomes."""
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 
+from tops_job.aggregator.group_commit import GroupCommitStore
 from tops_job.aggregator.store_pg import open_store
 from tops_job.aggregator.v2_store import ACCEPTED, COMMITTED, EXPIRED, REJECTED, Conflict, V2Store
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+def _open(request, tmp_path, engine: str):
+    return open_store(str(tmp_path / "agg.sqlite3") if engine == "sqlite" else request.getfixturevalue("postgres").new_database())
+
+
+@pytest.fixture(params=["sqlite", "postgresql", "sqlite, group commit", "postgresql, group commit"])
 def store(request, tmp_path):
-    db = str(tmp_path / "agg.sqlite3") if request.param == "sqlite" else request.getfixturevalue("postgres").new_database()
-    opened = open_store(db)
-    yield V2Store(opened)
-    opened.close()
+    engine, _, grouped = request.param.partition(", ")
+    opened = _open(request, tmp_path, engine)
+    wrapped = GroupCommitStore(opened) if grouped else opened
+    yield V2Store(wrapped)
+    wrapped.close()
 
 
 def _commit(store: V2Store, digest: str, nonce: str = "n1", **changes):
@@ -50,3 +60,65 @@ def test_a_replayed_nonce_and_another_keys_run_are_conflicts(store):
         _commit(store, "d5" * 32, nonce="n5", pubkey="03" + "cd" * 32)
     assert taken.value.code == "run_id_taken"
     assert store.commitment("d4" * 32) is None and store.commitment("d5" * 32) is None
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
+def test_concurrent_writes_share_one_commit_and_keep_their_own_outcomes(request, tmp_path, engine):
+    opened = _open(request, tmp_path, engine)
+    transactions = []
+    own_transaction = opened.transaction
+
+    def counted(conn):
+        transactions.append(1)
+        return own_transaction(conn)
+
+    opened.transaction = counted
+    grouped = GroupCommitStore(opened)
+    store = V2Store(grouped)
+    inside, release = threading.Event(), threading.Event()
+
+    def hold(conn) -> None:
+        inside.set()
+        release.wait(30)
+
+    blocker = threading.Thread(target=grouped.group_write, args=(hold,))
+    blocker.start()
+    assert inside.wait(10)  # the writer is in a transaction: what comes now waits for the next one
+    outcomes: dict[int, object] = {}
+
+    def commit(i: int) -> None:
+        try:  # requests 0..9 share a nonce: one of them is recorded, the rest are replays
+            outcomes[i] = _commit(store, f"{i:064x}", nonce="shared" if i < 10 else f"n{i}")["state"]
+        except Conflict as exc:
+            outcomes[i] = exc.code
+
+    threads = [threading.Thread(target=commit, args=(i,)) for i in range(24)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 10
+    while grouped._queue.qsize() < 24 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    release.set()
+    for thread in threads + [blocker]:
+        thread.join(30)
+    assert len(transactions) == 2  # the blocker's, then all 24 commitments in one
+    assert sorted(outcomes[i] for i in range(10)) == [COMMITTED] + ["replayed_nonce"] * 9
+    assert all(outcomes[i] == COMMITTED for i in range(10, 24))
+    assert all(store.commitment(f"{i:064x}") is not None for i in range(10, 24))
+    grouped.close()
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
+def test_a_write_that_fails_fails_its_batch_and_leaves_nothing(request, tmp_path, engine):
+    grouped = GroupCommitStore(_open(request, tmp_path, engine))
+    store = V2Store(grouped)
+
+    def half_then_fail(conn):
+        conn.execute("INSERT INTO v2_runs (run_id, pubkey) VALUES (?, ?)", ("half-written", "02" + "ef" * 32))
+        raise RuntimeError("a bug in a write")
+
+    with pytest.raises(RuntimeError, match="a bug in a write"):
+        grouped.group_write(half_then_fail)
+    assert grouped._conn().execute("SELECT COUNT(*) FROM v2_runs WHERE run_id = 'half-written'").fetchone()[0] == 0
+    assert _commit(store, "e1" * 32)["state"] == COMMITTED  # the writer goes on
+    grouped.close()

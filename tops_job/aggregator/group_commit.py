@@ -1,12 +1,14 @@
-"""Group commit: the receipts that concurrent requests accept are written by one thread per
-process, many to a transaction.
+"""Group commit: what concurrent requests write (accepted v1 receipts; tops-receipt/2
+commitments and verdicts) is written by one thread per process, many to a transaction.
 
 Each accepted receipt must be durable before its 200 (SQLite synchronous=FULL, PostgreSQL's
 commit), and a commit costs an fsync — milliseconds, during which SQLite holds its one
 write lock. One transaction per receipt caps a whole machine at one fsync's worth of receipts
 whatever the cores; here every request waiting at that moment shares the next commit. The
-answers are unchanged: each request still gets its own ACCEPTED, DUPLICATE or REPLAY (or the
-storage error), after its receipt is committed.
+answers are unchanged: each request still gets its own outcome (ACCEPTED, DUPLICATE or
+REPLAY; a v2 record or its conflict), or the storage error, after its write is committed.
+A write is a function of the open connection, run in order in the batch's transaction: it
+returns its outcome, and raising fails the whole batch (each waiting request re-raises).
 
 Rejection counts (the fleet view's) are not worth a commit each — a client posting invalid
 receipts would turn each into an fsync — so they are summed in memory and written by the same
@@ -19,6 +21,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 MAX_BATCH = 64
@@ -29,17 +32,17 @@ log = logging.getLogger("tops_job.aggregator")
 
 
 class _Pending:
-    __slots__ = ("fields", "done", "outcome", "error")
+    __slots__ = ("write", "done", "outcome", "error")
 
-    def __init__(self, fields: dict[str, Any]):
-        self.fields = fields
+    def __init__(self, write: Callable[[Any], Any]):
+        self.write = write
         self.done = threading.Event()
-        self.outcome: str | None = None
+        self.outcome: Any = None
         self.error: BaseException | None = None
 
 
 class GroupCommitStore:
-    """`store` with add_receipt batched; every other method is the store's own."""
+    """`store` with add_receipt and group_write batched; every other method is the store's own."""
 
     def __init__(self, store: Any, max_batch: int = MAX_BATCH, flush_s: float = FLUSH_S):
         self._store = store
@@ -56,12 +59,15 @@ class GroupCommitStore:
         return getattr(self._store, name)
 
     def add_receipt(self, **fields: Any) -> str:
-        pending = _Pending(fields)
+        return str(self.group_write(lambda conn: self._store.insert_receipts(conn, [fields])[0]))
+
+    def group_write(self, write: Callable[[Any], Any]) -> Any:
+        """`write(conn)`'s outcome once the transaction it ran in is committed."""
+        pending = _Pending(write)
         self._queue.put(pending)
         pending.done.wait()
         if pending.error is not None:
             raise pending.error
-        assert pending.outcome is not None
         return pending.outcome
 
     def record_rejection(self, did: str, reason: str, now_ms: int) -> None:
@@ -107,7 +113,9 @@ class GroupCommitStore:
                     break
                 batch.append(more)
             try:
-                outcomes = self._store.add_receipts([p.fields for p in batch])
+                conn = self._store._conn()
+                with self._store.transaction(conn):
+                    outcomes = [p.write(conn) for p in batch]
             except BaseException as exc:  # each waiting request re-raises it (a 503 for storage errors)
                 for p in batch:
                     p.error = exc

@@ -120,21 +120,25 @@ class Store:
         outcome of each, in order. A digest twice in `items` is ACCEPTED then DUPLICATE."""
         conn = self._conn()
         with self.transaction(conn):
-            outcomes = []
-            for item in items:
-                cursor = conn.execute(
-                    "INSERT INTO receipts (digest, did, nonce, pubkey, run_id, attempt, ops, started_ms, challenge,"
-                    " accepted_ms, receipt, challenge_elapsed_ms, sent_sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                    " ON CONFLICT DO NOTHING",
-                    (item["digest"], item["did"], item["nonce"], item["pubkey"], item["run_id"], item["attempt"], item["ops"],
-                     item["started_ms"], item["challenge"], item["accepted_ms"], item["receipt"],
-                     item.get("challenge_elapsed_ms"), item.get("sent_sha256")))
-                if cursor.rowcount == 1:
-                    outcomes.append(ACCEPTED)
-                elif conn.execute("SELECT 1 FROM receipts WHERE digest = ?", (item["digest"],)).fetchone():
-                    outcomes.append(DUPLICATE)
-                else:
-                    outcomes.append(REPLAY)
+            return self.insert_receipts(conn, items)
+
+    def insert_receipts(self, conn: Any, items: list[dict[str, Any]]) -> list[str]:
+        """add_receipts' inserts, in the write transaction the caller holds open on `conn`."""
+        outcomes = []
+        for item in items:
+            cursor = conn.execute(
+                "INSERT INTO receipts (digest, did, nonce, pubkey, run_id, attempt, ops, started_ms, challenge,"
+                " accepted_ms, receipt, challenge_elapsed_ms, sent_sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT DO NOTHING",
+                (item["digest"], item["did"], item["nonce"], item["pubkey"], item["run_id"], item["attempt"], item["ops"],
+                 item["started_ms"], item["challenge"], item["accepted_ms"], item["receipt"],
+                 item.get("challenge_elapsed_ms"), item.get("sent_sha256")))
+            if cursor.rowcount == 1:
+                outcomes.append(ACCEPTED)
+            elif conn.execute("SELECT 1 FROM receipts WHERE digest = ?", (item["digest"],)).fetchone():
+                outcomes.append(DUPLICATE)
+            else:
+                outcomes.append(REPLAY)
         return outcomes
 
     def stored_receipt(self, digest: str) -> tuple[str, str, str | None] | None:

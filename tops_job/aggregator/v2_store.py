@@ -4,12 +4,14 @@ database, on either engine; this class runs its queries on that store's connecti
 
 A commitment is inserted (synchronous=FULL) in the same transaction that checks its replay
 key and its run's owner, and only then is its challenge answered: a challenge the worker
-sees always belongs to a durable record.
+sees always belongs to a durable record. In the server those transactions are the group
+commit's (group_commit.py), shared with whatever else concurrent requests write.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 COMMITTED, ACCEPTED, REJECTED, EXPIRED = "committed", "accepted", "rejected", "expired"
@@ -31,6 +33,16 @@ class V2Store:
 
     def _conn(self) -> Any:
         return self._store._conn()
+
+    def _write(self, write: Callable[[Any], Any]) -> Any:
+        """`write(conn)` in a committed write transaction: the group commit's where the store
+        has one (the server), else one of its own."""
+        group = getattr(self._store, "group_write", None)
+        if group is not None:
+            return group(write)
+        conn = self._conn()
+        with self._store.transaction(conn):
+            return write(conn)
 
     # ---- run challenges
 
@@ -59,7 +71,11 @@ class V2Store:
     # ---- commitments
 
     def commitment(self, digest: str) -> dict[str, Any] | None:
-        row = self._conn().execute(
+        return self._read_commitment(self._conn(), digest)
+
+    @staticmethod
+    def _read_commitment(conn: Any, digest: str) -> dict[str, Any] | None:
+        row = conn.execute(
             "SELECT state, error, detail, leaves, s, expires_ms, ops, commitment, run_id, pubkey FROM v2_commitments"
             " WHERE digest = ?", (digest,)).fetchone()
         if row is None:
@@ -74,34 +90,39 @@ class V2Store:
                        commitment: str) -> dict[str, Any]:
         """Record a checked commitment with its drawn leaves, or return the record already
         there for this digest. Raises Conflict for a replayed nonce or another key's run."""
-        conn = self._conn()
-        with self._store.transaction(conn):
-            existing = self.commitment(digest)
-            if existing is None:
-                owner = conn.execute("SELECT pubkey FROM v2_runs WHERE run_id = ?", (run_id,)).fetchone()
-                if owner is not None and owner[0] != pubkey:
-                    raise Conflict("run_id_taken", f"run {run_id} belongs to another key")
-                if conn.execute("SELECT 1 FROM v2_commitments WHERE pubkey = ? AND did = ? AND nonce = ?",
-                                (pubkey, did, nonce)).fetchone():
-                    raise Conflict("replayed_nonce", "this (pubkey, did, nonce) was committed with another digest")
-                if owner is None:
-                    conn.execute("INSERT INTO v2_runs (run_id, pubkey) VALUES (?, ?)", (run_id, pubkey))
-                conn.execute(
-                    "INSERT INTO v2_commitments (digest, pubkey, did, nonce, run_id, attempt, ops, challenge, s, leaves,"
-                    " committed_ms, expires_ms, state, commitment) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (digest, pubkey, did, nonce, run_id, attempt, ops, challenge, s, json.dumps(leaves), now_ms,
-                     now_ms + ttl_ms, COMMITTED, commitment))
-                existing = {"state": COMMITTED, "error": None, "detail": None, "leaves": list(leaves), "s": s,
-                            "expires_ms": now_ms + ttl_ms, "ops": ops, "commitment": commitment, "run_id": run_id,
-                            "pubkey": pubkey}  # what commitment(digest) reads back, without reading it
-        return existing
+
+        def write(conn: Any) -> dict[str, Any] | Conflict:  # a conflict is an outcome, not a failed batch
+            existing = self._read_commitment(conn, digest)
+            if existing is not None:
+                return existing
+            owner = conn.execute("SELECT pubkey FROM v2_runs WHERE run_id = ?", (run_id,)).fetchone()
+            if owner is not None and owner[0] != pubkey:
+                return Conflict("run_id_taken", f"run {run_id} belongs to another key")
+            if conn.execute("SELECT 1 FROM v2_commitments WHERE pubkey = ? AND did = ? AND nonce = ?",
+                            (pubkey, did, nonce)).fetchone():
+                return Conflict("replayed_nonce", "this (pubkey, did, nonce) was committed with another digest")
+            if owner is None:
+                conn.execute("INSERT INTO v2_runs (run_id, pubkey) VALUES (?, ?)", (run_id, pubkey))
+            conn.execute(
+                "INSERT INTO v2_commitments (digest, pubkey, did, nonce, run_id, attempt, ops, challenge, s, leaves,"
+                " committed_ms, expires_ms, state, commitment) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (digest, pubkey, did, nonce, run_id, attempt, ops, challenge, s, json.dumps(leaves), now_ms,
+                 now_ms + ttl_ms, COMMITTED, commitment))
+            return {"state": COMMITTED, "error": None, "detail": None, "leaves": list(leaves), "s": s,
+                    "expires_ms": now_ms + ttl_ms, "ops": ops, "commitment": commitment, "run_id": run_id,
+                    "pubkey": pubkey}  # what commitment(digest) reads back, without reading it
+
+        outcome = self._write(write)
+        if isinstance(outcome, Conflict):
+            raise outcome
+        return dict(outcome)
 
     def set_verdict(self, digest: str, state: str, *, now_ms: int, error: str | None = None, detail: str | None = None,
                     clock_epoch: str | None = None, clock_ms: int | None = None) -> str:
         """Move a COMMITTED record to its final state; returns the state it ends in (a verdict
         recorded first by another request wins)."""
-        conn = self._conn()
-        with self._store.transaction(conn):
+
+        def write(conn: Any) -> str:
             moved = conn.execute(
                 "UPDATE v2_commitments SET state = ?, error = ?, detail = ?, verdict_ms = ?, clock_epoch = ?,"
                 " accepted_clock_ms = ? WHERE digest = ? AND state = ?",
@@ -109,7 +130,9 @@ class V2Store:
             if moved:
                 return state
             row = conn.execute("SELECT state FROM v2_commitments WHERE digest = ?", (digest,)).fetchone()
-        return str(row[0])
+            return EXPIRED if row is None else str(row[0])  # gone (deleted by hand): nothing to accept
+
+        return str(self._write(write))
 
     def run_report(self, run_id: str, now_ms: int) -> dict[str, Any] | None:
         owner = self._conn().execute("SELECT pubkey FROM v2_runs WHERE run_id = ?", (run_id,)).fetchone()
