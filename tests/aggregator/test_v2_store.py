@@ -122,3 +122,52 @@ def test_a_write_that_fails_fails_its_batch_and_leaves_nothing(request, tmp_path
     assert grouped._conn().execute("SELECT COUNT(*) FROM v2_runs WHERE run_id = 'half-written'").fetchone()[0] == 0
     assert _commit(store, "e1" * 32)["state"] == COMMITTED  # the writer goes on
     grouped.close()
+
+
+def _race(postgres, first_row: dict, commit_fields: dict):
+    """Replica A's transaction holds `first_row` uncommitted while replica B records a
+    commitment through its group commit; A commits once B waits on it. B's outcome."""
+    import psycopg
+
+    dsn = postgres.new_database()
+    replica_b = GroupCommitStore(open_store(dsn))
+    outcome: dict[str, object] = {}
+
+    def record() -> None:
+        try:
+            outcome["record"] = _commit(V2Store(replica_b), **commit_fields)
+        except Exception as exc:
+            outcome["error"] = exc
+
+    with psycopg.connect(dsn) as replica_a, psycopg.connect(dsn, autocommit=True) as watcher:
+        columns = ", ".join(first_row)
+        replica_a.execute(f"INSERT INTO v2_commitments ({columns}) VALUES ({', '.join(['%s'] * len(first_row))})",
+                          list(first_row.values()))
+        thread = threading.Thread(target=record)
+        thread.start()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not watcher.execute(
+                "SELECT COUNT(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'").fetchone()[0]:
+            time.sleep(0.01)
+        replica_a.commit()
+    thread.join(30)
+    replica_b.close()
+    return outcome
+
+
+def _row(digest: str, nonce: str) -> dict:
+    return dict(digest=digest, pubkey="02" + "ab" * 32, did="did:test:a", nonce=nonce, run_id="run-a", attempt=0,
+                ops=1 << 20, challenge="c" * 64, s=4, leaves="[2, 7, 1, 8]", committed_ms=500, expires_ms=600_500,
+                state=COMMITTED, commitment='{"first":"replica a"}')
+
+
+def test_a_commitment_raced_on_two_replicas_is_recorded_once_and_read_back(postgres):
+    outcome = _race(postgres, _row("f1" * 32, "n1"), dict(digest="f1" * 32, nonce="n1"))
+    assert "error" not in outcome, outcome  # before: a unique violation, and B's whole batch answered 503
+    record = outcome["record"]
+    assert record["leaves"] == [2, 7, 1, 8] and record["commitment"] == '{"first":"replica a"}'  # A's draw stands
+
+
+def test_a_nonce_raced_on_two_replicas_is_a_replay_on_the_second(postgres):
+    outcome = _race(postgres, _row("f2" * 32, "n2"), dict(digest="f3" * 32, nonce="n2"))
+    assert isinstance(outcome.get("error"), Conflict) and outcome["error"].code == "replayed_nonce", outcome

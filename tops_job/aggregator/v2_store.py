@@ -101,13 +101,22 @@ class V2Store:
             if conn.execute("SELECT 1 FROM v2_commitments WHERE pubkey = ? AND did = ? AND nonce = ?",
                             (pubkey, did, nonce)).fetchone():
                 return Conflict("replayed_nonce", "this (pubkey, did, nonce) was committed with another digest")
+            # ON CONFLICT: a PostgreSQL replica may record the same run, digest or nonce between
+            # the reads above and these inserts; its row wins and this write reads the outcome.
             if owner is None:
-                conn.execute("INSERT INTO v2_runs (run_id, pubkey) VALUES (?, ?)", (run_id, pubkey))
-            conn.execute(
+                conn.execute("INSERT INTO v2_runs (run_id, pubkey) VALUES (?, ?) ON CONFLICT DO NOTHING", (run_id, pubkey))
+                owner = conn.execute("SELECT pubkey FROM v2_runs WHERE run_id = ?", (run_id,)).fetchone()
+                if owner[0] != pubkey:
+                    return Conflict("run_id_taken", f"run {run_id} belongs to another key")
+            inserted = conn.execute(
                 "INSERT INTO v2_commitments (digest, pubkey, did, nonce, run_id, attempt, ops, challenge, s, leaves,"
-                " committed_ms, expires_ms, state, commitment) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " committed_ms, expires_ms, state, commitment) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT DO NOTHING",
                 (digest, pubkey, did, nonce, run_id, attempt, ops, challenge, s, json.dumps(leaves), now_ms,
-                 now_ms + ttl_ms, COMMITTED, commitment))
+                 now_ms + ttl_ms, COMMITTED, commitment)).rowcount == 1
+            if not inserted:
+                return self._read_commitment(conn, digest) or Conflict(
+                    "replayed_nonce", "this (pubkey, did, nonce) was committed with another digest")
             return {"state": COMMITTED, "error": None, "detail": None, "leaves": list(leaves), "s": s,
                     "expires_ms": now_ms + ttl_ms, "ops": ops, "commitment": commitment, "run_id": run_id,
                     "pubkey": pubkey}  # what commitment(digest) reads back, without reading it
