@@ -25,6 +25,14 @@ class Conflict(Exception):
         self.code, self.detail = code, detail
 
 
+def _run_taken(run_id: str) -> Conflict:
+    return Conflict("run_id_taken", f"run {run_id} belongs to another key")
+
+
+def _replayed_nonce() -> Conflict:
+    return Conflict("replayed_nonce", "this (pubkey, did, nonce) was committed with another digest")
+
+
 class V2Store:
     def __init__(self, store: Any):
         """`store`: the aggregator's Store (SQLite or PostgreSQL), migrated; its connections,
@@ -97,17 +105,17 @@ class V2Store:
                 return existing
             owner = conn.execute("SELECT pubkey FROM v2_runs WHERE run_id = ?", (run_id,)).fetchone()
             if owner is not None and owner[0] != pubkey:
-                return Conflict("run_id_taken", f"run {run_id} belongs to another key")
+                return _run_taken(run_id)
             if conn.execute("SELECT 1 FROM v2_commitments WHERE pubkey = ? AND did = ? AND nonce = ?",
                             (pubkey, did, nonce)).fetchone():
-                return Conflict("replayed_nonce", "this (pubkey, did, nonce) was committed with another digest")
+                return _replayed_nonce()
             # ON CONFLICT: a PostgreSQL replica may record the same run, digest or nonce between
             # the reads above and these inserts; its row wins and this write reads the outcome.
             if owner is None:
                 conn.execute("INSERT INTO v2_runs (run_id, pubkey) VALUES (?, ?) ON CONFLICT DO NOTHING", (run_id, pubkey))
                 owner = conn.execute("SELECT pubkey FROM v2_runs WHERE run_id = ?", (run_id,)).fetchone()
                 if owner[0] != pubkey:
-                    return Conflict("run_id_taken", f"run {run_id} belongs to another key")
+                    return _run_taken(run_id)
             inserted = conn.execute(
                 "INSERT INTO v2_commitments (digest, pubkey, did, nonce, run_id, attempt, ops, challenge, s, leaves,"
                 " committed_ms, expires_ms, state, commitment) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -115,8 +123,7 @@ class V2Store:
                 (digest, pubkey, did, nonce, run_id, attempt, ops, challenge, s, json.dumps(leaves), now_ms,
                  now_ms + ttl_ms, COMMITTED, commitment)).rowcount == 1
             if not inserted:
-                return self._read_commitment(conn, digest) or Conflict(
-                    "replayed_nonce", "this (pubkey, did, nonce) was committed with another digest")
+                return self._read_commitment(conn, digest) or _replayed_nonce()
             return {"state": COMMITTED, "error": None, "detail": None, "leaves": list(leaves), "s": s,
                     "expires_ms": now_ms + ttl_ms, "ops": ops, "commitment": commitment, "run_id": run_id,
                     "pubkey": pubkey}  # what commitment(digest) reads back, without reading it
@@ -124,7 +131,7 @@ class V2Store:
         outcome = self._write(write)
         if isinstance(outcome, Conflict):
             raise outcome
-        return dict(outcome)
+        return outcome
 
     def set_verdict(self, digest: str, state: str, *, now_ms: int, error: str | None = None, detail: str | None = None,
                     clock_epoch: str | None = None, clock_ms: int | None = None) -> str:
