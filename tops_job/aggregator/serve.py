@@ -205,7 +205,9 @@ def one_blas_thread() -> None:
     on four threads that spun waiting for one another: 95 ms of CPU per tops-receipt/2 attempt
     instead of 16, and `503 busy` once slots waited 5 s (benchmarks/RESULTS.md). The
     environment variables only work before NumPy is imported, which the CLI has done by now;
-    threadpoolctl sets the loaded library's count at run time."""
+    threadpoolctl sets the loaded library's count at run time, so NumPy is loaded first here
+    (a process that called this before importing NumPy kept a BLAS thread per core)."""
+    import numpy  # noqa: F401  (loads BLAS: threadpoolctl limits only the libraries already loaded)
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(limits=1, user_api="blas")
