@@ -120,7 +120,7 @@ def test_a_serving_process_runs_blas_on_one_thread(numpy_first):
     """serve.tune_process limits NumPy's BLAS to one thread in each serving process: its own
     pool multiplied with the worker processes and spun (benchmarks/RESULTS.md). The limit is
     read back from the loaded library, in a fresh process where it starts at the core count.
-    A process may tune itself before anything imported NumPy (the benchmarks' baselines did):
+    A process may tune itself before anything imported NumPy (the v1 bench's baseline did):
     threadpoolctl can only limit a library already loaded, so that order once kept a BLAS
     thread per core."""
     import json
