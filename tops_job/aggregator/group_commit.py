@@ -17,6 +17,7 @@ thread at most once every FLUSH_S, nobody waiting for them.
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -39,6 +40,11 @@ class _Pending:
         self.done = threading.Event()
         self.outcome: Any = None
         self.error: BaseException | None = None
+
+
+def _write_all(batch: list[_Pending], conn: Any) -> list[Any]:
+    """Each pending write's outcome, in order, on the one transaction's connection."""
+    return [p.write(conn) for p in batch]
 
 
 class GroupCommitStore:
@@ -113,9 +119,7 @@ class GroupCommitStore:
                     break
                 batch.append(more)
             try:
-                conn = self._store._conn()
-                with self._store.transaction(conn):
-                    outcomes = [p.write(conn) for p in batch]
+                outcomes = self._store.group_write(functools.partial(_write_all, batch))
             except BaseException as exc:  # each waiting request re-raises it (a 503 for storage errors)
                 for p in batch:
                     p.error = exc

@@ -19,7 +19,7 @@ import os
 import secrets
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -115,12 +115,17 @@ class Store:
             finally:
                 fcntl.flock(self._turn_fd, fcntl.LOCK_UN)
 
+    def group_write(self, write: Callable[[Any], Any]) -> Any:
+        """`write(conn)`'s outcome, run in a write transaction of its own and committed.
+        GroupCommitStore (the server's) runs concurrent writes in one shared transaction."""
+        conn = self._conn()
+        with self.transaction(conn):
+            return write(conn)
+
     def add_receipts(self, items: list[dict[str, Any]]) -> list[str]:
         """add_receipt for several receipts in one transaction (one commit, one fsync): the
         outcome of each, in order. A digest twice in `items` is ACCEPTED then DUPLICATE."""
-        conn = self._conn()
-        with self.transaction(conn):
-            return self.insert_receipts(conn, items)
+        return list(self.group_write(lambda conn: self.insert_receipts(conn, items)))
 
     def insert_receipts(self, conn: Any, items: list[dict[str, Any]]) -> list[str]:
         """add_receipts' inserts, in the write transaction the caller holds open on `conn`."""

@@ -11,7 +11,6 @@ commit's (group_commit.py), shared with whatever else concurrent requests write.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from typing import Any
 
 COMMITTED, ACCEPTED, REJECTED, EXPIRED = "committed", "accepted", "rejected", "expired"
@@ -41,16 +40,6 @@ class V2Store:
 
     def _conn(self) -> Any:
         return self._store._conn()
-
-    def _write(self, write: Callable[[Any], Any]) -> Any:
-        """`write(conn)` in a committed write transaction: the group commit's where the store
-        has one (the server), else one of its own."""
-        group = getattr(self._store, "group_write", None)
-        if group is not None:
-            return group(write)
-        conn = self._conn()
-        with self._store.transaction(conn):
-            return write(conn)
 
     # ---- run challenges
 
@@ -128,7 +117,7 @@ class V2Store:
                     "expires_ms": now_ms + ttl_ms, "ops": ops, "commitment": commitment, "run_id": run_id,
                     "pubkey": pubkey}  # what commitment(digest) reads back, without reading it
 
-        outcome = self._write(write)
+        outcome = self._store.group_write(write)
         if isinstance(outcome, Conflict):
             raise outcome
         return outcome
@@ -148,7 +137,7 @@ class V2Store:
             row = conn.execute("SELECT state FROM v2_commitments WHERE digest = ?", (digest,)).fetchone()
             return EXPIRED if row is None else str(row[0])  # gone (deleted by hand): nothing to accept
 
-        return str(self._write(write))
+        return str(self._store.group_write(write))
 
     def run_report(self, run_id: str, now_ms: int) -> dict[str, Any] | None:
         owner = self._conn().execute("SELECT pubkey FROM v2_runs WHERE run_id = ?", (run_id,)).fetchone()
