@@ -62,9 +62,12 @@ def test_a_replayed_nonce_and_another_keys_run_are_conflicts(store):
     assert store.commitment("d4" * 32) is None and store.commitment("d5" * 32) is None
 
 
-@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
-def test_concurrent_writes_share_one_commit_and_keep_their_own_outcomes(request, tmp_path, engine):
-    opened = _open(request, tmp_path, engine)
+def _as_one_batch(opened, calls: dict) -> tuple[dict, int, V2Store, GroupCommitStore]:
+    """Runs each of `calls` (key: a function of the V2Store and its GroupCommitStore) on a
+    thread of its own while the writer is held in a transaction, so that all their writes
+    queue and go out in one batch when it is released. Each call's result or exception, and
+    how many transactions the store opened (the holder's included), and the stores to read
+    back from and close."""
     transactions = []
     own_transaction = opened.transaction
 
@@ -81,29 +84,43 @@ def test_concurrent_writes_share_one_commit_and_keep_their_own_outcomes(request,
         inside.set()
         release.wait(30)
 
-    blocker = threading.Thread(target=grouped.group_write, args=(hold,))
-    blocker.start()
+    holder = threading.Thread(target=grouped.group_write, args=(hold,))
+    holder.start()
     assert inside.wait(10)  # the writer is in a transaction: what comes now waits for the next one
-    outcomes: dict[int, object] = {}
+    results: dict = {}
 
-    def commit(i: int) -> None:
-        try:  # requests 0..9 share a nonce: one of them is recorded, the rest are replays
-            outcomes[i] = _commit(store, f"{i:064x}", nonce="shared" if i < 10 else f"n{i}")["state"]
-        except Conflict as exc:
-            outcomes[i] = exc.code
+    def run(key, call) -> None:
+        try:
+            results[key] = call(store, grouped)
+        except Exception as exc:
+            results[key] = exc
 
-    threads = [threading.Thread(target=commit, args=(i,)) for i in range(24)]
+    threads = [threading.Thread(target=run, args=item) for item in calls.items()]
     for thread in threads:
         thread.start()
     deadline = time.monotonic() + 10
-    while grouped._queue.qsize() < 24 and time.monotonic() < deadline:
+    while grouped._queue.qsize() < len(calls) and time.monotonic() < deadline:
         time.sleep(0.01)
     release.set()
-    for thread in threads + [blocker]:
+    for thread in threads + [holder]:
         thread.join(30)
-    assert len(transactions) == 2  # the blocker's, then all 24 commitments in one
-    assert sorted(outcomes[i] for i in range(10)) == [COMMITTED] + ["replayed_nonce"] * 9
-    assert all(outcomes[i] == COMMITTED for i in range(10, 24))
+    return results, len(transactions), store, grouped
+
+
+def _committed_state(i: int, nonce: str):
+    return lambda store, _: _commit(store, f"{i:064x}", nonce=nonce)["state"]
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
+def test_concurrent_writes_share_one_commit_and_keep_their_own_outcomes(request, tmp_path, engine):
+    opened = _open(request, tmp_path, engine)
+    # requests 0..9 share a nonce: one of them is recorded, the rest are replays
+    results, transactions, store, grouped = _as_one_batch(opened, {i: _committed_state(i, "shared" if i < 10 else f"n{i}")
+                                                   for i in range(24)})
+    assert transactions == 2  # the holder's, then all 24 commitments in one
+    outcomes = [r.code if isinstance(r, Conflict) else r for r in (results[i] for i in range(24))]
+    assert sorted(outcomes[:10]) == [COMMITTED] + ["replayed_nonce"] * 9
+    assert outcomes[10:] == [COMMITTED] * 14
     assert all(store.commitment(f"{i:064x}") is not None for i in range(10, 24))
     grouped.close()
 
@@ -121,6 +138,25 @@ def test_a_write_that_fails_fails_its_batch_and_leaves_nothing(request, tmp_path
         grouped.group_write(half_then_fail)
     assert grouped._conn().execute("SELECT COUNT(*) FROM v2_runs WHERE run_id = 'half-written'").fetchone()[0] == 0
     assert _commit(store, "e1" * 32)["state"] == COMMITTED  # the writer goes on
+    grouped.close()
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
+def test_a_write_that_fails_in_a_shared_batch_fails_only_its_own_request(request, tmp_path, engine):
+    opened = _open(request, tmp_path, engine)
+
+    def half_then_fail(conn):
+        conn.execute("INSERT INTO v2_runs (run_id, pubkey) VALUES (?, ?)", ("half-written", "02" + "ef" * 32))
+        raise RuntimeError("a bug in one write")
+
+    calls = {i: _committed_state(i, f"n{i}") for i in range(6)}
+    calls["bad"] = lambda _, grouped: grouped.group_write(half_then_fail)
+    results, transactions, store, grouped = _as_one_batch(opened, calls)
+    assert isinstance(results["bad"], RuntimeError) and "a bug in one write" in str(results["bad"])
+    assert [results[i] for i in range(6)] == [COMMITTED] * 6
+    assert transactions == 1 + 1 + 7  # the holder's, the shared one rolled back, then each write alone
+    assert all(store.commitment(f"{i:064x}") is not None for i in range(6))
+    assert grouped._conn().execute("SELECT COUNT(*) FROM v2_runs WHERE run_id = 'half-written'").fetchone()[0] == 0
     grouped.close()
 
 

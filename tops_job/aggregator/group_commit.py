@@ -8,7 +8,11 @@ whatever the cores; here every request waiting at that moment shares the next co
 answers are unchanged: each request still gets its own outcome (ACCEPTED, DUPLICATE or
 REPLAY; a v2 record or its conflict), or the storage error, after its write is committed.
 A write is a function of the open connection, run in order in the batch's transaction: it
-returns its outcome, and raising fails the whole batch (each waiting request re-raises).
+returns its outcome or raises. A batch that fails is rolled back and each of its writes is run
+again alone, so one bad write (or a conflict a replica raced in) fails only its own request;
+under a fault that fails every transaction (a full disk) each request gets the storage error.
+Savepoints would not do: SQLite rolls the whole transaction back on SQLITE_FULL or IOERR.
+Writes are pure functions of the connection, so running one again after a rollback is safe.
 
 Rejection counts (the fleet view's) are not worth a commit each — a client posting invalid
 receipts would turn each into an fsync — so they are summed in memory and written by the same
@@ -120,17 +124,36 @@ class GroupCommitStore:
                 batch.append(more)
             try:
                 outcomes = self._store.group_write(functools.partial(_write_all, batch))
-            except BaseException as exc:  # each waiting request re-raises it (a 503 for storage errors)
+            except Exception as exc:
+                if len(batch) == 1:
+                    self._finish(batch[0], error=exc)
+                else:
+                    log.warning("a group commit of %d writes failed (%s: %s); writing each alone",
+                                len(batch), type(exc).__name__, exc)
+                    for p in batch:
+                        self._write_alone(p)
+            except BaseException as exc:  # not a write's fault (the interpreter is stopping): no retries
                 for p in batch:
-                    p.error = exc
-                    p.done.set()
+                    self._finish(p, error=exc)
             else:
                 for p, outcome in zip(batch, outcomes):
-                    p.outcome = outcome
-                    p.done.set()
+                    self._finish(p, outcome=outcome)
             if stop:
                 self.flush_rejections()
                 return
+
+    def _write_alone(self, pending: _Pending) -> None:
+        try:
+            outcome = self._store.group_write(pending.write)
+        except BaseException as exc:  # the waiting request re-raises it (a 503 for storage errors)
+            self._finish(pending, error=exc)
+        else:
+            self._finish(pending, outcome=outcome)
+
+    @staticmethod
+    def _finish(pending: _Pending, *, outcome: Any = None, error: BaseException | None = None) -> None:
+        pending.outcome, pending.error = outcome, error
+        pending.done.set()
 
     def close(self) -> None:
         self._queue.put(None)
