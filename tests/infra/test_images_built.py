@@ -136,6 +136,27 @@ def test_labels(podman, build_logs, image):
     assert labels[prefix + "version"] == project_version()
 
 
+def test_a_cpu_quota_sizes_the_worker_and_the_aggregator(podman, build_logs, names):
+    # Half a CPU on a machine of any size: the real cgroup files of a container, not the host's count.
+    script = ("import json; from threadpoolctl import threadpool_info; from tops_job.cpus import cgroup_cpu_quota, "
+              "usable_cpus; from tops_job.compute.numpy_backend import NumpyBackend; backend = NumpyBackend(); "
+              "print(json.dumps([cgroup_cpu_quota(), usable_cpus(), backend.threads, "
+              "[i['num_threads'] for i in threadpool_info() if i['user_api'] == 'blas']]))")
+    result = podman("run", "--rm", "--network", "none", "--read-only", "--cpus", "0.5",
+                    "--entrypoint", "/opt/tops-job/bin/python", CPU, "-c", script)
+    assert json.loads(result.stdout) == [0.5, 1, 1, [1]], result.stdout
+    aggregator = names("aggregator")
+    podman("run", "-d", "--name", aggregator, "--network", "none", "--read-only", "--cpus", "0.5", CPU,
+           "aggregator", "serve", "--workers", "0", "--port", "0", "--db", "/tmp/aggregator.sqlite3")
+
+    def serving_line() -> str | None:
+        logs = podman("logs", aggregator, check=False)
+        return next((line for line in (logs.stdout + logs.stderr).splitlines() if "serving on" in line), None)
+
+    line = wait_for(serving_line, 60, "the aggregator's first line")
+    assert line is not None and ", 1 worker," in line, line
+
+
 def test_short_run_read_only_root_as_the_images_user(podman, build_logs, names):
     data, cache = names("data"), names("cache")
     run_job(podman, "-v", f"{data}:/var/lib/tops-job", "-v", f"{cache}:/var/cache/tops-job",

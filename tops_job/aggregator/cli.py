@@ -61,7 +61,7 @@ def aggregator() -> None:
 @click.option("--full", is_flag=True, help="Recompute every revealed value, not a sample of columns.")
 @click.option("--threads", type=click.IntRange(1, 256), default=8, show_default=True, help="Server threads per worker.")
 @click.option("--workers", type=click.IntRange(0, 256), default=1, show_default=True, envvar="TOPS_JOB_AGGREGATOR_WORKERS",
-              help="Worker processes sharing the port (0: one per core).")
+              help="Worker processes sharing the port (0: one per CPU this container may use).")
 @click.option("--connection-limit", type=click.IntRange(16), default=None,
               help="Connections per worker (default and ceiling: what the file-descriptor limit allows).")
 @click.option("--header-timeout", type=click.FloatRange(0.5), default=10.0, show_default=True,
@@ -95,11 +95,12 @@ def serve(host: str, port: int, db: str | None, allow: tuple[str, ...], max_body
     import platformdirs
 
     from tops_job.aggregator.service import Settings, UnusableDatabase, start
+    from tops_job.cpus import usable_cpus
     from tops_job.errors import ExitCode
 
     db = db or str(Path(os.environ.get("TOPS_JOB_DATA_DIR") or platformdirs.user_data_dir("tops-job")) / "aggregator.sqlite3")
     allowed = load_allow(allow)
-    guards["workers"] = guards["workers"] or os.cpu_count() or 1
+    guards["workers"] = guards["workers"] or usable_cpus()
     guards["challenge_ttl_s"] = guards.pop("challenge_ttl")
     settings = Settings(db=db, host=host, port=port, allow=allowed, max_body=max_body, min_opens=min_opens, full=full,
                         threads=threads, **guards)

@@ -38,6 +38,7 @@ from waitress.adjustments import Adjustments
 from waitress.channel import HTTPChannel
 from waitress.server import TcpWSGIServer
 
+from tops_job.cpus import cap_blas_threads
 from tops_job.heap import keep_freed_memory
 
 log = logging.getLogger("tops_job.aggregator")
@@ -199,18 +200,13 @@ def run(build: Callable[[], Built], sock: socket.socket, *, workers: int,
 
 
 def one_blas_thread() -> None:
-    """Run this process's BLAS (OpenBLAS, MKL, BLIS: whichever NumPy loaded) on one thread.
-    A server's parallelism is its requests and worker processes; BLAS's own pool (a thread per
-    core) multiplies with them. Two workers on two cores ran each opened set's small products
-    on four threads that spun waiting for one another: 95 ms of CPU per tops-receipt/2 attempt
-    instead of 16, and `503 busy` once slots waited 5 s (benchmarks/RESULTS.md). The
-    environment variables only work before NumPy is imported, which the CLI has done by now;
-    threadpoolctl sets the loaded library's count at run time, so NumPy is loaded first here
-    (a process that called this before importing NumPy kept a BLAS thread per core)."""
-    import numpy  # noqa: F401  (loads BLAS: threadpoolctl limits only the libraries already loaded)
-    from threadpoolctl import threadpool_limits
-
-    threadpool_limits(limits=1, user_api="blas")
+    """Run this process's BLAS on one thread. A server's parallelism is its requests and worker
+    processes; BLAS's own pool (a thread per core) multiplies with them. Two workers on two
+    cores ran each opened set's small products on four threads that spun waiting for one
+    another: 95 ms of CPU per tops-receipt/2 attempt instead of 16, and `503 busy` once slots
+    waited 5 s (benchmarks/RESULTS.md). cap_blas_threads imports NumPy first (a process that
+    tuned itself before importing NumPy used to keep a BLAS thread per core)."""
+    cap_blas_threads(1)
 
 
 def tune_process() -> None:

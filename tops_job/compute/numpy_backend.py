@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import platform
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -11,6 +10,7 @@ import numpy as np
 
 from tops_job.compute.base import Shape, device_name
 from tops_job.compute.host_workers import Helper, SharedRows, close_helpers
+from tops_job.cpus import cap_blas_threads, usable_cpus
 from tops_job.errors import ConfigError
 from tops_job.spec.commitment import HostCommitment
 from tops_job.spec.inputs import fill_elements, padded_size
@@ -30,13 +30,6 @@ def cpu_model() -> str:
     return device_name(platform.processor() or platform.machine(), "cpu")
 
 
-def usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 class NumpyBackend:
     name = "numpy"
     # Whole rows (up to 8192 columns): each leaf is a Python-level hash call, so fewer, longer
@@ -51,6 +44,8 @@ class NumpyBackend:
         self._np_dtype = CPU_DTYPES[dtype]
         self.device_model = cpu_model()
         self.threads = threads or usable_cpus()
+        if threads is None:  # under a CPU quota, BLAS would start a thread per core it may run on
+            cap_blas_threads(self.threads)
         self._executor = ThreadPoolExecutor(self.threads, thread_name_prefix="tops-cpu") if self.threads > 1 else None
         self._helpers: list[Helper] = []  # for the commitment, started with the first large shape
         self._shared: SharedRows | None = None
