@@ -4,12 +4,15 @@ the one that stays, and concurrent writes share commits without sharing their ou
 
 from __future__ import annotations
 
+import re
+import sqlite3
 import threading
 import time
 
 import pytest
 
 from tops_job.aggregator.group_commit import GroupCommitStore
+from tops_job.aggregator.migrations import StorageUnavailable
 from tops_job.aggregator.store_pg import open_store
 from tops_job.aggregator.v2_store import ACCEPTED, COMMITTED, EXPIRED, REJECTED, Conflict, V2Store
 
@@ -141,22 +144,50 @@ def test_a_write_that_fails_fails_its_batch_and_leaves_nothing(request, tmp_path
     grouped.close()
 
 
+def _half_then_a_bug(conn):
+    conn.execute("INSERT INTO v2_runs (run_id, pubkey) VALUES (?, ?)", ("half-written", "02" + "ef" * 32))
+    raise RuntimeError("a bug in one write")
+
+
+def _half_then_a_constraint(conn):  # 'taken' is recorded before the batch; no ON CONFLICT here
+    conn.execute("INSERT INTO v2_runs (run_id, pubkey) VALUES (?, ?)", ("half-written", "02" + "ef" * 32))
+    conn.execute("INSERT INTO v2_runs (run_id, pubkey) VALUES (?, ?)", ("taken", "02" + "ef" * 32))
+
+
 @pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
-def test_a_write_that_fails_in_a_shared_batch_fails_only_its_own_request(request, tmp_path, engine):
+@pytest.mark.parametrize("bad_write, error", [(_half_then_a_bug, "a bug in one write"),
+                                              (_half_then_a_constraint, "(?i)unique")])
+def test_a_write_that_fails_in_a_shared_batch_fails_only_its_own_request(request, tmp_path, engine, bad_write, error):
     opened = _open(request, tmp_path, engine)
-
-    def half_then_fail(conn):
-        conn.execute("INSERT INTO v2_runs (run_id, pubkey) VALUES (?, ?)", ("half-written", "02" + "ef" * 32))
-        raise RuntimeError("a bug in one write")
-
+    opened.group_write(lambda conn: conn.execute("INSERT INTO v2_runs (run_id, pubkey) VALUES ('taken', 'x')"))
     calls = {i: _committed_state(i, f"n{i}") for i in range(6)}
-    calls["bad"] = lambda _, grouped: grouped.group_write(half_then_fail)
+    calls["bad"] = lambda _, grouped: grouped.group_write(bad_write)
     results, transactions, store, grouped = _as_one_batch(opened, calls)
-    assert isinstance(results["bad"], RuntimeError) and "a bug in one write" in str(results["bad"])
+    assert isinstance(results["bad"], Exception) and re.search(error, str(results["bad"])), results["bad"]
+    assert not grouped.failed_whole(results["bad"])
     assert [results[i] for i in range(6)] == [COMMITTED] * 6
     assert transactions == 1 + 1 + 7  # the holder's, the shared one rolled back, then each write alone
     assert all(store.commitment(f"{i:064x}") is not None for i in range(6))
     assert grouped._conn().execute("SELECT COUNT(*) FROM v2_runs WHERE run_id = 'half-written'").fetchone()[0] == 0
+    grouped.close()
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
+def test_a_database_failing_as_a_whole_fails_the_batch_without_trying_each_write(request, tmp_path, engine):
+    opened = _open(request, tmp_path, engine)
+    # What the engine raises when the database itself fails (full disk; a lost connection).
+    failure = sqlite3.OperationalError("database or disk is full") if engine == "sqlite" else \
+        StorageUnavailable("server closed the connection unexpectedly")
+
+    def the_disk_fills(conn):
+        raise failure
+
+    calls = {i: _committed_state(i, f"n{i}") for i in range(6)}
+    calls["failing"] = lambda _, grouped: grouped.group_write(the_disk_fills)
+    results, transactions, store, grouped = _as_one_batch(opened, calls)
+    assert all(results[key] is failure for key in calls), results
+    assert transactions == 1 + 1  # the holder's and the batch's: nobody tried again alone
+    assert all(store.commitment(f"{i:064x}") is None for i in range(6))
     grouped.close()
 
 

@@ -8,11 +8,12 @@ whatever the cores; here every request waiting at that moment shares the next co
 answers are unchanged: each request still gets its own outcome (ACCEPTED, DUPLICATE or
 REPLAY; a v2 record or its conflict), or the storage error, after its write is committed.
 A write is a function of the open connection, run in order in the batch's transaction: it
-returns its outcome or raises. A batch that fails is rolled back and each of its writes is run
-again alone, so one bad write (or a conflict a replica raced in) fails only its own request;
-under a fault that fails every transaction (a full disk) each request gets the storage error.
-Savepoints would not do: SQLite rolls the whole transaction back on SQLITE_FULL or IOERR.
-Writes are pure functions of the connection, so running one again after a rollback is safe.
+returns its outcome or raises. A batch that fails for one write's fault (a constraint, a bug)
+is rolled back and each of its writes is run again alone, so that write fails only its own
+request. When the database fails as a whole (full, read-only, I/O, the connection lost:
+`Store.failed_whole`) every request of the batch gets that error at once, a 503. Savepoints
+would not do: SQLite rolls the whole transaction back on SQLITE_FULL or IOERR. Writes are
+pure functions of the connection, so running one again after a rollback is safe.
 
 Rejection counts (the fleet view's) are not worth a commit each — a client posting invalid
 receipts would turn each into an fsync — so they are summed in memory and written by the same
@@ -125,8 +126,9 @@ class GroupCommitStore:
             try:
                 outcomes = self._store.group_write(functools.partial(_write_all, batch))
             except Exception as exc:
-                if len(batch) == 1:
-                    self._finish(batch[0], error=exc)
+                if len(batch) == 1 or self._store.failed_whole(exc):
+                    for p in batch:
+                        self._finish(p, error=exc)
                 else:
                     log.warning("a group commit of %d writes failed (%s: %s); writing each alone",
                                 len(batch), type(exc).__name__, exc)

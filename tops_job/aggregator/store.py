@@ -122,6 +122,12 @@ class Store:
         with self.transaction(conn):
             return write(conn)
 
+    def failed_whole(self, exc: BaseException) -> bool:
+        """Whether `exc` is the database failing as a whole (full, read-only, I/O error, locked),
+        not one write's own fault; the group commit then answers each write of a failed batch
+        with it instead of trying each alone (N more failures, each maybe slow)."""
+        return isinstance(exc, sqlite3.OperationalError)
+
     def add_receipts(self, items: list[dict[str, Any]]) -> list[str]:
         """add_receipt for several receipts in one transaction (one commit, one fsync): the
         outcome of each, in order. A digest twice in `items` is ACCEPTED then DUPLICATE."""

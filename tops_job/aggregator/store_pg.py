@@ -67,6 +67,14 @@ class PostgresStore(Store):
     def _connect(self) -> Any:
         return _Connection(self.dsn)
 
+    def failed_whole(self, exc: BaseException) -> bool:
+        """Every psycopg error is a StorageUnavailable; a lost or refused connection (psycopg's
+        OperationalError, or none at all) is the database's, a constraint or data error one write's."""
+        import psycopg
+
+        return isinstance(exc, StorageUnavailable) and (
+            exc.__cause__ is None or isinstance(exc.__cause__, psycopg.OperationalError))
+
     def describe(self) -> str:
         """The DSN without its password, for logs."""
         from psycopg.conninfo import conninfo_to_dict
