@@ -250,3 +250,27 @@ def test_verify_skips_a_partial_last_line_with_a_warning(tmp_path):
     result = invoke("verify", str(path))
     assert result.exit_code == 0, result.output
     assert "partial last line" in result.output and "2 valid, 0 invalid" in result.output
+
+
+def test_a_cpu_profile_is_kept_per_cpu_count(tmp_path, caplog):
+    """The same CPU model with fewer CPUs (a CPU limit, a smaller node) gets a profile of its own;
+    neither overwrites the other in a shared cache, and a file claiming other CPUs is rebuilt."""
+    from tops_job.compute.autotune import ProfileStore, resolve_profile
+    from tops_job.compute.numpy_backend import NumpyBackend
+
+    store = ProfileStore(tmp_path)
+    one, two = NumpyBackend(threads=1), NumpyBackend(threads=2)
+    try:
+        tuned_one, cached = resolve_profile(one, 10, store)
+        assert not cached and tuned_one.cpus == 1 and tuned_one.key.endswith("-1cpu-float32-10ms")
+        tuned_two, cached = resolve_profile(two, 10, store)
+        assert not cached and tuned_two.cpus == 2 and tuned_two.key != tuned_one.key
+        assert resolve_profile(one, 10, store) == (tuned_one, True)
+        assert resolve_profile(two, 10, store) == (tuned_two, True)
+        path = Path(store.path_for(tuned_one.key))
+        path.write_text(json.dumps({**json.loads(path.read_text()), "cpus": 64}))
+        rebuilt, cached = resolve_profile(one, 10, store)
+        assert not cached and rebuilt.cpus == 1 and "was made for {'cpus': 64}" in caplog.text
+    finally:
+        one.close()
+        two.close()

@@ -34,6 +34,9 @@ class Profile:
     created_ms: int = 0
     version: int = PROFILE_VERSION
     device_uuid: str = ""  # the GPU that was tuned (informational: same-model cards share a profile)
+    # The CPU backend's threads: the same CPU model with fewer cores (a CPU limit, a smaller
+    # node) needs a smaller shape for the same time. 0 on a GPU.
+    cpus: int = 0
 
     @property
     def shape(self) -> Shape:
@@ -41,13 +44,21 @@ class Profile:
 
     @property
     def key(self) -> str:
-        return profile_key(self.backend, self.device, self.dtype, self.target_ms)
+        return profile_key(self.backend, self.device, self.dtype, self.target_ms, self.cpus)
 
 
-def profile_key(backend: str, device: str, dtype: str, target_ms: int) -> str:
-    """Cache key: backend, device model, dtype and target (file-name safe)."""
+def profile_key(backend: str, device: str, dtype: str, target_ms: int, cpus: int = 0) -> str:
+    """Cache key: backend, device model, CPUs where they set the speed, dtype and target
+    (file-name safe). A shared cache (S3) then holds one profile per node size, instead of
+    nodes of different sizes overwriting one another's."""
     slug = re.sub(r"[^A-Za-z0-9]+", "-", device).strip("-").lower()[:60] or "device"
-    return f"{backend}-{slug}-{dtype}-{target_ms}ms"
+    return f"{backend}-{slug}{f'-{cpus}cpu' if cpus else ''}-{dtype}-{target_ms}ms"
+
+
+def _identity(backend: Backend, target_ms: int) -> dict:
+    """What a cached profile must match to be used for `backend` (Profile's field names)."""
+    return {"backend": backend.name, "device": backend.device_model, "dtype": backend.dtype, "target_ms": target_ms,
+            "cpus": backend.tuned_cpus}
 
 
 class ProfileCache(Protocol):
@@ -157,16 +168,15 @@ def autotune(backend: Backend, target_ms: int, *, start: int = 512, step: int = 
         probe(estimate)
         best = min(probes, key=lambda s: abs(probes[s] - target_ms))
     log.info("[autotune] chosen m,n,k=(%d,%d,%d)", best, best, best)
-    return Profile(backend=backend.name, device=backend.device_model, dtype=backend.dtype,
-                   target_ms=target_ms, m=best, n=best, k=best, measured_ms=round(probes[best], 3),
+    return Profile(**_identity(backend, target_ms), m=best, n=best, k=best, measured_ms=round(probes[best], 3),
                    probes=[{"side": s, "ms": round(t, 3)} for s, t in sorted(probes.items())],
                    created_ms=int(time.time() * 1000), device_uuid=getattr(backend, "device_uuid", ""))
 
 
 def resolve_profile(backend: Backend, target_ms: int, store: ProfileCache, *, retune: bool = False) -> tuple[Profile, bool]:
     """(profile, from_cache): the cached profile when its key matches, else a new one."""
-    key = profile_key(backend.name, backend.device_model, backend.dtype, target_ms)
-    expect = {"backend": backend.name, "device": backend.device_model, "dtype": backend.dtype, "target_ms": target_ms}
+    expect = _identity(backend, target_ms)
+    key = profile_key(**expect)
     if not retune:
         cached = store.load(key, expect)
         if cached is not None:

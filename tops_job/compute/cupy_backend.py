@@ -81,6 +81,7 @@ class CupyBackend:
     # 256 int32 columns per leaf: 1 KiB, 17 SHA-256 blocks per thread; a 16-opening receipt
     # carries about 22 KB of leaf data.
     default_tile = 256
+    tuned_cpus = 0  # the product's speed is the device's, whatever the host's CPUs
 
     def __init__(self, dtype: str = "float32", device_index: int = 0, *, telemetry: bool = True,
                  strict_device: bool = False):
