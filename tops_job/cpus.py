@@ -24,13 +24,15 @@ from pathlib import Path
 _MAX_FILE = 4096  # a cgroup file is a line; anything longer is not one
 
 
-def _read(path: Path) -> str | None:
+def _read(path: Path, limit: int = _MAX_FILE) -> str | None:
+    """The file's text, or None when it is missing, unreadable or over `limit` bytes. Bytes
+    that are not UTF-8 read as U+FFFD, which no number below accepts."""
     try:
         with open(path, "rb") as handle:
-            data = handle.read(_MAX_FILE + 1)
-        return data.decode("ascii").strip() if len(data) <= _MAX_FILE else None
-    except (OSError, UnicodeDecodeError):
+            data = handle.read(limit + 1)
+    except OSError:
         return None
+    return data.decode("utf-8", errors="replace").strip() if len(data) <= limit else None
 
 
 def _positive_int(text: str) -> int | None:
@@ -55,18 +57,10 @@ def _v1_quota(directory: Path) -> float | None:
     return quota / period if quota and period else None
 
 
-def _read_lines(path: Path) -> list[str]:
-    try:
-        with open(path, "rb") as handle:
-            return handle.read(1 << 16).decode("utf-8", errors="replace").splitlines()
-    except OSError:
-        return []
-
-
 def _own_cgroups(proc_cgroup: Path) -> tuple[str | None, str | None]:
     """(the v2 path, the v1 cpu controller's path) of this process, from /proc/self/cgroup."""
     v2 = v1 = None
-    for line in _read_lines(proc_cgroup):
+    for line in (_read(proc_cgroup, 1 << 16) or "").splitlines():
         parts = line.split(":", 2)
         if len(parts) != 3 or not parts[2].startswith("/"):
             continue

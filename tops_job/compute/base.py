@@ -36,9 +36,11 @@ class Backend(Protocol):
     device_model: str  # the receipt's `device`
     dtype: str  # the receipt's `dtype`
     default_tile: int  # leaf width that balances hashing speed and receipt size here
-    # The host CPUs the product runs on, when its speed depends on them (the CPU backend's
-    # threads); 0 where it does not (a GPU). Part of the autotune profile's identity.
-    tuned_cpus: int
+
+    @property
+    def tuned_cpus(self) -> int:
+        """The host CPUs the product runs on, when its speed depends on them (the CPU
+        backend's threads); 0 where it does not (a GPU). Part of the autotune profile's identity."""
 
     def prepare(self, shape: Shape) -> None:
         """Allocate buffers for `shape` (no-op when already prepared for it)."""

@@ -46,11 +46,15 @@ class NumpyBackend:
         self.threads = threads or usable_cpus()
         if threads is None:  # under a CPU quota, BLAS would start a thread per core it may run on
             cap_blas_threads(self.threads)
-        self.tuned_cpus = self.threads
         self._executor = ThreadPoolExecutor(self.threads, thread_name_prefix="tops-cpu") if self.threads > 1 else None
         self._helpers: list[Helper] = []  # for the commitment, started with the first large shape
         self._shared: SharedRows | None = None
         self.shape: Shape | None = None
+
+    @property
+    def tuned_cpus(self) -> int:
+        """The product's speed depends on the threads it runs on (Backend.tuned_cpus)."""
+        return self.threads
 
     def prepare(self, shape: Shape) -> None:
         if shape == self.shape:
