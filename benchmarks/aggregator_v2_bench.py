@@ -17,6 +17,13 @@ s·(tile+1)·k whatever m and n are, so a short C keeps making them cheap while 
 does the work of the autotuned shape's k. The verification alone (`check_commitment` and
 `check_opened` on the same attempts) runs in freshly spawned processes with the server's
 process settings (`serve.tune_process`), as many as the server's workers.
+
+Two windows are reported. "steady" ends when the first run has sent its last attempt, so
+every run is sending throughout; "whole" runs until the last one ends. SO_REUSEPORT hashes
+each keep-alive connection to one worker, and 32 runs rarely split evenly: in the tail the
+runs of the busier worker are all that is left, and the other worker idles. The clients'
+CPU (this process: building each exchange and its openings) is reported too, because on a
+2-core machine it is taken from the cores the server would use.
 """
 
 from __future__ import annotations
@@ -65,12 +72,14 @@ def _verify_for(args: tuple[list[tuple[dict[str, Any], list[int], dict[str, Any]
     return done, time.process_time() - cpu
 
 
-def alone(items: list[tuple[dict[str, Any], list[int], dict[str, Any]]], procs: int, seconds: float) -> float:
-    """Attempts verified per CPU-second, alone, in `procs` fresh processes at once."""
+def alone(items: list[tuple[dict[str, Any], list[int], dict[str, Any]]], procs: int, seconds: float) -> tuple[float, float]:
+    """The verification alone in `procs` fresh processes at once: attempts per CPU-second,
+    and attempts per wall second (all processes together)."""
     with ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn")) as pool:
         list(pool.map(_verify_for, [(items[:2], 0.2)] * procs))
         results = list(pool.map(_verify_for, [(items, seconds)] * procs))
-    return sum(r[0] for r in results) / sum(r[1] for r in results)
+    done = sum(r[0] for r in results)
+    return done / sum(r[1] for r in results), done / seconds
 
 
 def _post(sock: Any, host: str, port: int, buffer: bytearray, body: dict[str, Any]) -> dict[str, Any]:
@@ -81,7 +90,9 @@ def _post(sock: Any, host: str, port: int, buffer: bytearray, body: dict[str, An
     return dict(json.loads(answer))
 
 
-def run(workers: int, clients: int, attempts: int, k: int, tile: int, extra: tuple[str, ...] = ()) -> None:
+def run(workers: int, clients: int, attempts: int, k: int, tile: int, extra: tuple[str, ...] = ()) -> dict[str, float]:
+    """One server run; prints both windows and returns the steady one's attempts/s, with the
+    verification alone's attempts/s in as many processes."""
     import socket
 
     import requests
@@ -126,22 +137,41 @@ def run(workers: int, clients: int, attempts: int, k: int, tile: int, extra: tup
                 accepted[index] += sum(o.get("verdict") == "accepted" for o in answer.get("open", []))
                 sock.close()
 
-            cpu0, wall0 = tree_cpu(server.pid), time.perf_counter()
-            pool_ = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+            first_done = threading.Event()
+
+            def client_run(index: int) -> None:
+                try:
+                    client(index)
+                finally:
+                    first_done.set()
+
+            cpu0, wall0, clients0 = tree_cpu(server.pid), time.perf_counter(), time.process_time()
+            pool_ = [threading.Thread(target=client_run, args=(i,)) for i in range(clients)]
             for thread in pool_:
                 thread.start()
+            # The steady window ends when the first run has sent its last attempt: until then
+            # every run is sending. After it, fewer connections than workers' threads may be
+            # left, unevenly spread over the workers, and the tail measures that spread.
+            first_done.wait()
+            steady = {"wall": time.perf_counter() - wall0, "cpu": tree_cpu(server.pid) - cpu0,
+                      "clients_cpu": time.process_time() - clients0, "done": sum(accepted)}
             for thread in pool_:
                 thread.join()
-            wall, cpu = time.perf_counter() - wall0, tree_cpu(server.pid) - cpu0
+            whole = {"wall": time.perf_counter() - wall0, "cpu": tree_cpu(server.pid) - cpu0,
+                     "clients_cpu": time.process_time() - clients0, "done": sum(accepted)}
         finally:
             server.terminate()
             server.wait(15)
-    done = sum(accepted)
-    per_core_alone = alone(json.loads(json.dumps(samples)), workers, 3.0)
-    print(f"v2, {workers} worker(s), {clients} runs × {attempts} attempts (k = {k}, tile {tile}, s = {S}):"
-          f" {done} accepted in {wall:.1f}s = {done / wall:.0f} attempts/s; server CPU {cpu:.1f}s ="
-          f" {cpu / done * 1e3:.2f} ms an attempt; the verification alone {1e3 / per_core_alone:.2f} ms"
-          f" ({done / cpu / per_core_alone:.2f} of it per core)")
+    per_core_alone, alone_per_s = alone(json.loads(json.dumps(samples)), workers, 3.0)
+    for name, window in (("steady", steady), ("whole", whole)):
+        done, wall, cpu = window["done"], window["wall"], window["cpu"]
+        print(f"v2, {workers} worker(s), {clients} runs × {attempts} attempts (k = {k}, tile {tile}, s = {S}), {name}:"
+              f" {done} accepted in {wall:.1f}s = {done / wall:.0f} attempts/s; server CPU {cpu:.1f}s ="
+              f" {cpu / done * 1e3:.2f} ms an attempt, {cpu / wall:.2f} cores; the verification alone"
+              f" {1e3 / per_core_alone:.2f} ms ({done / cpu / per_core_alone:.2f} of it per core); the clients' CPU"
+              f" {window['clients_cpu'] / done * 1e3:.2f} ms an attempt", flush=True)
+    print(f"  the verification alone in {workers} process(es): {alone_per_s:.0f} attempts/s", flush=True)
+    return {"server": steady["done"] / steady["wall"], "alone": alone_per_s}
 
 
 def main() -> None:
@@ -149,12 +179,19 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=2816, help="inner dimension (this machine's autotune: 2816)")
     parser.add_argument("--tile", type=int, default=64)
     parser.add_argument("--workers", default="1,2")
-    parser.add_argument("--clients", type=int, default=16, help="concurrent worker runs")
+    parser.add_argument("--clients", type=int, default=32, help="concurrent worker runs")
     parser.add_argument("--attempts", type=int, default=40, help="attempts per run")
     parser.add_argument("--server-args", default="", help="more `aggregator serve` options, e.g. '--verify-slots 1'")
     args = parser.parse_args()
-    for workers in (int(w) for w in args.workers.split(",")):
-        run(workers, args.clients, args.attempts, args.k, args.tile, tuple(args.server_args.split()))
+    results = {workers: run(workers, args.clients, args.attempts, args.k, args.tile, tuple(args.server_args.split()))
+               for workers in (int(w) for w in args.workers.split(","))}
+    if 1 in results:
+        for workers, result in results.items():
+            if workers > 1:
+                # The verification alone bounds what more processes can give: on a machine whose
+                # cores share a cache and memory bandwidth it does not scale by `workers` either.
+                print(f"{workers} workers / 1, steady: the server {result['server'] / results[1]['server']:.2f}×;"
+                      f" the verification alone {result['alone'] / results[1]['alone']:.2f}×")
 
 
 if __name__ == "__main__":
