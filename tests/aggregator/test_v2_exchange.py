@@ -233,3 +233,101 @@ def test_a_resource_failure_is_503_and_records_nothing(tmp_path, monkeypatch):
     monkeypatch.undo()
     status, answer = _call(app, "POST", "/v2/exchange", body)
     assert answer["open"][0]["verdict"] == "accepted"
+
+
+def _committed_in_app(tmp_path, run_id: str, attempts: int = 2):
+    """An in-process app with a run challenge, and `attempts` attempts of one run."""
+    from tops_job.aggregator.app import AggregatorApp
+    from tops_job.aggregator.store import Store
+
+    store = Store(tmp_path / "agg.sqlite3")
+    app = AggregatorApp(store)
+    status, issued = _call(app, "GET", "/v2/challenge", query=f"did=did:test:worker&pubkey={WORKER_PUB.hex()}")
+    assert status == 200
+    made = [make(challenge=bytes.fromhex(issued["challenge"]), run_id=run_id, attempt=i) for i in range(attempts)]
+    return app, store, made
+
+
+def _count_transactions(monkeypatch, store) -> list[int]:
+    calls = [0]
+    group_write = store.group_write
+
+    def counted(write):
+        calls[0] += 1
+        return group_write(write)
+    monkeypatch.setattr(store, "group_write", counted)
+    return calls
+
+
+def test_an_exchange_records_its_verdict_and_commitment_in_one_transaction(tmp_path, monkeypatch):
+    """A worker's usual exchange (the next commitment with the last openings) is one commit and
+    one fsync, not one per item."""
+    app, store, (one, two) = _committed_in_app(tmp_path, "one-transaction")
+    status, answer = _call(app, "POST", "/v2/exchange", json.dumps({"commit": one.commitment}).encode())
+    leaves = answer["commit"]["challenge"]["leaves"]
+    transactions = _count_transactions(monkeypatch, store)
+    body = {"commit": two.commitment, "open": [one.opened(leaves)]}
+    status, answer = _call(app, "POST", "/v2/exchange", json.dumps(body).encode())
+    assert status == 200 and answer["open"][0]["verdict"] == "accepted" and "challenge" in answer["commit"]
+    assert transactions == [1]
+    assert app.v2.store.commitment(one.digest.hex())["state"] == "accepted"
+    assert app.v2.store.commitment(two.digest.hex())["leaves"] == answer["commit"]["challenge"]["leaves"]
+    status, again = _call(app, "POST", "/v2/exchange", json.dumps(body).encode())  # a resend: answered from the records
+    assert again["open"][0]["duplicate"] is True and again["commit"] == answer["commit"] and transactions == [1]
+
+
+def test_the_same_opened_set_twice_in_one_exchange_is_verified_once(tmp_path, monkeypatch):
+    from tops_job.aggregator import v2_exchange
+
+    app, store, (one,) = _committed_in_app(tmp_path, "twice", attempts=1)
+    status, answer = _call(app, "POST", "/v2/exchange", json.dumps({"commit": one.commitment}).encode())
+    opened = one.opened(answer["commit"]["challenge"]["leaves"])
+    verified = []
+    check_opened = v2_exchange.check_opened
+    monkeypatch.setattr(v2_exchange, "check_opened", lambda *a: verified.append(1) or check_opened(*a))
+    status, answer = _call(app, "POST", "/v2/exchange", json.dumps({"open": [opened, opened, opened]}).encode())
+    assert len(verified) == 1
+    assert [item["duplicate"] for item in answer["open"]] == [False, True, True]
+    assert {item["verdict"] for item in answer["open"]} == {"accepted"}
+
+
+def test_a_failed_transaction_records_neither_item_and_the_resend_succeeds(tmp_path, monkeypatch):
+    """The verdict and the commitment are committed together or not at all: after a 503 the
+    worker sends the same exchange again and gets both."""
+    import sqlite3
+
+    app, store, (one, two) = _committed_in_app(tmp_path, "all-or-nothing")
+    status, answer = _call(app, "POST", "/v2/exchange", json.dumps({"commit": one.commitment}).encode())
+    leaves = answer["commit"]["challenge"]["leaves"]
+    body = json.dumps({"commit": two.commitment, "open": [one.opened(leaves)]}).encode()
+    group_write = store.group_write
+
+    def fails_at_commit(write):
+        def then_fails(conn):
+            write(conn)
+            raise sqlite3.OperationalError("disk I/O error")
+        return group_write(then_fails)
+    monkeypatch.setattr(store, "group_write", fails_at_commit)
+    with pytest.raises(sqlite3.OperationalError):  # the app's WSGI edge answers it 503 storage_unavailable
+        _call(app, "POST", "/v2/exchange", body)
+    assert app.v2.store.commitment(one.digest.hex())["state"] == "committed" and app.v2.store.commitment(two.digest.hex()) is None
+    monkeypatch.undo()
+    status, answer = _call(app, "POST", "/v2/exchange", body)
+    assert answer["open"][0]["verdict"] == "accepted" and answer["open"][0]["duplicate"] is False
+    assert answer["commit"]["status"] == 200 and "challenge" in answer["commit"]
+
+
+def test_a_commitment_resent_with_its_own_opened_set_is_answered_with_the_verdict(tmp_path, monkeypatch):
+    """The opened sets are judged before the commitment (§10.2), as when each was written on
+    its own; a resent commitment alone costs no transaction."""
+    app, store, (one,) = _committed_in_app(tmp_path, "own-set", attempts=1)
+    status, answer = _call(app, "POST", "/v2/exchange", json.dumps({"commit": one.commitment}).encode())
+    leaves = answer["commit"]["challenge"]["leaves"]
+    transactions = _count_transactions(monkeypatch, store)
+    status, resent = _call(app, "POST", "/v2/exchange", json.dumps({"commit": one.commitment}).encode())
+    assert resent["commit"]["challenge"]["leaves"] == leaves and transactions == [0]
+    body = {"commit": one.commitment, "open": [one.opened(leaves)]}
+    status, answer = _call(app, "POST", "/v2/exchange", json.dumps(body).encode())
+    assert answer["open"][0] == {**answer["open"][0], "verdict": "accepted", "duplicate": False}
+    assert answer["commit"]["verdict"] == "accepted" and answer["commit"]["duplicate"] is True
+    assert transactions == [1]

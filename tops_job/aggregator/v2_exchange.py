@@ -17,7 +17,16 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from tops_job.aggregator.v2_store import ACCEPTED, COMMITTED, EXPIRED, REJECTED, Conflict, V2Store
+from tops_job.aggregator.v2_store import (
+    ACCEPTED,
+    COMMITTED,
+    EXPIRED,
+    REJECTED,
+    Conflict,
+    V2Store,
+    Write,
+    commitment_outcome,
+)
 from tops_job.spec.errors import ReceiptInvalid
 from tops_job.spec.v2 import (
     COST_CAP,
@@ -41,6 +50,19 @@ _DID = re.compile(r"[\x21-\x7e]{1,128}")
 _RUN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 Response = tuple[int, dict[str, Any], dict[str, str]]
+
+
+class Pending:
+    """An item's answer that waits on the exchange's writes: `finish(outcome)` makes it once
+    they are committed (V2Store.write_together), from its own write's outcome if it has one."""
+
+    __slots__ = ("write", "finish", "outcome")
+
+    def __init__(self, write: Write | None, finish: Callable[[Any], dict[str, Any]]):
+        self.write, self.finish, self.outcome = write, finish, None
+
+
+Answer = dict[str, Any] | Pending  # an item's answer now, or once its write is recorded
 
 
 def _error(status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> Response:
@@ -114,14 +136,47 @@ class V2Endpoints:
                 or not isinstance(envelope.get("open", []), list) or len(envelope.get("open", [])) > OPEN_ITEMS_MAX):
             return _error(400, "bad_envelope", f'the body is {{"commit"?: commitment, "open"?: [at most '
                                                f'{OPEN_ITEMS_MAX} opened sets]}}, not empty')
+        # Every item is checked first (an opened set verified); what they record, a verdict per
+        # opened set and the new commitment, is then written in one transaction: one commit and
+        # one wait for it per exchange, where a worker's usual exchange made two in turn.
+        items = envelope.get("open", [])
+        seen: set[str] = set()
+        opens: list[Answer | None] = []
+        for item in items:
+            digest = item.get("digest") if isinstance(item, dict) else None
+            if isinstance(digest, str) and digest in seen:
+                opens.append(None)  # the same set twice: answered from the first one's record, never verified twice
+                continue
+            if isinstance(digest, str):
+                seen.add(digest)
+            opens.append(self._open(item))
+        commit = self._commit(envelope["commit"]) if "commit" in envelope else None
+        self._record([answer for answer in (*opens, commit) if isinstance(answer, Pending)])
         answer: dict[str, Any] = {"ok": True}
         if "open" in envelope:
-            answer["open"] = [self._open(item) for item in envelope["open"]]
-        if "commit" in envelope:
-            answer["commit"] = self._commit(envelope["commit"])
+            answer["open"] = [self._settled(self._open(item)) if first is None else self._finished(first)
+                              for item, first in zip(items, opens)]
+        if commit is not None:
+            answer["commit"] = self._finished(commit)
         return 200, answer, {}
 
-    def _commit(self, obj: Any) -> dict[str, Any]:
+    def _record(self, pending: list[Pending]) -> None:
+        writing = [p for p in pending if p.write is not None]
+        if writing:
+            for item, outcome in zip(writing, self.store.write_together([p.write for p in writing if p.write])):
+                item.outcome = outcome
+
+    def _settled(self, answer: Answer) -> dict[str, Any]:
+        """An answer whose write, if any, is recorded now on its own."""
+        if isinstance(answer, Pending):
+            self._record([answer])
+        return self._finished(answer)
+
+    @staticmethod
+    def _finished(answer: Answer) -> dict[str, Any]:
+        return answer.finish(answer.outcome) if isinstance(answer, Pending) else answer
+
+    def _commit(self, obj: Any) -> Answer:
         try:
             committed = check_commitment(obj, s=self.s, cost_cap=self.cost_cap)
         except ReceiptInvalid as exc:
@@ -130,23 +185,31 @@ class V2Endpoints:
         if self.allow is not None and h["pubkey"] not in self.allow:
             return _item(403, "pubkey_not_allowed", "this pubkey may not submit here", digest)
         record = self.store.commitment(digest)
-        if record is None:
-            issued = self.store.run_challenge(h["challenge"])
-            if issued is None or issued["did"] != h["did"] or issued["pubkey"] != h["pubkey"]:
-                return _item(422, "unknown_challenge", "this aggregator did not issue that run challenge to this "
-                                                       "(did, pubkey)", digest)
-            now = self._now_ms()
-            if issued["expires_ms"] <= now:
-                return _item(410, "challenge_expired", f"the run challenge expired at {issued['expires_ms']}", digest)
-            leaves = challenge_leaves(self.verifier_key, committed.digest, self.s, committed.leaf_count)
+        if record is not None:
+            if record["state"] != COMMITTED:
+                return self._state_answer(digest, record, challenge=True)
+            # An opened set in this exchange may decide it: answered after the exchange's writes.
+            return Pending(None, lambda _: self._state_answer(digest, self.store.commitment(digest) or record,
+                                                              challenge=True))
+        issued = self.store.run_challenge(h["challenge"])
+        if issued is None or issued["did"] != h["did"] or issued["pubkey"] != h["pubkey"]:
+            return _item(422, "unknown_challenge", "this aggregator did not issue that run challenge to this "
+                                                   "(did, pubkey)", digest)
+        now = self._now_ms()
+        if issued["expires_ms"] <= now:
+            return _item(410, "challenge_expired", f"the run challenge expired at {issued['expires_ms']}", digest)
+        leaves = challenge_leaves(self.verifier_key, committed.digest, self.s, committed.leaf_count)
+        write = self.store.commitment_write(
+            digest=digest, pubkey=h["pubkey"], did=h["did"], nonce=h["nonce"], run_id=h["run_id"],
+            attempt=h["attempt"], ops=committed.ops, challenge=h["challenge"], s=self.s, leaves=leaves,
+            now_ms=now, ttl_ms=self.open_ttl_ms, commitment=json.dumps(obj, sort_keys=True, separators=(",", ":")))
+
+        def finish(outcome: dict[str, Any] | Conflict) -> dict[str, Any]:
             try:
-                record = self.store.add_commitment(
-                    digest=digest, pubkey=h["pubkey"], did=h["did"], nonce=h["nonce"], run_id=h["run_id"],
-                    attempt=h["attempt"], ops=committed.ops, challenge=h["challenge"], s=self.s, leaves=leaves,
-                    now_ms=now, ttl_ms=self.open_ttl_ms, commitment=json.dumps(obj, sort_keys=True, separators=(",", ":")))
+                return self._state_answer(digest, commitment_outcome(outcome), challenge=True)
             except Conflict as exc:
                 return _item(409, exc.code, exc.detail, digest)
-        return self._state_answer(digest, record, challenge=True)
+        return Pending(write, finish)
 
     def _state_answer(self, digest: str, record: dict[str, Any], *, challenge: bool) -> dict[str, Any]:
         state = record["state"]
@@ -165,7 +228,7 @@ class V2Endpoints:
         return {"status": 200, "digest": digest,
                 "challenge": {"leaves": record["leaves"], "s": record["s"], "expires_ms": record["expires_ms"]}}
 
-    def _open(self, opened: Any) -> dict[str, Any]:
+    def _open(self, opened: Any) -> Answer:
         digest = opened.get("digest") if isinstance(opened, dict) else None
         if not isinstance(digest, str) or not HEX32.fullmatch(digest):
             return _item(422, "bad_opening", "an opened set is {digest: 64 hex, openings: [...]}")
@@ -180,8 +243,10 @@ class V2Endpoints:
         try:
             verified = check_opened(committed, record["leaves"], opened)
         except ReceiptInvalid as exc:  # final, remembered: the same digest gets this answer again
-            self.store.set_verdict(digest, REJECTED, now_ms=self._now_ms(), error=exc.code, detail=exc.detail)
-            return self._state_answer(digest, self.store.commitment(digest) or record, challenge=False)
+            return Pending(self.store.verdict_write(digest, REJECTED, now_ms=self._now_ms(), error=exc.code,
+                                                    detail=exc.detail),
+                           lambda state: self._state_answer(digest, self.store.commitment(digest) or record,
+                                                            challenge=False))
         except (VerifierBusy, MemoryError) as exc:
             return _item(503, "verifier_busy", f"verification ran out of resources ({exc}); retry", digest)
         except Exception:  # a bug is never a verdict on the worker
@@ -190,11 +255,14 @@ class V2Endpoints:
         finally:
             self._verifying.release()
         epoch, steady_ms = self.steady()
-        state = self.store.set_verdict(digest, ACCEPTED, now_ms=self._now_ms(), clock_epoch=epoch, clock_ms=steady_ms)
-        if state != ACCEPTED:
-            return self._state_answer(digest, self.store.commitment(digest) or record, challenge=False)
-        return {"status": 200, "digest": digest, "verdict": "accepted", "duplicate": False, "ops": verified.ops,
-                "soundness": verified.soundness}
+
+        def finish(state: str) -> dict[str, Any]:
+            if state != ACCEPTED:  # another request recorded a verdict first
+                return self._state_answer(digest, self.store.commitment(digest) or record, challenge=False)
+            return {"status": 200, "digest": digest, "verdict": "accepted", "duplicate": False, "ops": verified.ops,
+                    "soundness": verified.soundness}
+        return Pending(self.store.verdict_write(digest, ACCEPTED, now_ms=self._now_ms(), clock_epoch=epoch,
+                                                clock_ms=steady_ms), finish)
 
     # ---- GET /v2/runs/<run_id>, /v2/keys/<pubkey>
 

@@ -11,6 +11,7 @@ commit's (group_commit.py), shared with whatever else concurrent requests write.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 COMMITTED, ACCEPTED, REJECTED, EXPIRED = "committed", "accepted", "rejected", "expired"
@@ -22,6 +23,16 @@ class Conflict(Exception):
     def __init__(self, code: str, detail: str):
         super().__init__(detail)
         self.code, self.detail = code, detail
+
+
+Write = Callable[[Any], Any]  # a function of the open write connection, returning its outcome
+
+
+def commitment_outcome(outcome: dict[str, Any] | Conflict) -> dict[str, Any]:
+    """A commitment_write's outcome: the record, or its Conflict raised."""
+    if isinstance(outcome, Conflict):
+        raise outcome
+    return outcome
 
 
 def _run_taken(run_id: str) -> Conflict:
@@ -82,11 +93,26 @@ class V2Store:
         record["leaves"] = json.loads(record["leaves"])
         return record
 
-    def add_commitment(self, *, digest: str, pubkey: str, did: str, nonce: str, run_id: str, attempt: int, ops: int,
-                       challenge: str, s: int, leaves: list[int], now_ms: int, ttl_ms: int,
-                       commitment: str) -> dict[str, Any]:
+    def add_commitment(self, **fields: Any) -> dict[str, Any]:
         """Record a checked commitment with its drawn leaves, or return the record already
         there for this digest. Raises Conflict for a replayed nonce or another key's run."""
+        return commitment_outcome(self.write_together([self.commitment_write(**fields)])[0])
+
+    def set_verdict(self, digest: str, state: str, **fields: Any) -> str:
+        """Move a COMMITTED record to its final state; returns the state it ends in (a verdict
+        recorded first by another request wins)."""
+        return str(self.write_together([self.verdict_write(digest, state, **fields)])[0])
+
+    def write_together(self, writes: list[Write]) -> list[Any]:
+        """Each write's outcome, all of them run in one transaction and committed: in the
+        server, through the group commit, one fsync for everything an exchange records."""
+        return list(self._store.group_write(lambda conn: [write(conn) for write in writes]))
+
+    def commitment_write(self, *, digest: str, pubkey: str, did: str, nonce: str, run_id: str, attempt: int, ops: int,
+                         challenge: str, s: int, leaves: list[int], now_ms: int, ttl_ms: int,
+                         commitment: str) -> Write:
+        """add_commitment's write, for write_together: its outcome is the record, or the
+        Conflict (commitment_outcome raises it)."""
 
         def write(conn: Any) -> dict[str, Any] | Conflict:  # a conflict is an outcome, not a failed batch
             existing = self._read_commitment(conn, digest)
@@ -117,15 +143,11 @@ class V2Store:
                     "expires_ms": now_ms + ttl_ms, "ops": ops, "commitment": commitment, "run_id": run_id,
                     "pubkey": pubkey}  # what commitment(digest) reads back, without reading it
 
-        outcome = self._store.group_write(write)
-        if isinstance(outcome, Conflict):
-            raise outcome
-        return outcome
+        return write
 
-    def set_verdict(self, digest: str, state: str, *, now_ms: int, error: str | None = None, detail: str | None = None,
-                    clock_epoch: str | None = None, clock_ms: int | None = None) -> str:
-        """Move a COMMITTED record to its final state; returns the state it ends in (a verdict
-        recorded first by another request wins)."""
+    def verdict_write(self, digest: str, state: str, *, now_ms: int, error: str | None = None, detail: str | None = None,
+                      clock_epoch: str | None = None, clock_ms: int | None = None) -> Write:
+        """set_verdict's write, for write_together: its outcome is the state the record ends in."""
 
         def write(conn: Any) -> str:
             moved = conn.execute(
@@ -137,7 +159,7 @@ class V2Store:
             row = conn.execute("SELECT state FROM v2_commitments WHERE digest = ?", (digest,)).fetchone()
             return EXPIRED if row is None else str(row[0])  # gone (deleted by hand): nothing to accept
 
-        return str(self._store.group_write(write))
+        return write
 
     def run_report(self, run_id: str, now_ms: int) -> dict[str, Any] | None:
         owner = self._conn().execute("SELECT pubkey FROM v2_runs WHERE run_id = ?", (run_id,)).fetchone()
