@@ -65,6 +65,21 @@ def test_a_replayed_nonce_and_another_keys_run_are_conflicts(store):
     assert store.commitment("d4" * 32) is None and store.commitment("d5" * 32) is None
 
 
+def test_a_replay_refused_as_a_runs_first_commitment_binds_nothing(store):
+    """A refused commitment records nothing (spec §9.1), its run included: the run stays free
+    for its key's honest first commitment. The replay is refused on both paths: a run's first
+    commitment (checked before the run is bound) and its later ones (the insert's conflict)."""
+    _commit(store, "e1" * 32, nonce="n-e", run_id="run-e")
+    with pytest.raises(Conflict) as replay:
+        _commit(store, "e2" * 32, nonce="n-e", run_id="run-fresh")
+    assert replay.value.code == "replayed_nonce"
+    with pytest.raises(Conflict) as replay_in_run:
+        _commit(store, "e3" * 32, nonce="n-e", run_id="run-e", attempt=1)
+    assert replay_in_run.value.code == "replayed_nonce"
+    assert _commit(store, "e4" * 32, nonce="n-other", run_id="run-fresh", pubkey="03" + "cd" * 32)["state"] == COMMITTED
+    assert store.commitment("e2" * 32) is None and store.commitment("e3" * 32) is None
+
+
 def _as_one_batch(opened, calls: dict) -> tuple[dict, int, V2Store, GroupCommitStore]:
     """Runs each of `calls` (key: a function of the V2Store and its GroupCommitStore) on a
     thread of its own while the writer is held in a transaction, so that all their writes
