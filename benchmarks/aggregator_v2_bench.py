@@ -146,6 +146,11 @@ def run(workers: int, clients: int, attempts: int, k: int, tile: int, extra: tup
                     first_done.set()
 
             cpu0, wall0, clients0 = tree_cpu(server.pid), time.perf_counter(), time.process_time()
+
+            def window() -> dict[str, float]:
+                return {"wall": time.perf_counter() - wall0, "cpu": tree_cpu(server.pid) - cpu0,
+                        "clients_cpu": time.process_time() - clients0, "done": sum(accepted)}
+
             pool_ = [threading.Thread(target=client_run, args=(i,)) for i in range(clients)]
             for thread in pool_:
                 thread.start()
@@ -153,12 +158,10 @@ def run(workers: int, clients: int, attempts: int, k: int, tile: int, extra: tup
             # every run is sending. After it, fewer connections than workers' threads may be
             # left, unevenly spread over the workers, and the tail measures that spread.
             first_done.wait()
-            steady = {"wall": time.perf_counter() - wall0, "cpu": tree_cpu(server.pid) - cpu0,
-                      "clients_cpu": time.process_time() - clients0, "done": sum(accepted)}
+            steady = window()
             for thread in pool_:
                 thread.join()
-            whole = {"wall": time.perf_counter() - wall0, "cpu": tree_cpu(server.pid) - cpu0,
-                     "clients_cpu": time.process_time() - clients0, "done": sum(accepted)}
+            whole = window()
         finally:
             server.terminate()
             server.wait(15)

@@ -161,10 +161,14 @@ class V2Endpoints:
         return 200, answer, {}
 
     def _record(self, pending: list[Pending]) -> None:
-        writing = [p for p in pending if p.write is not None]
+        writing = [(item, item.write) for item in pending if item.write is not None]
         if writing:
-            for item, outcome in zip(writing, self.store.write_together([p.write for p in writing if p.write])):
+            for (item, _), outcome in zip(writing, self.store.write_together([write for _, write in writing])):
                 item.outcome = outcome
+
+    def _answer_as_recorded(self, digest: str, before: dict[str, Any], *, challenge: bool) -> dict[str, Any]:
+        """The answer from the digest's record as it is now (`before` if it has since gone)."""
+        return self._state_answer(digest, self.store.commitment(digest) or before, challenge=challenge)
 
     def _settled(self, answer: Answer) -> dict[str, Any]:
         """An answer whose write, if any, is recorded now on its own."""
@@ -189,8 +193,7 @@ class V2Endpoints:
             if record["state"] != COMMITTED:
                 return self._state_answer(digest, record, challenge=True)
             # An opened set in this exchange may decide it: answered after the exchange's writes.
-            return Pending(None, lambda _: self._state_answer(digest, self.store.commitment(digest) or record,
-                                                              challenge=True))
+            return Pending(None, lambda _: self._answer_as_recorded(digest, record, challenge=True))
         issued = self.store.run_challenge(h["challenge"])
         if issued is None or issued["did"] != h["did"] or issued["pubkey"] != h["pubkey"]:
             return _item(422, "unknown_challenge", "this aggregator did not issue that run challenge to this "
@@ -245,8 +248,7 @@ class V2Endpoints:
         except ReceiptInvalid as exc:  # final, remembered: the same digest gets this answer again
             return Pending(self.store.verdict_write(digest, REJECTED, now_ms=self._now_ms(), error=exc.code,
                                                     detail=exc.detail),
-                           lambda state: self._state_answer(digest, self.store.commitment(digest) or record,
-                                                            challenge=False))
+                           lambda state: self._answer_as_recorded(digest, record, challenge=False))
         except (VerifierBusy, MemoryError) as exc:
             return _item(503, "verifier_busy", f"verification ran out of resources ({exc}); retry", digest)
         except Exception:  # a bug is never a verdict on the worker
@@ -258,7 +260,7 @@ class V2Endpoints:
 
         def finish(state: str) -> dict[str, Any]:
             if state != ACCEPTED:  # another request recorded a verdict first
-                return self._state_answer(digest, self.store.commitment(digest) or record, challenge=False)
+                return self._answer_as_recorded(digest, record, challenge=False)
             return {"status": 200, "digest": digest, "verdict": "accepted", "duplicate": False, "ops": verified.ops,
                     "soundness": verified.soundness}
         return Pending(self.store.verdict_write(digest, ACCEPTED, now_ms=self._now_ms(), clock_epoch=epoch,
