@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Any
 
 import pytest
 import requests
@@ -331,3 +332,53 @@ def test_a_commitment_resent_with_its_own_opened_set_is_answered_with_the_verdic
     assert answer["open"][0] == {**answer["open"][0], "verdict": "accepted", "duplicate": False}
     assert answer["commit"]["verdict"] == "accepted" and answer["commit"]["duplicate"] is True
     assert transactions == [1]
+
+
+def test_on_a_poll_thread_an_exchange_over_the_inline_cost_asks_for_a_thread_before_any_work(tmp_path, monkeypatch):
+    """serve.py's inline lane: an exchange whose opened sets cost more than the gate's inline
+    cost raises RunInThread on the poll thread before verifying or writing anything, and is
+    answered in full when it runs again on a pool thread. A commitment alone costs nothing."""
+    import threading
+
+    from tops_job.aggregator import guard, v2_exchange
+    from tops_job.spec.v2 import cost_of
+
+    app, store, (one, two) = _committed_in_app(tmp_path, "lanes")
+    verified: list[int] = []
+    check_opened = v2_exchange.check_opened
+    monkeypatch.setattr(v2_exchange, "check_opened", lambda *a: verified.append(1) or check_opened(*a))
+    transactions = _count_transactions(monkeypatch, store)
+
+    def on_poll_thread(data: bytes) -> Any:
+        seen: dict[str, Any] = {}
+
+        def run() -> None:
+            guard.serve_inline_here()
+            try:
+                seen["answer"] = _call(app, "POST", "/v2/exchange", data)
+            except guard.RunInThread:
+                seen["answer"] = "to a thread"
+        thread = threading.Thread(target=run)
+        thread.start()
+        thread.join()
+        return seen["answer"]
+
+    status, answer = on_poll_thread(json.dumps({"commit": one.commitment}).encode())  # no opened set: inline
+    assert status == 200 and transactions == [1]
+    leaves = answer["commit"]["challenge"]["leaves"]
+    cost = cost_of(one.commitment, 64)
+    app.gate.inline_cost = cost - 1
+    body = json.dumps({"commit": two.commitment, "open": [one.opened(leaves)]}).encode()
+    assert on_poll_thread(body) == "to a thread"
+    assert verified == [] and transactions == [1]
+    assert _state(app, one) == "committed" and app.v2.store.commitment(two.digest.hex()) is None
+    status, answer = _call(app, "POST", "/v2/exchange", body)  # on the pool thread
+    assert answer["open"][0]["verdict"] == "accepted" and "challenge" in answer["commit"]
+    assert verified == [1] and transactions == [2] and app.gate.busy == 0
+    app.gate.inline_cost = cost  # at the inline cost it runs where it is
+    status, again = on_poll_thread(body)
+    assert again["open"][0]["duplicate"] is True and verified == [1]
+
+
+def _state(app, made) -> str:
+    return app.v2.store.commitment(made.digest.hex())["state"]

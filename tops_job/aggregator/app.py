@@ -8,7 +8,8 @@ GET  /health       liveness and the number of receipts held
 
 Before any verification work: stored strings are length-capped, the receipt's cost is read
 from its header and capped, and a resend of an accepted receipt is answered from the store.
-Verifications run at most `gate.slots` at once (guard.py).
+Verifications run at most `gate.slots` at once on a worker's threads, besides the one its poll
+thread may run when the cost is under the gate's inline cost (guard.py, serve.py).
 
 Of an accepted v1 receipt the store keeps its claim: the signed body and `sig`, without the
 openings (`keep_openings` keeps the body as sent). The openings are the evidence for this
@@ -102,8 +103,9 @@ class AggregatorApp:
             raise ValueError(f"accept must be one of {ACCEPT_CHOICES}")
         self.store = store
         self.accept = accept
+        self.gate = gate or guard.VerifyGate(2)
         # v2 state lives in the same database file, in its own tables
-        self.v2 = v2 or V2Endpoints(V2Store(store), allow=allow, clock=clock)
+        self.v2 = v2 or V2Endpoints(V2Store(store), allow=allow, clock=clock, gate=self.gate)
         self._column_key = secrets.token_bytes(32)  # v1 column samples: a function of the digest
         self.max_body = max_body
         self.min_opens = min_opens
@@ -114,7 +116,6 @@ class AggregatorApp:
         self.monotonic_ns = monotonic_ns  # step-free clock: intervals (rate floors)
         self.clock_domain = guard.clock_domain()
         self.max_cost = max_cost
-        self.gate = gate or guard.VerifyGate(2)
         self.challenge_limiter = challenge_limiter or guard.RateLimiter(rate=20.0, burst=100)
         self.challenge_ttl_ms = challenge_ttl_ms
         self.events = events or Events()
@@ -176,16 +177,11 @@ class AggregatorApp:
             data = self._body(environ)
             if isinstance(data, tuple):
                 return data
-            # The same bound on concurrent verification as /verify: an exchange may open sets.
-            token = self.gate.acquire()
-            if token is None:
-                return _error(503, "busy", "every verification slot is taken; retry later", {"Retry-After": "1"})
+            # The same gate as /verify bounds its verification (V2Endpoints shares self.gate).
             began = time.perf_counter()
-            try:
-                return self.v2.exchange(data)
-            finally:
-                self.gate.release(token)
-                self.events.verify_seconds(time.perf_counter() - began)
+            answer = self.v2.exchange(data)
+            self.events.verify_seconds(time.perf_counter() - began)
+            return answer
         if method not in ("GET", "HEAD"):
             return _error(405, "method_not_allowed", f"{path} answers GET", {"Allow": "GET"})
         if path == "/v2/challenge":

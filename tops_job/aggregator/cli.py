@@ -73,6 +73,9 @@ def aggregator() -> None:
               help="Largest verification cost, opens × k × (1 + columns) (422 cost_over_cap above).")
 @click.option("--verify-slots", type=click.IntRange(1, 64), default=2, show_default=True,
               help="Verifications at once per worker (503 busy when none frees within 5 s).")
+@click.option("--inline-cost", type=click.IntRange(0), default=1 << 24, show_default=True,
+              help="Requests whose verification costs at most this run on the worker's poll thread, without "
+                   "a thread hand-over; costlier ones on its threads. 0: every request on a thread.")
 @click.option("--challenge-ttl", type=click.IntRange(1), default=24 * 3600, show_default=True, help="Challenge lifetime, seconds.")
 @click.option("--challenge-rate", type=click.FloatRange(0.01), default=20.0, show_default=True,
               help="Challenges per second per client address (bursts of 5 s worth).")

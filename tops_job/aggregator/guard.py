@@ -21,6 +21,12 @@ MAX_STRING = {"did": 256, "device": 256, "backend": 64, "dtype": 32}
 MAX_TELEMETRY_ENTRIES = 32
 MAX_TELEMETRY_KEY = 64
 
+# Verification cost (elements generated) a request may have and still run on its worker's
+# poll thread (serve.py's inline lane): a CPU worker's tops-receipt/2 attempt at k = 2816,
+# 64 × 65 × 2816 = 11.7 M, takes 6 ms to check; an attempt at the cost cap (2^26) goes to a
+# thread, so no connection of the worker waits behind one.
+DEFAULT_INLINE_COST = 1 << 24
+
 # Elements of A and B generated to check one receipt: per opening one row of A and one row
 # of Bt per checked column, k elements each (spec §8.5). 2^25 int32 elements ≈ 128 MiB of
 # rows; the default CPU receipt (k = 3392, 16 opens) costs 0.5 M.
@@ -61,34 +67,78 @@ def receipt_cost(receipt: Any, *, full: bool) -> int | None:
     return opens * k * (1 + columns)
 
 
+class RunInThread(BaseException):
+    """Raised on a poll thread by a request whose verification costs more than the gate's
+    `inline_cost`, before the request has done any work that counts: the server hands the
+    request to a thread of its pool, where it runs again from the start. A BaseException so
+    that no handler meant for the request's own failures answers it."""
+
+
+_lane = threading.local()  # .poll: this is a poll thread; .costly: the last acquire here was over the inline cost
+
+
+def serve_inline_here() -> None:
+    """Marks the calling thread as a server's poll thread: the requests it runs itself run
+    without a slot, and those over the inline cost raise RunInThread."""
+    _lane.poll = True
+
+
+def on_poll_thread() -> bool:
+    return getattr(_lane, "poll", False)
+
+
+def took_costly_lane(*, reset: bool = False) -> bool:
+    """Whether this (pool) thread's gate acquire since the last reset was over the inline
+    cost: the server then sends that connection's next request to a thread directly."""
+    costly = getattr(_lane, "costly", False)
+    if reset:
+        _lane.costly = False
+    return costly
+
+
 class VerifyGate:
     """At most `slots` verifications at once in this process, plus one lane kept for cheap
     receipts (cost ≤ `cheap_cost`): a flood of costly receipts, each within the cap, fills the
     slots but never makes an ordinary receipt wait behind all of them. A request that waits
-    longer than `wait_s` is answered 503 (transient) rather than queued without bound."""
+    longer than `wait_s` is answered 503 (transient) rather than queued without bound.
 
-    def __init__(self, slots: int, wait_s: float = 5.0, cheap_cost: int = DEFAULT_MAX_COST // 16):
+    On a poll thread (serve.py's inline lane) a verification of cost ≤ `inline_cost` runs at
+    once, without a slot: the poll thread runs one request at a time, so it is a lane of its
+    own. A costlier one, or one whose cost is unknown, raises RunInThread: a poll thread
+    never waits for a slot, which would stall every connection it serves."""
+
+    def __init__(self, slots: int, wait_s: float = 5.0, cheap_cost: int = DEFAULT_MAX_COST // 16,
+                 inline_cost: int = DEFAULT_INLINE_COST):
         self.slots = slots
         self.wait_s = wait_s
         self.cheap_cost = cheap_cost
+        self.inline_cost = inline_cost
         self._sem = threading.BoundedSemaphore(slots)
         self._cheap = threading.BoundedSemaphore(1)
         self._lock = threading.Lock()
         self.busy = 0
 
     def acquire(self, cost: int | None = None) -> str | None:
-        """A token for release(), or None when no slot freed in time."""
-        if cost is not None and cost <= self.cheap_cost:
-            if self._sem.acquire(blocking=False):
+        """A token for release(), or None when no slot freed in time. Raises RunInThread on a
+        poll thread when the work is over the inline cost."""
+        costly = cost is None or cost > self.inline_cost
+        if on_poll_thread():
+            if costly:
+                raise RunInThread
+            token = "inline"
+        else:
+            _lane.costly = costly
+            if cost is not None and cost <= self.cheap_cost:
+                if self._sem.acquire(blocking=False):
+                    token = "slot"
+                elif self._cheap.acquire(timeout=self.wait_s):
+                    token = "cheap"
+                else:
+                    return None
+            elif self._sem.acquire(timeout=self.wait_s):
                 token = "slot"
-            elif self._cheap.acquire(timeout=self.wait_s):
-                token = "cheap"
             else:
                 return None
-        elif self._sem.acquire(timeout=self.wait_s):
-            token = "slot"
-        else:
-            return None
         with self._lock:
             self.busy += 1
         return token
@@ -96,7 +146,8 @@ class VerifyGate:
     def release(self, token: str = "slot") -> None:
         with self._lock:
             self.busy -= 1
-        (self._cheap if token == "cheap" else self._sem).release()
+        if token != "inline":
+            (self._cheap if token == "cheap" else self._sem).release()
 
 
 class RateLimiter:

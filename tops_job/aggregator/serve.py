@@ -11,6 +11,15 @@ connection open forever by sending a header line now and then. Here:
   `body_timeout` of its first byte, however slowly it trickles; an idle keep-alive
   connection is closed after `idle_timeout`.
 
+The inline lane (`inline`, the default): a complete request runs on the poll thread itself,
+between its turns, and its answer is sent at once. Waitress would hand each request to a
+thread of its pool and wake the poll thread to send the answer; in a process serving
+CPU-bound Python, those hand-overs of the GIL cost a tops-receipt/2 attempt more CPU than
+anything but the verification (benchmarks/RESULTS.md, seventh round). A request whose
+verification would hold the loop, over the gate's `inline_cost` (guard.VerifyGate), raises
+RunInThread before any work that counts and runs again on a thread of the pool, within the
+gate's slots: the poll thread keeps reading, answering and running cheap requests meanwhile.
+
 Several processes (`workers`): the parent binds the port once (SO_REUSEPORT, not listening:
 it holds the port), opens the database (and migrates it) to fail fast, then forks workers
 that each listen on the port with a socket of their own, so the kernel spreads connections
@@ -23,6 +32,7 @@ guards above live in one server class, and nothing new is installed.
 
 from __future__ import annotations
 
+import collections
 import heapq
 import logging
 import os
@@ -34,10 +44,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from waitress import wasyncore
 from waitress.adjustments import Adjustments
 from waitress.channel import HTTPChannel
 from waitress.server import TcpWSGIServer
+from waitress.task import ThreadedTaskDispatcher
 
+from tops_job.aggregator.guard import RunInThread, on_poll_thread, serve_inline_here, took_costly_lane
 from tops_job.cpus import cap_blas_threads
 from tops_job.heap import keep_freed_memory
 
@@ -69,11 +82,56 @@ def connection_limit(requested: int | None, threads: int) -> int:
 
 class GuardedChannel(HTTPChannel):
     request_began = 0.0  # monotonic time the first byte of the request being read arrived
+    needs_thread = False  # its last request ran on a pool thread for its cost (the inline lane)
 
     def received(self, data: bytes) -> bool:
         if self.request is None and data:
             self.request_began = time.monotonic()
         return bool(super().received(data))
+
+    def service(self) -> None:
+        if not on_poll_thread():  # on the poll thread RunInThread propagates to GuardedServer._serve_inline
+            took_costly_lane(reset=True)
+        super().service()
+
+    def write_soon(self, data: bytes) -> int:
+        if not on_poll_thread():
+            # A connection whose request needed a thread (a GPU worker's attempts at the cost
+            # cap) most likely sends another such: the next goes to a thread directly, not
+            # first to the poll thread to be parsed and handed over. Set before the answer
+            # can reach the client, which may send its next request at once.
+            self.needs_thread = took_costly_lane()
+        return int(super().write_soon(data))
+
+    def _flush_outbufs_below_high_watermark(self) -> None:
+        # A pool thread waits here for the poll thread to send a large answer; on the poll
+        # thread that wait would never end. Its answer is sent when its request returns.
+        if not on_poll_thread():
+            super()._flush_outbufs_below_high_watermark()
+
+
+class LaneDispatcher(ThreadedTaskDispatcher):
+    """Waitress's thread pool, and before it the poll thread's own queue: a request (`add_task`,
+    called when one is complete or its channel's previous one is answered) waits there for
+    the poll thread, unless its connection's last request needed a thread; `to_thread` hands
+    one to the pool."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ready: collections.deque[GuardedChannel] = collections.deque()
+
+    def add_task(self, task: Any) -> None:
+        if task.needs_thread:
+            super().add_task(task)
+        else:
+            self.ready.append(task)  # from a pool thread too: the channel's service() then wakes the loop
+
+    def to_thread(self, channel: GuardedChannel) -> None:
+        super().add_task(channel)
+
+    def shutdown(self, cancel_pending: bool = True, timeout: int = 5) -> bool:
+        self.ready.clear()
+        return bool(super().shutdown(cancel_pending, timeout))
 
 
 class GuardedServer(TcpWSGIServer):
@@ -120,6 +178,41 @@ class GuardedServer(TcpWSGIServer):
             self._shed()
         return bool(super().readable())
 
+    def pull_trigger(self) -> None:
+        if not on_poll_thread():  # the poll thread needs no waking by itself
+            super().pull_trigger()
+
+    def run(self) -> None:
+        if not isinstance(self.task_dispatcher, LaneDispatcher):
+            super().run()
+            return
+        serve_inline_here()
+        ready = self.task_dispatcher.ready
+        try:
+            while self._map:
+                wasyncore.poll2(0.0 if ready else self.adj.asyncore_loop_timeout, self._map)
+                for _ in range(len(ready)):  # those ready now; the next turn reads the sockets first
+                    self._serve_inline(ready.popleft())
+        except (SystemExit, KeyboardInterrupt):
+            self.task_dispatcher.shutdown()
+
+    def _serve_inline(self, channel: GuardedChannel) -> None:
+        """Runs the channel's next request here and sends its answer; to the pool when it
+        raises RunInThread (nothing was written: its body is read again from the start)."""
+        if not channel.requests:  # cancelled since it was queued
+            return
+        try:
+            channel.service()
+        except RunInThread:
+            channel.requests[0].get_body_stream().seek(0)
+            self.task_dispatcher.to_thread(channel)
+            return
+        except Exception:  # waitress's own failures, outside the app: that connection ends, the loop goes on
+            log.exception("serving a request on the poll thread failed; closing its connection")
+            channel.will_close = True
+        if channel.connected and (channel.total_outbufs_len or channel.will_close or channel.close_when_flushed):
+            channel.handle_write()
+
     def _shed(self) -> None:
         """Near the limit, close the least recently active connections that are not being
         served, so that new clients are accepted at once instead of queueing behind them
@@ -159,13 +252,17 @@ def quiet_queue_warnings() -> None:
 
 
 def make_server(app: Any, sock: socket.socket, *, threads: int, limit: int, header_timeout: float, body_timeout: float,
-                idle_timeout: int, max_request_body_size: int) -> GuardedServer:
+                idle_timeout: int, max_request_body_size: int, inline: bool = True) -> GuardedServer:
     quiet_queue_warnings()
     adj = Adjustments(sockets=[sock], threads=threads, connection_limit=limit, channel_timeout=idle_timeout,
                       cleanup_interval=1, asyncore_use_poll=True, max_request_body_size=max_request_body_size,
                       recv_bytes=65536,  # a 100-300 KB receipt in a few reads, not dozens of loop turns
                       backlog=2048, ident="tops-job-aggregator", clear_untrusted_proxy_headers=True)
-    server = GuardedServer(app, map={}, _start=True, _sock=sock, adj=adj,
+    dispatcher = None
+    if inline:
+        dispatcher = LaneDispatcher()
+        dispatcher.set_thread_count(threads)
+    server = GuardedServer(app, map={}, _start=True, _sock=sock, adj=adj, dispatcher=dispatcher,
                            sockinfo=(sock.family, sock.type, sock.proto, sock.getsockname()), bind_socket=False)
     server.header_timeout = header_timeout
     server.body_timeout = body_timeout

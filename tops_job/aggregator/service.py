@@ -38,6 +38,7 @@ class Settings:
     idle_timeout: int = 60
     max_cost: int = guard.DEFAULT_MAX_COST
     verify_slots: int = 2
+    inline_cost: int = guard.DEFAULT_INLINE_COST  # 0: every request on a thread (serve.py)
     challenge_ttl_s: int = 24 * 3600
     challenge_rate: float = 20.0
     accept: str = "v2"  # receipt schemas taken: v1, v2 or both
@@ -84,9 +85,10 @@ def build_app(settings: Settings, store: Any, metrics: Any) -> tuple[Any, Any]:
     from tops_job.aggregator.v2_store import V2Store
 
     timed = TimedStore(store, metrics)
+    gate = guard.VerifyGate(settings.verify_slots, cheap_cost=max(1, settings.max_cost // 16),
+                            inline_cost=settings.inline_cost)
     v2 = V2Endpoints(V2Store(timed), s=settings.openings, cost_cap=settings.cost_cap, allow=settings.allow,
-                     run_ttl_ms=int(settings.run_ttl * 1000), open_ttl_ms=int(settings.open_ttl * 1000))
-    gate = guard.VerifyGate(settings.verify_slots, cheap_cost=max(1, settings.max_cost // 16))
+                     run_ttl_ms=int(settings.run_ttl * 1000), open_ttl_ms=int(settings.open_ttl * 1000), gate=gate)
     app = AggregatorApp(timed, max_body=settings.max_body, min_opens=settings.min_opens, allow=settings.allow,  # type: ignore[arg-type]
                         full=settings.full, max_cost=settings.max_cost, gate=gate,
                         challenge_limiter=guard.RateLimiter(rate=settings.challenge_rate, burst=max(1, int(settings.challenge_rate * 5))),
@@ -132,7 +134,7 @@ def start(settings: Settings, announce: Callable[[str], None]) -> int:
              f" min v1 opens {settings.min_opens}, {settings.workers} worker"
              f"{'s' if settings.workers != 1 else ''}, connection limit {limit} each"
              + (f", {len(settings.allow)} allowed keys" if settings.allow is not None else "") + ")")
-    options = {"threads": settings.threads, "limit": limit, "header_timeout": settings.header_timeout,
+    options = {"threads": settings.threads, "inline": settings.inline_cost > 0, "limit": limit, "header_timeout": settings.header_timeout,
                "body_timeout": settings.body_timeout, "idle_timeout": settings.idle_timeout,
                # waitress answers its own (plain) 413 only far above our limit; up to there the app answers in JSON
                "max_request_body_size": 4 * settings.max_body + 65536}

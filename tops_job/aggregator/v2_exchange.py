@@ -12,11 +12,11 @@ import json
 import logging
 import re
 import secrets
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
+from tops_job.aggregator.guard import VerifyGate
 from tops_job.aggregator.v2_store import (
     ACCEPTED,
     COMMITTED,
@@ -35,6 +35,7 @@ from tops_job.spec.v2 import (
     challenge_leaves,
     check_commitment,
     check_opened,
+    cost_of,
     parse_json,
     recorded_commitment,
 )
@@ -90,11 +91,24 @@ def steady_clock() -> tuple[str, int]:
 _PROCESS_EPOCH = secrets.token_hex(8)
 
 
+def _opened_digests(items: list[Any]) -> set[str]:
+    return {item["digest"] for item in items
+            if isinstance(item, dict) and isinstance(item.get("digest"), str) and HEX32.fullmatch(item["digest"])}
+
+
+def _opening_cost(record: dict[str, Any] | None) -> int:
+    """What verifying an opened set of this recorded commitment costs (s·(tile+1)·k, §8
+    step 7); 0 when it will not be verified (unknown, or its verdict is already recorded)."""
+    if record is None or record["state"] != COMMITTED:
+        return 0
+    return cost_of(json.loads(record["commitment"]), record["s"])
+
+
 class V2Endpoints:
     def __init__(self, store: V2Store, *, s: int = S_DEFAULT, cost_cap: int = COST_CAP,
                  allow: set[str] | None = None, clock: Callable[[], float] = time.time,
                  steady: Callable[[], tuple[str, int]] = steady_clock, open_ttl_ms: int = OPEN_TTL_MS,
-                 run_ttl_ms: int = RUN_TTL_MS, max_verifying: int = 2, verifier_key: bytes | None = None):
+                 run_ttl_ms: int = RUN_TTL_MS, gate: VerifyGate | None = None, verifier_key: bytes | None = None):
         self.store = store
         self.s = s
         self.cost_cap = cost_cap
@@ -104,7 +118,7 @@ class V2Endpoints:
         self.open_ttl_ms = open_ttl_ms
         self.run_ttl_ms = run_ttl_ms
         self.verifier_key = verifier_key or secrets.token_bytes(32)  # K_v: drawn leaves are recorded, so it may change
-        self._verifying = threading.BoundedSemaphore(max_verifying)
+        self.gate = gate or VerifyGate(2)  # bounds the exchanges verifying at once; the app shares its own
 
     def _now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -136,10 +150,21 @@ class V2Endpoints:
                 or not isinstance(envelope.get("open", []), list) or len(envelope.get("open", [])) > OPEN_ITEMS_MAX):
             return _error(400, "bad_envelope", f'the body is {{"commit"?: commitment, "open"?: [at most '
                                                f'{OPEN_ITEMS_MAX} opened sets]}}, not empty')
+        items = envelope.get("open", [])
+        records = {digest: self.store.commitment(digest) for digest in _opened_digests(items)}
+        token = self.gate.acquire(sum(_opening_cost(record) for record in records.values()))
+        if token is None:
+            return _error(503, "busy", "every verification slot is taken; retry later", {"Retry-After": "1"})
+        try:
+            # Records read before a wait for a slot may have been decided since: read again then.
+            return self._exchange(envelope, items, records if token == "inline" else None)
+        finally:
+            self.gate.release(token)
+
+    def _exchange(self, envelope: dict[str, Any], items: list[Any], records: dict[str, Any] | None) -> Response:
         # Every item is checked first (an opened set verified); what they record, a verdict per
         # opened set and the new commitment, is then written in one transaction: one commit and
         # one wait for it per exchange, where a worker's usual exchange made two in turn.
-        items = envelope.get("open", [])
         seen: set[str] = set()
         opens: list[Answer | None] = []
         for item in items:
@@ -149,7 +174,7 @@ class V2Endpoints:
                 continue
             if isinstance(digest, str):
                 seen.add(digest)
-            opens.append(self._open(item))
+            opens.append(self._open(item, records))
         commit = self._commit(envelope["commit"]) if "commit" in envelope else None
         self._record([answer for answer in (*opens, commit) if isinstance(answer, Pending)])
         answer: dict[str, Any] = {"ok": True}
@@ -231,18 +256,17 @@ class V2Endpoints:
         return {"status": 200, "digest": digest,
                 "challenge": {"leaves": record["leaves"], "s": record["s"], "expires_ms": record["expires_ms"]}}
 
-    def _open(self, opened: Any) -> Answer:
+    def _open(self, opened: Any, read: dict[str, Any] | None = None) -> Answer:
+        """An opened set's answer; `read`: records this exchange read already, by digest."""
         digest = opened.get("digest") if isinstance(opened, dict) else None
         if not isinstance(digest, str) or not HEX32.fullmatch(digest):
             return _item(422, "bad_opening", "an opened set is {digest: 64 hex, openings: [...]}")
-        record = self.store.commitment(digest)
+        record = read[digest] if read is not None and digest in read else self.store.commitment(digest)
         if record is None:
             return _item(404, "unknown_commitment", "no commitment with this digest here: send it again", digest)
         if record["state"] != COMMITTED or record["expires_ms"] <= self._now_ms():
             return self._state_answer(digest, record, challenge=False)
         committed = recorded_commitment(json.loads(record["commitment"]), s=record["s"])
-        if not self._verifying.acquire(timeout=5.0):
-            return _item(503, "verifier_busy", "too many verifications at once; retry", digest)
         try:
             verified = check_opened(committed, record["leaves"], opened)
         except ReceiptInvalid as exc:  # final, remembered: the same digest gets this answer again
@@ -254,8 +278,6 @@ class V2Endpoints:
         except Exception:  # a bug is never a verdict on the worker
             log.exception("verifier failed on opened set %s", digest)
             return _item(503, "verifier_busy", "the verifier failed; retry", digest)
-        finally:
-            self._verifying.release()
         epoch, steady_ms = self.steady()
 
         def finish(state: str) -> dict[str, Any]:

@@ -1,0 +1,242 @@
+"""serve.py's inline lane over real sockets: cheap requests run on the poll thread, a costly
+one is handed to a pool thread with its body intact, and neither holds up the other."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import socket
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+from urllib.parse import parse_qs
+
+import pytest
+import requests
+
+from tops_job.aggregator import guard, serve
+
+
+def lanes_app(gate: guard.VerifyGate) -> Any:
+    """POST /work?cost=N&sleep=S takes the gate at cost N, sleeps S s, and says where it ran;
+    GET /big?size=N answers N bytes; GET /entered lists the tags of every start of /work."""
+    entered: list[str] = []
+
+    def answer(start_response: Any, value: Any) -> list[bytes]:
+        data = json.dumps(value).encode()
+        start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(data)))])
+        return [data]
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        query = {name: values[0] for name, values in parse_qs(environ.get("QUERY_STRING", "")).items()}
+        if environ["PATH_INFO"] == "/big":
+            size, chunk = int(query["size"]), b"x" * 65536
+            start_response("200 OK", [("Content-Length", str(size))])
+            return (chunk for _ in range(size // len(chunk)))
+        if environ["PATH_INFO"] == "/entered":
+            return answer(start_response, entered)
+        body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+        entered.append(query.get("tag", ""))
+        token = gate.acquire(int(query.get("cost", "1")))  # raises RunInThread on the poll thread when costly
+        try:
+            time.sleep(float(query.get("sleep", "0")))
+        finally:
+            gate.release(token)
+        return answer(start_response, {"tag": query.get("tag", ""), "poll_thread": guard.on_poll_thread(),
+                                       "token": token, "body_sha256": hashlib.sha256(body).hexdigest(),
+                                       "body_len": len(body)})
+
+    return app
+
+
+def _serve(sock: socket.socket, inline: bool, inline_cost: int, high_watermark: int | None) -> None:
+    server = serve.make_server(lanes_app(guard.VerifyGate(2, inline_cost=inline_cost)), sock, threads=4, limit=200,
+                               header_timeout=5.0, body_timeout=5.0, idle_timeout=30, max_request_body_size=1 << 22,
+                               inline=inline)
+    if high_watermark is not None:
+        server.adj.outbuf_high_watermark = high_watermark
+    server.run()
+
+
+@contextmanager
+def serving(*, inline: bool = True, inline_cost: int = 1000, high_watermark: int | None = None) -> Iterator[str]:
+    """A server in a process of its own, as in production (forked: it shares this one's code)."""
+    sock = serve.bind("127.0.0.1", 0)
+    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    child = multiprocessing.get_context("fork").Process(target=_serve, args=(sock, inline, inline_cost, high_watermark),
+                                                        daemon=True)
+    child.start()
+    sock.close()  # the child's now
+    try:
+        yield base
+    finally:
+        child.terminate()
+        child.join(10)
+        assert child.exitcode is not None
+
+
+def _entered(base: str) -> list[str]:
+    return list(requests.get(f"{base}/entered", timeout=10).json())
+
+
+def test_cheap_requests_run_on_the_poll_thread_and_costly_ones_on_a_pool_thread_with_their_body(tmp_path):
+    body = bytes(range(256)) * 1200  # 300 KB: read once on the poll thread, then again on the pool thread
+    with serving() as base:
+        cheap = requests.post(f"{base}/work?cost=10&tag=cheap", data=body, timeout=10).json()
+        costly = requests.post(f"{base}/work?cost=5000&tag=costly", data=body, timeout=10).json()
+        unknown = requests.post(f"{base}/work?cost=1000&tag=edge", data=b"", timeout=10).json()
+        entered = _entered(base)
+    assert cheap["poll_thread"] is True and cheap["token"] == "inline"
+    assert costly["poll_thread"] is False and costly["token"] == "slot"
+    assert unknown["poll_thread"] is True  # at the inline cost itself: still inline
+    expected = hashlib.sha256(body).hexdigest()
+    assert cheap["body_sha256"] == costly["body_sha256"] == expected and costly["body_len"] == len(body)
+    assert entered == ["cheap", "costly", "costly", "edge"]  # the costly one started over on its thread
+
+
+def test_a_costly_request_on_a_thread_does_not_hold_up_cheap_ones():
+    with serving() as base:
+        slow: dict[str, Any] = {}
+
+        def post_costly() -> None:
+            slow["answer"] = requests.post(f"{base}/work?cost=5000&sleep=1.5&tag=slow", timeout=10).json()
+
+        background = threading.Thread(target=post_costly)
+        background.start()
+        time.sleep(0.2)
+        began = time.monotonic()
+        session = requests.Session()
+        answers = [session.post(f"{base}/work?cost=1&tag=quick{i}", timeout=10).json() for i in range(20)]
+        cheap_seconds = time.monotonic() - began
+        background.join()
+    assert all(answer["poll_thread"] for answer in answers)
+    assert cheap_seconds < 1.0, f"20 cheap requests took {cheap_seconds:.2f} s beside a 1.5 s costly one"
+    assert slow["answer"]["poll_thread"] is False
+
+
+def test_a_connection_whose_request_needed_a_thread_sends_the_next_to_one_directly():
+    """The poll thread parses a costly request once only to hand it over; after that the
+    connection's requests go to a thread until one of them turns out cheap."""
+    with serving() as base:
+        session = requests.Session()  # one keep-alive connection
+        where = [session.post(f"{base}/work?cost={cost}&tag={tag}", timeout=10).json()["poll_thread"]
+                 for cost, tag in ((5000, "a"), (5000, "b"), (1, "c"), (1, "d"))]
+        entered = _entered(base)
+    assert where == [False, False, False, True]
+    assert entered == ["a", "a", "b", "c", "d"]  # only the first was started on the poll thread
+
+
+def _read_answers(conn: socket.socket, count: int) -> list[dict[str, Any]]:
+    data, answers = b"", []
+    conn.settimeout(10)
+    while len(answers) < count:
+        chunk = conn.recv(65536)
+        assert chunk, f"the connection closed after {len(answers)} answers"
+        data += chunk
+        while b"\r\n\r\n" in data:
+            head, rest = data.split(b"\r\n\r\n", 1)
+            length = int(next(line.split(b":", 1)[1] for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length")))
+            if len(rest) < length:
+                break
+            answers.append(json.loads(rest[:length]))
+            data = rest[length:]
+    return answers
+
+
+@pytest.mark.parametrize("inline", [True, False], ids=["inline", "threads"])
+def test_pipelined_requests_on_one_connection_are_answered_in_order(inline):
+    """Three requests in one write, the middle one costly: it goes to a thread, and the third
+    waits for it (answers keep the requests' order on a connection), then follows it to a
+    thread as any request after a costly one on its connection does."""
+    with serving(inline=inline) as base:
+        port = int(base.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as conn:
+            conn.sendall(b"".join(
+                f"POST /work?cost={cost}&tag={tag}&sleep=0.2 HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc".encode()
+                for cost, tag in ((1, "first"), (5000, "second"), (1, "third"))))
+            answers = _read_answers(conn, 3)
+    assert [answer["tag"] for answer in answers] == ["first", "second", "third"]
+    assert [answer["poll_thread"] for answer in answers] == ([True, False, False] if inline else [False] * 3)
+
+
+def test_an_answer_over_the_high_watermark_is_sent_from_the_poll_thread():
+    """A pool thread writing a large answer waits for the poll thread to drain it below the
+    high watermark; the poll thread itself has no one to wait for. A client that reads late
+    fills the socket's buffers, and the rest of the answer must wait in the server's."""
+    size = 32 << 20
+    with serving(high_watermark=1 << 20) as base:
+        port = int(base.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as conn:
+            conn.sendall(f"GET /big?size={size} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            time.sleep(0.5)  # the answer is written while nobody reads
+            conn.settimeout(10)
+            received = 0
+            while received < size:
+                chunk = conn.recv(1 << 20)
+                assert chunk, f"the connection closed after {received} bytes"
+                received += len(chunk)
+    assert received >= size
+
+
+def test_with_the_lane_off_every_request_runs_on_a_thread():
+    with serving(inline=False) as base:
+        answer = requests.post(f"{base}/work?cost=1&tag=cheap", timeout=10).json()
+        entered = _entered(base)
+    assert answer["poll_thread"] is False and entered == ["cheap"]
+
+
+def test_on_a_poll_thread_the_gate_never_waits_for_a_slot():
+    gate = guard.VerifyGate(1, wait_s=5.0, inline_cost=100)
+    assert gate.acquire(10**9) == "slot"  # every slot taken, on an ordinary thread
+    seen: dict[str, Any] = {}
+
+    def on_poll_thread() -> None:
+        guard.serve_inline_here()
+        began = time.monotonic()
+        seen["cheap"] = gate.acquire(100)
+        seen["busy"] = gate.busy
+        gate.release(seen["cheap"])
+        for cost in (101, None):
+            try:
+                gate.acquire(cost)
+            except guard.RunInThread:
+                seen.setdefault("deferred", []).append(cost)
+        seen["seconds"] = time.monotonic() - began
+
+    thread = threading.Thread(target=on_poll_thread)
+    thread.start()
+    thread.join()
+    assert seen["cheap"] == "inline" and seen["busy"] == 2 and seen["deferred"] == [101, None]
+    assert seen["seconds"] < 1.0
+    assert gate.busy == 1 and not guard.on_poll_thread()  # the mark is the poll thread's own
+
+
+def test_a_failure_outside_the_app_on_the_poll_thread_ends_that_connection_not_the_loop(caplog):
+    class Channel:
+        requests: list[Any] = [object()]
+        connected = False
+        will_close = False
+        served = 0
+
+        def service(self) -> None:
+            self.served += 1
+            raise RuntimeError("a bug in the HTTP layer")
+
+    sock = serve.bind("127.0.0.1", 0)
+    server = serve.make_server(lanes_app(guard.VerifyGate(2)), sock, threads=1, limit=16, header_timeout=5.0,
+                               body_timeout=5.0, idle_timeout=30, max_request_body_size=1024)
+    try:
+        broken, cancelled = Channel(), Channel()
+        cancelled.requests = []
+        server._serve_inline(broken)  # type: ignore[arg-type]
+        server._serve_inline(cancelled)  # type: ignore[arg-type]
+    finally:
+        server.close()
+        server.task_dispatcher.shutdown()
+    assert broken.served == 1 and broken.will_close is True
+    assert cancelled.served == 0 and cancelled.will_close is False
+    assert "closing its connection" in caplog.text
