@@ -15,15 +15,17 @@ does, each commitment riding with the openings of the one before ({"commit": c_i
 `accepted`. Attempts have m = 16 rows: the verification of an opened set costs
 s·(tile+1)·k whatever m and n are, so a short C keeps making them cheap while the aggregator
 does the work of the autotuned shape's k. The verification alone (`check_commitment` and
-`check_opened` on the same attempts) runs in freshly spawned processes with the server's
-process settings (`serve.tune_process`), as many as the server's workers.
+`check_opened` on the first 200 attempts, their leaves drawn as the aggregator draws them)
+runs in freshly spawned processes with the server's process settings (`serve.tune_process`),
+as many as the server's workers, before and after the server's window.
 
 Two windows are reported. "steady" ends when the first run has sent its last attempt, so
 every run is sending throughout; "whole" runs until the last one ends. SO_REUSEPORT hashes
 each keep-alive connection to one worker, and 32 runs rarely split evenly: in the tail the
 runs of the busier worker are all that is left, and the other worker idles. The clients'
-CPU (this process: building each exchange and its openings) is reported too, because on a
-2-core machine it is taken from the cores the server would use.
+CPU (this process: joining each exchange from openings encoded beforehand, reading the
+answers) is reported too, because on a 2-core machine it is taken from the cores the server
+would use.
 """
 
 from __future__ import annotations
@@ -49,12 +51,29 @@ from aggregator_bench import _read_answer, _request, _started, tree_cpu  # noqa:
 from tops_job.spec.v2 import S_DEFAULT as S  # noqa: E402  (the aggregator's default openings per commitment)
 
 
-def _make(args: tuple[bytes, str, str, int, int, int, int]) -> list[Any]:
-    """`count` attempts of one run (tests.spec.v2_helpers.Made: the commitment, and what opens it)."""
+class Wire:
+    """One attempt as the load generator sends it: its commitment, and every leaf's opening
+    already encoded, so that answering a challenge joins 64 strings instead of encoding an
+    opened set. The clients share two cores with the server; the less they compute, the less
+    they take from it and the less they disturb its caches."""
+
+    def __init__(self, made: Any):
+        self.commitment_json = json.dumps(made.commitment, separators=(",", ":"))
+        self.digest = made.digest.hex()
+        leaves = range(len(made.data))
+        self.openings = [json.dumps(opening, separators=(",", ":")) for opening in made.opened(list(leaves))["openings"]]
+
+    def opened_json(self, leaves: list[int]) -> str:
+        """The opened set for `leaves` as `Made.opened` encodes it (one entry per drawn leaf)."""
+        return f'{{"digest":"{self.digest}","openings":[{",".join(self.openings[leaf] for leaf in leaves)}]}}'
+
+
+def _make(args: tuple[bytes, str, str, int, int, int, int]) -> list[Wire]:
+    """`count` attempts of one run, encoded for the wire."""
     from tests.spec.v2_helpers import make
 
     challenge, did, run_id, first, count, k, tile = args
-    return [make(m=16, n=1024, k=k, tile=tile, challenge=challenge, did=did, run_id=run_id, attempt=first + i)
+    return [Wire(make(m=16, n=1024, k=k, tile=tile, challenge=challenge, did=did, run_id=run_id, attempt=first + i))
             for i in range(count)]
 
 
@@ -82,8 +101,22 @@ def alone(items: list[tuple[dict[str, Any], list[int], dict[str, Any]]], procs: 
     return done / sum(r[1] for r in results), done / seconds
 
 
-def _post(sock: Any, host: str, port: int, buffer: bytearray, body: dict[str, Any]) -> dict[str, Any]:
-    sock.sendall(_request(host, port, json.dumps(body, separators=(",", ":")).encode(), "/v2/exchange"))
+def _samples(wires: list[Wire]) -> list[tuple[dict[str, Any], list[int], dict[str, Any]]]:
+    """(commitment, leaves, opened set) for the verification alone, leaves drawn as the
+    aggregator draws them (its own key here)."""
+    from tops_job.spec.v2 import challenge_leaves, check_commitment
+
+    key, out = os.urandom(32), []
+    for wire in wires:
+        commitment = json.loads(wire.commitment_json)
+        committed = check_commitment(commitment, s=S)
+        leaves = challenge_leaves(key, committed.digest, S, committed.leaf_count)
+        out.append((commitment, leaves, json.loads(wire.opened_json(leaves))))
+    return out
+
+
+def _post(sock: Any, host: str, port: int, buffer: bytearray, body: str) -> dict[str, Any]:
+    sock.sendall(_request(host, port, body.encode(), "/v2/exchange"))
     status, answer = _read_answer(sock, buffer)
     if status != 200:
         raise RuntimeError(f"/v2/exchange answered {status}: {answer[:200]!r}")
@@ -114,26 +147,20 @@ def run(workers: int, clients: int, attempts: int, k: int, tile: int, extra: tup
             with ProcessPoolExecutor(os.cpu_count() or 1) as pool:
                 made = list(pool.map(_make, runs))
             accepted = [0] * clients
-            samples: list[tuple[dict[str, Any], list[int], dict[str, Any]]] = []
-            lock = threading.Lock()
+            samples = _samples([attempt for run_ in made for attempt in run_][:200])
+            alone_before = alone(samples, workers, 3.0)
 
             def client(index: int) -> None:
                 sock = socket.create_connection((host, port))
                 buffer = bytearray()
                 previous = None
                 for attempt in made[index]:
-                    commitment = attempt.commitment
-                    body: dict[str, Any] = {"commit": commitment}
-                    if previous is not None:
-                        body["open"] = [previous]
+                    body = f'{{"commit":{attempt.commitment_json}' + (f',"open":[{previous}]}}' if previous else "}")
                     answer = _post(sock, host, port, buffer, body)
                     accepted[index] += sum(o.get("verdict") == "accepted" for o in answer.get("open", []))
                     leaves = answer["commit"]["challenge"]["leaves"]
-                    previous = attempt.opened(leaves)
-                    if len(samples) < 200:
-                        with lock:
-                            samples.append((commitment, leaves, previous))
-                answer = _post(sock, host, port, buffer, {"open": [previous]})
+                    previous = attempt.opened_json(leaves)
+                answer = _post(sock, host, port, buffer, f'{{"open":[{previous}]}}')
                 accepted[index] += sum(o.get("verdict") == "accepted" for o in answer.get("open", []))
                 sock.close()
 
@@ -165,13 +192,19 @@ def run(workers: int, clients: int, attempts: int, k: int, tile: int, extra: tup
         finally:
             server.terminate()
             server.wait(15)
-    per_core_alone, alone_per_s = alone(json.loads(json.dumps(samples)), workers, 3.0)
+    alone_after = alone(samples, workers, 3.0)
+    # The verification alone is measured before and after the server's window, in as many
+    # processes: this machine's speed drifts by a tenth or more over a minute, and the mean of
+    # the two brackets the window better than either.
+    per_core_alone = (alone_before[0] + alone_after[0]) / 2
+    alone_per_s = (alone_before[1] + alone_after[1]) / 2
     for name, window in (("steady", steady), ("whole", whole)):
         done, wall, cpu = window["done"], window["wall"], window["cpu"]
         print(f"v2, {workers} worker(s), {clients} runs × {attempts} attempts (k = {k}, tile {tile}, s = {S}), {name}:"
               f" {done} accepted in {wall:.1f}s = {done / wall:.0f} attempts/s; server CPU {cpu:.1f}s ="
               f" {cpu / done * 1e3:.2f} ms an attempt, {cpu / wall:.2f} cores; the verification alone"
-              f" {1e3 / per_core_alone:.2f} ms ({done / cpu / per_core_alone:.2f} of it per core); the clients' CPU"
+              f" {1e3 / per_core_alone:.2f} ms (before {1e3 / alone_before[0]:.2f}, after {1e3 / alone_after[0]:.2f};"
+              f" {done / cpu / per_core_alone:.2f} of it per core); the clients' CPU"
               f" {window['clients_cpu'] / done * 1e3:.2f} ms an attempt", flush=True)
     print(f"  the verification alone in {workers} process(es): {alone_per_s:.0f} attempts/s", flush=True)
     return {"server": steady["done"] / steady["wall"], "alone": alone_per_s}
