@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
+import os
 import socket
 import threading
 import time
@@ -240,3 +241,27 @@ def test_a_failure_outside_the_app_on_the_poll_thread_ends_that_connection_not_t
     assert broken.served == 1 and broken.will_close is True
     assert cancelled.served == 0 and cancelled.will_close is False
     assert "closing its connection" in caplog.text
+
+
+@pytest.mark.parametrize("reused_as", ["read end", "write end"])
+def test_a_thread_that_finishes_after_the_server_closed_writes_to_no_descriptor(reused_as):
+    """A pool thread still verifying when the server stops (a costly request outlives the
+    pool's 5 s shutdown) answers afterwards, and answering pulls the server's trigger. Once
+    the trigger pipe is closed its descriptor numbers are free, and the next file opened
+    takes them: the pull must write nowhere, not into that file (nor fail on it)."""
+    sock = serve.bind("127.0.0.1", 0)
+    server = serve.make_server(lanes_app(guard.VerifyGate(2)), sock, threads=1, limit=50, header_timeout=5.0,
+                               body_timeout=5.0, idle_timeout=30, max_request_body_size=1 << 20)
+    trigger_write_fd = server.trigger.trigger
+    server.task_dispatcher.shutdown()
+    server.close()
+    read_end, write_end = os.pipe()  # the next file this process opens, at the trigger's old number
+    os.dup2(read_end if reused_as == "read end" else write_end, trigger_write_fd)
+    try:
+        os.set_blocking(read_end, False)
+        server.pull_trigger()  # as a pool thread does when it writes its answer: EBADF, or an "x" in that file
+        with pytest.raises(BlockingIOError):
+            os.read(read_end, 1)  # nothing was written into the file that took the number
+    finally:
+        for fd in {read_end, write_end, trigger_write_fd}:
+            os.close(fd)

@@ -48,6 +48,8 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from tops_job.aggregator import guard
+from tops_job.aggregator.answers import Response, busy
+from tops_job.aggregator.answers import error as _error
 from tops_job.aggregator.migrations import StorageUnavailable
 from tops_job.aggregator.store import ACCEPTED, DUPLICATE, Store, TooManyChallenges
 from tops_job.aggregator.v2_exchange import V2Endpoints
@@ -67,7 +69,6 @@ _V2_KEY_PATH = re.compile(r"/v2/keys/([^/]{1,128})")
 ACCEPT_CHOICES = ("v1", "v2", "both")
 _DID = re.compile(r"[\x21-\x7e]{1,256}")
 
-Response = tuple[int, dict[str, Any], dict[str, str]]
 REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
            409: "Conflict", 410: "Gone", 411: "Length Required", 413: "Content Too Large", 415: "Unsupported Media Type",
            422: "Unprocessable Content", 429: "Too Many Requests", 500: "Internal Server Error", 503: "Service Unavailable"}
@@ -87,9 +88,6 @@ class Events:
     def challenges_purged(self, count: int) -> None:
         pass
 
-
-def _error(status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> Response:
-    return status, {"ok": False, "error": code, "detail": detail}, headers or {}
 
 
 class AggregatorApp:
@@ -265,7 +263,7 @@ class AggregatorApp:
                 return _error(422, "unknown_challenge", "this aggregator did not issue that challenge to this did")
         token = self.gate.acquire(cost)
         if token is None:
-            return _error(503, "busy", "every verification slot is taken; retry later", {"Retry-After": "1"})
+            return busy()
         began = time.perf_counter()
         try:
             verified = verify_receipt(receipt, min_opens=self.min_opens, full=self.full, rng=self._columns(digest))

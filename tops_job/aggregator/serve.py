@@ -40,6 +40,7 @@ import resource
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -178,9 +179,25 @@ class GuardedServer(TcpWSGIServer):
             self._shed()
         return bool(super().readable())
 
+    def __init__(self, *args: Any, **kwargs: Any):
+        # Waitress closes the trigger pipe without a lock against a pull: a pool thread that
+        # answers after the server closed (a verification outliving the pool's shutdown) would
+        # write to the pipe's old descriptor number, which the next file opened may hold.
+        self._trigger_lock = threading.Lock()
+        self._trigger_closed = False
+        super().__init__(*args, **kwargs)
+
     def pull_trigger(self) -> None:
-        if not on_poll_thread():  # the poll thread needs no waking by itself
-            super().pull_trigger()
+        if on_poll_thread():  # the poll thread needs no waking by itself
+            return
+        with self._trigger_lock:
+            if not self._trigger_closed:
+                super().pull_trigger()
+
+    def close(self) -> None:
+        with self._trigger_lock:
+            self._trigger_closed = True
+            super().close()
 
     def run(self) -> None:
         if not isinstance(self.task_dispatcher, LaneDispatcher):

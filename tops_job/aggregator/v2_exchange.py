@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from tops_job.aggregator.answers import Response, busy
+from tops_job.aggregator.answers import error as _error
 from tops_job.aggregator.guard import VerifyGate
 from tops_job.aggregator.v2_store import (
     ACCEPTED,
@@ -50,7 +52,6 @@ OPEN_ITEMS_MAX = 4
 _DID = re.compile(r"[\x21-\x7e]{1,128}")
 _RUN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
-Response = tuple[int, dict[str, Any], dict[str, str]]
 
 
 class Pending:
@@ -65,9 +66,6 @@ class Pending:
 
 Answer = dict[str, Any] | Pending  # an item's answer now, or once its write is recorded
 
-
-def _error(status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> Response:
-    return status, {"ok": False, "error": code, "detail": detail}, headers or {}
 
 
 def _item(status: int, code: str, detail: str, digest: str | None = None) -> dict[str, Any]:
@@ -154,7 +152,7 @@ class V2Endpoints:
         records = {digest: self.store.commitment(digest) for digest in _opened_digests(items)}
         token = self.gate.acquire(sum(_opening_cost(record) for record in records.values()))
         if token is None:
-            return _error(503, "busy", "every verification slot is taken; retry later", {"Retry-After": "1"})
+            return busy()
         try:
             # Records read before a wait for a slot may have been decided since: read again then.
             return self._exchange(envelope, items, records if token == "inline" else None)
