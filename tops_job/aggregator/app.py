@@ -89,7 +89,6 @@ class Events:
         pass
 
 
-
 class AggregatorApp:
     def __init__(self, store: Store, *, max_body: int = DEFAULT_MAX_BODY, min_opens: int = DEFAULT_MIN_OPENS,
                  allow: set[str] | None = None, full: bool = False, clock: Callable[[], float] = time.time,

@@ -143,6 +143,14 @@ class GuardedServer(TcpWSGIServer):
     shed_count = 0
     slow_closed = 0
 
+    def __init__(self, *args: Any, **kwargs: Any):
+        # Waitress closes the trigger pipe without a lock against a pull: a pool thread that
+        # answers after the server closed (a verification outliving the pool's shutdown) would
+        # write to the pipe's old descriptor number, which the next file opened may hold.
+        self._trigger_lock = threading.Lock()
+        self._trigger_closed = False
+        super().__init__(*args, **kwargs)
+
     def maintenance(self, now: float) -> None:
         super().maintenance(now)  # idle keep-alive connections (channel_timeout)
         mono = time.monotonic()
@@ -178,14 +186,6 @@ class GuardedServer(TcpWSGIServer):
         if self.accepting:
             self._shed()
         return bool(super().readable())
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        # Waitress closes the trigger pipe without a lock against a pull: a pool thread that
-        # answers after the server closed (a verification outliving the pool's shutdown) would
-        # write to the pipe's old descriptor number, which the next file opened may hold.
-        self._trigger_lock = threading.Lock()
-        self._trigger_closed = False
-        super().__init__(*args, **kwargs)
 
     def pull_trigger(self) -> None:
         if on_poll_thread():  # the poll thread needs no waking by itself

@@ -53,7 +53,6 @@ _DID = re.compile(r"[\x21-\x7e]{1,128}")
 _RUN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
-
 class Pending:
     """An item's answer that waits on the exchange's writes: `finish(outcome)` makes it once
     they are committed (V2Store.write_together), from its own write's outcome if it has one."""
@@ -65,7 +64,6 @@ class Pending:
 
 
 Answer = dict[str, Any] | Pending  # an item's answer now, or once its write is recorded
-
 
 
 def _item(status: int, code: str, detail: str, digest: str | None = None) -> dict[str, Any]:
