@@ -3,6 +3,7 @@ accepted per second through `/v2/exchange`, against the verification alone.
 
     python benchmarks/aggregator_v2_bench.py --k 2816 --workers 1,2 --attempts 40
     python benchmarks/aggregator_v2_bench.py --k 16384 --tile 63      # at the cost cap, as a GPU's
+    python benchmarks/aggregator_v2_bench.py --threads-check          # 2 threads of a process / 1, beside 2 processes / 1
 
 A GPU worker's attempts cost the verifier as much as it takes: its autotuned k is in the tens
 of thousands, and a worker narrows its tile until s·(tile+1)·k is under the cost cap (2^26),
@@ -77,21 +78,66 @@ def _make(args: tuple[bytes, str, str, int, int, int, int]) -> list[Wire]:
             for i in range(count)]
 
 
-def _verify_for(args: tuple[list[tuple[dict[str, Any], list[int], dict[str, Any]]], float]) -> tuple[int, float]:
-    from tops_job.aggregator.serve import tune_process
+Items = list[tuple[dict[str, Any], list[int], dict[str, Any]]]  # (commitment, leaves, opened set)
+
+
+def _verify_loop(items: Items, seconds: float, start: int = 0) -> int:
+    """Attempts verified in `seconds` on this thread."""
     from tops_job.spec.v2 import check_commitment, check_opened
+
+    done, wall = 0, time.perf_counter()
+    while time.perf_counter() - wall < seconds:
+        commitment, leaves, opened = items[(start + done) % len(items)]
+        check_opened(check_commitment(commitment, s=S), leaves, opened)
+        done += 1
+    return done
+
+
+def _verify_for(args: tuple[Items, float]) -> tuple[int, float]:
+    from tops_job.aggregator.serve import tune_process
 
     tune_process()
     items, seconds = args
-    done, wall, cpu = 0, time.perf_counter(), time.process_time()
-    while time.perf_counter() - wall < seconds:
-        commitment, leaves, opened = items[done % len(items)]
-        check_opened(check_commitment(commitment, s=S), leaves, opened)
-        done += 1
+    cpu = time.process_time()
+    done = _verify_loop(items, seconds)
     return done, time.process_time() - cpu
 
 
-def alone(items: list[tuple[dict[str, Any], list[int], dict[str, Any]]], procs: int, seconds: float) -> tuple[float, float]:
+def _threads_for(args: tuple[Items, float]) -> tuple[int, int]:
+    """Attempts verified in `seconds` on one thread, then on two threads of this process at once."""
+    from tops_job.aggregator.serve import tune_process
+
+    tune_process()
+    items, seconds = args
+    alone_ = _verify_loop(items, seconds)
+    counts = [0, 0]
+
+    def thread(index: int) -> None:
+        counts[index] = _verify_loop(items, seconds, start=index * len(items) // 2)
+
+    threads = [threading.Thread(target=thread, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return alone_, sum(counts)
+
+
+def threads_check(k: int, tile: int, seconds: float = 4.0) -> None:
+    """Two verifications on two threads of one process against one, beside two processes
+    against one: what a worker's --verify-slots can get from its threads. Any part of the
+    product check that keeps the GIL shows here as threads scaling less than processes."""
+    wires = _make((os.urandom(32), "did:bench:threads", "threads", 0, 40, k, tile))
+    samples = _samples(wires)
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        one, two = pool.submit(_threads_for, (samples, seconds)).result()
+    procs_one, procs_two = alone(samples, 1, seconds)[1], alone(samples, 2, seconds)[1]
+    print(f"k = {k}, tile {tile}: the verification alone, 2 threads of one process / 1 thread: {two / one:.2f}×"
+          f" ({one / seconds:.0f} and {two / seconds:.0f} attempts/s); 2 processes / 1: {procs_two / procs_one:.2f}×"
+          f" ({procs_one:.0f} and {procs_two:.0f} attempts/s)", flush=True)
+
+
+def alone(items: Items, procs: int, seconds: float) -> tuple[float, float]:
     """The verification alone in `procs` fresh processes at once: attempts per CPU-second,
     and attempts per wall second (all processes together)."""
     with ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -101,7 +147,7 @@ def alone(items: list[tuple[dict[str, Any], list[int], dict[str, Any]]], procs: 
     return done / sum(r[1] for r in results), done / seconds
 
 
-def _samples(wires: list[Wire]) -> list[tuple[dict[str, Any], list[int], dict[str, Any]]]:
+def _samples(wires: list[Wire]) -> Items:
     """(commitment, leaves, opened set) for the verification alone, leaves drawn as the
     aggregator draws them (its own key here)."""
     from tops_job.spec.v2 import challenge_leaves, check_commitment
@@ -218,7 +264,12 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=32, help="concurrent worker runs")
     parser.add_argument("--attempts", type=int, default=40, help="attempts per run")
     parser.add_argument("--server-args", default="", help="more `aggregator serve` options, e.g. '--verify-slots 1'")
+    parser.add_argument("--threads-check", action="store_true",
+                        help="only compare the verification alone on 2 threads of one process with 2 processes")
     args = parser.parse_args()
+    if args.threads_check:
+        threads_check(args.k, args.tile)
+        return
     results = {workers: run(workers, args.clients, args.attempts, args.k, args.tile, tuple(args.server_args.split()))
                for workers in (int(w) for w in args.workers.split(","))}
     if 1 in results:

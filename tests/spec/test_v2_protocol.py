@@ -91,6 +91,25 @@ def test_tile_values_are_the_same_in_small_chunks():
         assert np.array_equal(small[leaf], big[leaf])
 
 
+
+@pytest.mark.parametrize("leaves", [[13], [7, 2, 7, 13, 2], [3, 7, 11, 15, 0], [12, 13, 14, 15, 1, 5]],
+                         ids=["one", "repeated", "every edge tile", "one row and one tile shared"])
+def test_tile_values_of_any_subset_match_the_full_product(leaves):
+    """Tiles are multiplied from slices of the generated rows: a drawn set with repeats, the
+    narrow last tile of each row, a row opened in several tiles and a tile opened on several
+    rows each give C's own values, in whole and in 64-element chunks."""
+    made = make(m=4, n=16, k=96, tile=5)  # 4 tiles a row, the last one column wide
+    from tops_job.spec.v2 import attempt_seed
+    seed = attempt_seed(bytes.fromhex(made.header["pubkey"]), made.header["did"], bytes.fromhex(made.header["nonce"]))
+    full = product(seed, 4, 16, 96)
+    for chunk in (1 << 22, 64):
+        values = tile_values(seed, n=16, k=96, tile=5, leaves=leaves, chunk_elements=chunk)
+        assert sorted(values) == sorted(set(leaves))
+        for leaf, data in values.items():
+            row, t = divmod(leaf, 4)
+            assert data.dtype == np.int32 and np.array_equal(data, full[row, t * 5: t * 5 + 5])
+
+
 # ---- issue 11's attack table, library level
 
 def test_skipping_half_is_caught_by_drawn_leaves_however_long_the_worker_grinds():

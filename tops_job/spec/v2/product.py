@@ -1,7 +1,7 @@
 """Tiles of C recomputed from the seed (spec §4), for the verifier's product check and for
 the worker that opens a commitment later without keeping C.
 
-The work is done in k-chunks of bounded memory: each distinct row of A and of Bt is
+The work is done in k-chunks of bounded memory: each tile's row of A and columns of Bt are
 generated once per chunk, and the partial sums stay exact in float32 (|Σ| ≤ 64·k ≤ 2^24).
 """
 
@@ -23,31 +23,38 @@ def tile_values(seed: bytes, *, n: int, k: int, tile: int, leaves: Iterable[int]
     """The data of each distinct leaf in `leaves`: C[i][lo..hi) as int32."""
     distinct = sorted(set(leaves))
     key_a, key_b = matrix_key(seed, "A"), matrix_key(seed, "B")
-    by_tile: dict[int, set[int]] = {}  # first column -> rows that open a tile starting there
-    spans: dict[int, int] = {}  # first column -> end column
+    rows_of: dict[int, list[int]] = {}  # first column -> the rows that open the tile starting there
+    end_of: dict[int, int] = {}  # first column -> end column
     for leaf in distinct:
         row, lo, hi = leaf_columns(leaf, n, tile)
-        by_tile.setdefault(lo, set()).add(row)
-        spans[lo] = hi
-    rows = sorted({row for group in by_tile.values() for row in group})
-    columns = sorted({c for lo, hi in spans.items() for c in range(lo, hi)})
-    row_at = {row: index for index, row in enumerate(rows)}
-    col_at = {col: index for index, col in enumerate(columns)}
-    sums = {lo: np.zeros((len(group), spans[lo] - lo), np.float32) for lo, group in by_tile.items()}
-    order = {lo: sorted(group) for lo, group in by_tile.items()}
-    a_starts = np.array(rows, dtype=np.uint64) * np.uint64(k)
-    b_starts = np.array(columns, dtype=np.uint64) * np.uint64(k)
-    step = max(16, (chunk_elements // max(1, len(rows) + len(columns))) // 16 * 16)
+        rows_of.setdefault(lo, []).append(row)
+        end_of[lo] = hi
+    # A tile's rows are consecutive rows of `a` and its columns consecutive rows of `b`, so each
+    # tile's product takes two slices, never a gathered copy. A row opened in several tiles is
+    # generated once for each: at most s rows of k, beside the s·tile columns.
+    a_rows = [row for rows in rows_of.values() for row in rows]
+    b_columns = [column for lo in rows_of for column in range(lo, end_of[lo])]
+    spans = []  # (first column, rows' slice of a, columns' slice of b)
+    a_at = b_at = 0
+    for lo, rows in rows_of.items():
+        width = end_of[lo] - lo
+        spans.append((lo, slice(a_at, a_at + len(rows)), slice(b_at, b_at + width)))
+        a_at, b_at = a_at + len(rows), b_at + width
+    sums = {lo: np.zeros((len(rows), end_of[lo] - lo), np.float32) for lo, rows in rows_of.items()}
+    a_starts = np.array(a_rows, dtype=np.uint64) * np.uint64(k)
+    b_starts = np.array(b_columns, dtype=np.uint64) * np.uint64(k)
+    step = max(16, (chunk_elements // max(1, len(a_rows) + len(b_columns))) // 16 * 16)
     for c0 in range(0, k, step):
         length = min(step, k - c0)
         a = element_rows(key_a, a_starts + np.uint64(c0), length)
         b = element_rows(key_b, b_starts + np.uint64(c0), length)
-        for lo, group in order.items():
-            a_part = a[[row_at[row] for row in group]]
-            b_part = b[col_at[lo]: col_at[lo] + spans[lo] - lo]
-            sums[lo] += a_part @ b_part.T
+        for lo, a_span, b_span in spans:
+            # np.dot, not `@`: NumPy's matmul keeps the GIL through a product this small, and two
+            # verifications in one process's threads then ran one at a time (1.1-1.3x one thread
+            # on two cores; 1.6-2.2x with np.dot, which always releases it: benchmarks/RESULTS.md).
+            sums[lo] += np.dot(a[a_span], b[b_span].T)
     out: dict[int, npt.NDArray[np.int32]] = {}
     for leaf in distinct:
         row, lo, _hi = leaf_columns(leaf, n, tile)
-        out[leaf] = sums[lo][order[lo].index(row)].astype(np.int32)
+        out[leaf] = sums[lo][rows_of[lo].index(row)].astype(np.int32)
     return out
