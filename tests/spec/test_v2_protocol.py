@@ -91,7 +91,6 @@ def test_tile_values_are_the_same_in_small_chunks():
         assert np.array_equal(small[leaf], big[leaf])
 
 
-
 @pytest.mark.parametrize("leaves", [[13], [7, 2, 7, 13, 2], [3, 7, 11, 15, 0], [12, 13, 14, 15, 1, 5]],
                          ids=["one", "repeated", "every edge tile", "one row and one tile shared"])
 def test_tile_values_of_any_subset_match_the_full_product(leaves):

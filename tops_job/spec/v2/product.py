@@ -1,8 +1,8 @@
 """Tiles of C recomputed from the seed (spec §4), for the verifier's product check and for
 the worker that opens a commitment later without keeping C.
 
-The work is done in k-chunks of bounded memory: each tile's row of A and columns of Bt are
-generated once per chunk, and the partial sums stay exact in float32 (|Σ| ≤ 64·k ≤ 2^24).
+The work is done in k-chunks of bounded memory: each opened tile's rows of A and columns of Bt
+are generated once per chunk, and the partial sums stay exact in float32 (|Σ| ≤ 64·k ≤ 2^24).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def tile_values(seed: bytes, *, n: int, k: int, tile: int, leaves: Iterable[int]
         end_of[lo] = hi
     # A tile's rows are consecutive rows of `a` and its columns consecutive rows of `b`, so each
     # tile's product takes two slices, never a gathered copy. A row opened in several tiles is
-    # generated once for each: at most s rows of k, beside the s·tile columns.
+    # generated once for each: at most a row of k per opened leaf, beside its tile's columns.
     a_rows = [row for rows in rows_of.values() for row in rows]
     b_columns = [column for lo in rows_of for column in range(lo, end_of[lo])]
     spans = []  # (first column, rows' slice of a, columns' slice of b)
