@@ -147,6 +147,24 @@ def test_resigned_body_fails_the_product_check():
     assert _code(lambda: check_opened(committed, leaves, opened)) == "wrong_product"
 
 
+def test_a_wrong_product_names_the_first_opening_and_entry_that_show_it():
+    """The opened set is compared with the recomputed tiles in one piece; a rejection still
+    names the first opening, in the drawn order, and its first entry that is not A·B."""
+    from tops_job.spec.v2 import attempt_seed
+    cheat = make(skip_rows=1, challenge=bytes([2]) * 32)  # row 0 of C left as zeros; a fixed draw
+    committed = check_commitment(cheat.commitment, s=S_DEFAULT)
+    leaves = challenge_leaves(KEY, committed.digest, S_DEFAULT, committed.leaf_count)
+    h = cheat.header
+    honest = product(attempt_seed(bytes.fromhex(h["pubkey"]), h["did"], bytes.fromhex(h["nonce"])), 8, 32, 256)
+    j = next(j for j, leaf in enumerate(leaves) if leaf < 4)  # 4 tiles of 8 a row
+    assert j > 0  # the first wrong opening is not the first of the draw
+    row, lo = leaves[j] // 4, leaves[j] % 4 * 8
+    column = lo + int(np.flatnonzero(honest[row, lo: lo + 8])[0])
+    with pytest.raises(ReceiptInvalid) as info:
+        check_opened(committed, leaves, cheat.opened(leaves))
+    assert (info.value.code, info.value.detail) == ("wrong_product", f"opening {j}: C[{row}][{column}] is not A·B")
+
+
 def test_a_rejected_opening_gets_the_same_answer_every_time():
     made = make(skip_rows=4)
     codes = set()
