@@ -25,9 +25,12 @@ def tile_values(seed: bytes, *, n: int, k: int, tile: int, leaves: Iterable[int]
     key_a, key_b = matrix_key(seed, "A"), matrix_key(seed, "B")
     rows_of: dict[int, list[int]] = {}  # first column -> the rows that open the tile starting there
     end_of: dict[int, int] = {}  # first column -> end column
+    place: dict[int, tuple[int, int]] = {}  # leaf -> (its tile's first column, its row's index in rows_of)
     for leaf in distinct:
         row, lo, hi = leaf_columns(leaf, n, tile)
-        rows_of.setdefault(lo, []).append(row)
+        rows = rows_of.setdefault(lo, [])
+        place[leaf] = (lo, len(rows))
+        rows.append(row)
         end_of[lo] = hi
     # A tile's rows are consecutive rows of `a` and its columns consecutive rows of `b`, so each
     # tile's product takes two slices, never a gathered copy. A row opened in several tiles is
@@ -53,8 +56,4 @@ def tile_values(seed: bytes, *, n: int, k: int, tile: int, leaves: Iterable[int]
             # verifications in one process's threads then ran one at a time (1.1-1.3x one thread
             # on two cores; 1.6-2.2x with np.dot, which always releases it: benchmarks/RESULTS.md).
             sums[lo] += np.dot(a[a_span], b[b_span].T)
-    out: dict[int, npt.NDArray[np.int32]] = {}
-    for leaf in distinct:
-        row, lo, _hi = leaf_columns(leaf, n, tile)
-        out[leaf] = sums[lo][rows_of[lo].index(row)].astype(np.int32)
-    return out
+    return {leaf: sums[lo][index].astype(np.int32) for leaf, (lo, index) in place.items()}
