@@ -27,6 +27,7 @@ from tops_job.spec.v2 import (
     max_tile_for,
     parse_json,
     recorded_commitment,
+    seed_of,
     verify_challenge_transcript,
     verify_fs_receipt,
 )
@@ -80,8 +81,7 @@ def test_kept_commitment_reopens_from_leaf_hashes_without_c():
 def test_tile_values_are_the_same_in_small_chunks():
     made = make(m=3, n=16, k=512, tile=5)
     seed_leaves = list(range(leaf_count(made.header)))
-    from tops_job.spec.v2 import attempt_seed
-    seed = attempt_seed(bytes.fromhex(made.header["pubkey"]), made.header["did"], bytes.fromhex(made.header["nonce"]))
+    seed = seed_of(made.header)
     big = tile_values(seed, n=16, k=512, tile=5, leaves=seed_leaves)
     small = tile_values(seed, n=16, k=512, tile=5, leaves=seed_leaves, chunk_elements=64)
     full = product(seed, 3, 16, 512)
@@ -98,8 +98,7 @@ def test_tile_values_of_any_subset_match_the_full_product(leaves):
     narrow last tile of each row, a row opened in several tiles and a tile opened on several
     rows each give C's own values, in whole and in 64-element chunks."""
     made = make(m=4, n=16, k=96, tile=5)  # 4 tiles a row, the last one column wide
-    from tops_job.spec.v2 import attempt_seed
-    seed = attempt_seed(bytes.fromhex(made.header["pubkey"]), made.header["did"], bytes.fromhex(made.header["nonce"]))
+    seed = seed_of(made.header)
     full = product(seed, 4, 16, 96)
     for chunk in (1 << 22, 64):
         values = tile_values(seed, n=16, k=96, tile=5, leaves=leaves, chunk_elements=chunk)
@@ -150,12 +149,10 @@ def test_resigned_body_fails_the_product_check():
 def test_a_wrong_product_names_the_first_opening_and_entry_that_show_it():
     """The opened set is compared with the recomputed tiles in one piece; a rejection still
     names the first opening, in the drawn order, and its first entry that is not A·B."""
-    from tops_job.spec.v2 import attempt_seed
     cheat = make(skip_rows=1, challenge=bytes([2]) * 32)  # row 0 of C left as zeros; a fixed draw
     committed = check_commitment(cheat.commitment, s=S_DEFAULT)
     leaves = challenge_leaves(KEY, committed.digest, S_DEFAULT, committed.leaf_count)
-    h = cheat.header
-    honest = product(attempt_seed(bytes.fromhex(h["pubkey"]), h["did"], bytes.fromhex(h["nonce"])), 8, 32, 256)
+    honest = product(seed_of(cheat.header), 8, 32, 256)
     j = next(j for j, leaf in enumerate(leaves) if leaf < 4)  # 4 tiles of 8 a row
     assert j > 0  # the first wrong opening is not the first of the draw
     row, lo = leaves[j] // 4, leaves[j] % 4 * 8

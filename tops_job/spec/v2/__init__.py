@@ -28,6 +28,7 @@ from .header import (
                      max_tile_for,
                      nonce_from_challenge,
                      ops_of,
+                     seed_of,
 )
 from .leaves import challenge_leaves, fs_leaves
 from .openings import KeptCommitment, check_openings, make_openings
@@ -48,5 +49,5 @@ __all__ = [
     "build_header", "canonical_bytes", "challenge_leaves", "check_commitment", "check_cost", "check_header",
     "check_opened", "check_openings", "cost_of", "digest_of", "fs_leaves", "header_of", "leaf_columns",
     "leaf_count", "make_openings", "max_tile_for", "nonce_from_challenge", "ops_of", "parse_json",
-    "recorded_commitment", "verify_challenge_transcript", "verify_fs_receipt",
+    "recorded_commitment", "seed_of", "verify_challenge_transcript", "verify_fs_receipt",
 ]

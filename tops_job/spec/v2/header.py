@@ -71,6 +71,11 @@ def attempt_seed(pubkey: bytes, did: str, nonce: bytes) -> bytes:
     return hashlib.sha256(tag("seed") + pubkey + bytes([len(raw)]) + raw + nonce).digest()
 
 
+def seed_of(header: Mapping[str, Any]) -> bytes:
+    """The attempt seed of a checked header: attempt_seed of its pubkey, did and nonce."""
+    return attempt_seed(bytes.fromhex(header["pubkey"]), header["did"], bytes.fromhex(header["nonce"]))
+
+
 def ops_of(header: Mapping[str, Any]) -> int:
     """ops = 2*m*n*k, computed, never read from the worker (§6)."""
     return 2 * int(header["m"]) * int(header["n"]) * int(header["k"])

@@ -12,7 +12,7 @@ import numpy as np
 from ..errors import ReceiptInvalid
 from ..merkle import MerkleTree, leaf_hash, root_from_path
 from .encoding import HEX32, canonical_base64
-from .header import attempt_seed, leaf_columns, leaf_count
+from .header import leaf_columns, leaf_count, seed_of
 from .product import tile_values
 
 MAX_PATH = 64
@@ -55,8 +55,7 @@ class KeptCommitment:
     def prepare(self, leaves: Sequence[int]) -> None:
         """Recompute the data of `leaves` in one pass (rows generated once)."""
         h = self.header
-        seed = attempt_seed(bytes.fromhex(h["pubkey"]), h["did"], bytes.fromhex(h["nonce"]))
-        values = tile_values(seed, n=h["n"], k=h["k"], tile=h["tile"], leaves=leaves)
+        values = tile_values(seed_of(h), n=h["n"], k=h["k"], tile=h["tile"], leaves=leaves)
         self._values.update({leaf: data.astype("<i4").tobytes() for leaf, data in values.items()})
 
     def leaf_data(self, leaf: int) -> bytes:
@@ -94,8 +93,7 @@ def check_openings(header: Mapping[str, Any], leaves: Sequence[int], openings: A
         if root_from_path(leaf_hash(data), leaf, size, path) != root:
             raise ReceiptInvalid("bad_merkle_path", f"opening {j}: the path does not prove the values under root")
         revealed[leaf] = data  # the same leaf twice is the same data (else a hash collision)
-    seed = attempt_seed(bytes.fromhex(h["pubkey"]), h["did"], bytes.fromhex(h["nonce"]))
-    recomputed = tile_values(seed, n=n, k=h["k"], tile=tile, leaves=list(revealed))
+    recomputed = tile_values(seed_of(h), n=n, k=h["k"], tile=tile, leaves=list(revealed))
     # One comparison for the whole set (23 µs against 191 for 64 openings one by one); the
     # openings are gone through in order only to name the first wrong one.
     if np.array_equal(np.frombuffer(b"".join(revealed.values()), dtype="<i4"),
