@@ -117,7 +117,7 @@ def _as_one_batch(opened, calls: dict) -> tuple[dict, int, V2Store, GroupCommitS
     for thread in threads:
         thread.start()
     deadline = time.monotonic() + 10
-    while grouped._queue.qsize() < len(calls) and time.monotonic() < deadline:
+    while grouped.waiting < len(calls) and time.monotonic() < deadline:
         time.sleep(0.01)
     release.set()
     for thread in threads + [holder]:
@@ -141,6 +141,40 @@ def test_concurrent_writes_share_one_commit_and_keep_their_own_outcomes(request,
     assert outcomes[10:] == [COMMITTED] * 14
     assert all(store.commitment(f"{i:064x}") is not None for i in range(10, 24))
     grouped.close()
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
+def test_a_write_with_nothing_beside_it_runs_on_its_callers_thread_and_one_beside_another_waits_for_a_batch(
+        request, tmp_path, engine):
+    grouped = GroupCommitStore(_open(request, tmp_path, engine))
+    store = V2Store(grouped)
+    try:
+        ran_on = []
+        write = store.commitment_write(digest="f1" * 32, pubkey="02" + "ab" * 32, did="did:test:a", nonce="n1",
+                                       run_id="run-a", attempt=0, ops=1, challenge="c" * 64, s=4, leaves=[0, 1, 2, 3],
+                                       now_ms=1_000, ttl_ms=600_000, commitment="{}")
+        record = grouped.group_write(lambda conn: ran_on.append(threading.get_ident()) or write(conn))
+        assert ran_on == [threading.get_ident()]  # no hand-over to the writer thread, and no wait for it
+        assert record["state"] == COMMITTED and store.commitment("f1" * 32)["state"] == COMMITTED
+        assert grouped.waiting == 0
+
+        inside, release = threading.Event(), threading.Event()
+        holder = threading.Thread(target=grouped.group_write, args=(lambda conn: inside.set() or release.wait(30),))
+        holder.start()
+        assert inside.wait(10)
+        beside = threading.Thread(target=lambda: grouped.group_write(lambda conn: ran_on.append(threading.get_ident())))
+        beside.start()
+        deadline = time.monotonic() + 10
+        while grouped.waiting < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert grouped.waiting == 1 and len(ran_on) == 1  # queued for the writer while the first is under way
+        release.set()
+        for thread in (holder, beside):
+            thread.join(30)
+        assert len(ran_on) == 2 and ran_on[1] not in (threading.get_ident(), beside.ident)  # the writer thread's
+        assert grouped.waiting == 0
+    finally:
+        grouped.close()
 
 
 @pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
