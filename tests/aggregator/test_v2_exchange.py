@@ -382,3 +382,16 @@ def test_on_a_poll_thread_an_exchange_over_the_inline_cost_asks_for_a_thread_bef
 
 def _state(app, made) -> str:
     return app.v2.store.commitment(made.digest.hex())["state"]
+
+
+def test_the_steady_clock_keeps_one_epoch_and_never_goes_back():
+    from tops_job.aggregator.v2_exchange import steady_clock
+
+    readings = [steady_clock() for _ in range(200)]
+    epochs = {epoch for epoch, _ in readings}
+    assert len(epochs) == 1  # read once, the same for every accepted attempt of this process
+    epoch = epochs.pop()
+    with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as handle:  # Linux, as everywhere these tests run
+        assert epoch == "boot:" + handle.read().strip()
+    times = [ms for _, ms in readings]
+    assert times == sorted(times) and abs(times[-1] - time.clock_gettime(time.CLOCK_BOOTTIME) * 1000) < 1000
