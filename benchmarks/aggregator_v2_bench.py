@@ -4,6 +4,7 @@ accepted per second through `/v2/exchange`, against the verification alone.
     python benchmarks/aggregator_v2_bench.py --k 2816 --workers 1,2 --attempts 40
     python benchmarks/aggregator_v2_bench.py --k 16384 --tile 63      # at the cost cap, as a GPU's
     python benchmarks/aggregator_v2_bench.py --threads-check          # 2 threads of a process / 1, beside 2 processes / 1
+    python benchmarks/aggregator_v2_bench.py --in-process             # the app's exchange without HTTP / the verification alone
 
 A GPU worker's attempts cost the verifier as much as it takes: its autotuned k is in the tens
 of thousands, and a worker narrows its tile until s·(tile+1)·k is under the cost cap (2^26),
@@ -19,6 +20,12 @@ does the work of the autotuned shape's k. The verification alone (`check_commitm
 `check_opened` on the first 200 attempts, their leaves drawn as the aggregator draws them)
 runs in freshly spawned processes with the server's process settings (`serve.tune_process`),
 as many as the server's workers, before and after the server's window.
+
+`--in-process` leaves HTTP and the clients out: the app (the same WSGI stack a worker serves,
+its store on a SQLite file, writes committed as in the server) takes each exchange in this
+process, one at a time, and each opened set the app has just judged is verified again alone
+at once, so that both see the same drift of this machine's speed. What is left between them
+is the app's own work an exchange (the parse, the reads, the leaves, the commit).
 
 Two windows are reported. "steady" ends when the first run has sent its last attempt, so
 every run is sending throughout; "whole" runs until the last one ends. SO_REUSEPORT hashes
@@ -135,6 +142,79 @@ def threads_check(k: int, tile: int, seconds: float = 4.0) -> None:
     print(f"k = {k}, tile {tile}: the verification alone, 2 threads of one process / 1 thread: {two / one:.2f}×"
           f" ({one / seconds:.0f} and {two / seconds:.0f} attempts/s); 2 processes / 1: {procs_two / procs_one:.2f}×"
           f" ({procs_one:.0f} and {procs_two:.0f} attempts/s)", flush=True)
+
+
+def in_process(k: int, tile: int, attempts: int, rounds: int) -> None:
+    """The app's exchange in this process against the verification alone, round by round."""
+    import io
+    import statistics
+
+    from tests.spec.v2_helpers import WORKER_SECRET
+    from tops_job.aggregator import guard
+    from tops_job.aggregator.group_commit import GroupCommitStore
+    from tops_job.aggregator.metrics import AggregatorMetrics
+    from tops_job.aggregator.serve import tune_process
+    from tops_job.aggregator.service import Settings, build_app, open_store
+    from tops_job.spec.signing import LocalKeySigner
+    from tops_job.spec.v2 import check_commitment, check_opened
+
+    tune_process()
+    pubkey = LocalKeySigner(WORKER_SECRET).public_key.hex()
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = Settings(db=f"{tmp}/agg.sqlite3")
+        store = GroupCommitStore(open_store(settings.db))
+        app, gate = build_app(settings, store, AggregatorMetrics())
+        if k * (tile + 1) * S <= gate.inline_cost:
+            guard.serve_inline_here()  # as a worker's poll thread runs it; costlier ones run on a thread anyway
+
+        def call(method: str, path: str, body: bytes = b"", query: str = "") -> dict[str, Any]:
+            status: list[str] = []
+            environ = {"REQUEST_METHOD": method, "PATH_INFO": path, "QUERY_STRING": query,
+                       "CONTENT_TYPE": "application/json", "CONTENT_LENGTH": str(len(body)),
+                       "wsgi.input": io.BytesIO(body), "REMOTE_ADDR": "127.0.0.1", "SERVER_NAME": "bench",
+                       "SERVER_PORT": "1", "wsgi.url_scheme": "http", "SERVER_PROTOCOL": "HTTP/1.1"}
+            answer = b"".join(app(environ, lambda s, headers, exc_info=None: status.append(s)))
+            if not status[0].startswith("200"):
+                raise RuntimeError(f"{path} answered {status[0]}: {answer[:200]!r}")
+            return dict(json.loads(answer))
+
+        ratios = []
+        try:
+            for round_ in range(rounds):
+                did = f"did:bench:in-process-{round_}"
+                challenge = call("GET", "/v2/challenge", query=f"did={did}&pubkey={pubkey}")["challenge"]
+                wires = _make((bytes.fromhex(challenge), did, f"in-process-{round_}", 0, attempts, k, tile))
+                previous: tuple[Wire, list[int], str] | None = None
+                accepted, app_cpu, alone_cpu = 0, 0.0, 0.0
+                for wire in [*wires, None]:
+                    body = (f'{{"commit":{wire.commitment_json}' if wire else "{") + (
+                        f'{"," if wire else ""}"open":[{previous[2]}]}}' if previous else "}")
+                    started = time.process_time()  # the process's: a write handed to the writer thread counts
+                    answer = call("POST", "/v2/exchange", body.encode())
+                    app_cpu += time.process_time() - started
+                    accepted += sum(o.get("verdict") == "accepted" for o in answer.get("open", []))
+                    if previous is not None:
+                        # The opened set the app has just verified, verified again alone at once:
+                        # this machine's speed drifts within a second, and pairs see the same drift.
+                        commitment, opened = json.loads(previous[0].commitment_json), json.loads(previous[2])
+                        started = time.process_time()
+                        check_opened(check_commitment(commitment, s=S), previous[1], opened)
+                        alone_cpu += time.process_time() - started
+                    if wire is not None:
+                        leaves = answer["commit"]["challenge"]["leaves"]
+                        previous = (wire, leaves, wire.opened_json(leaves))
+                if accepted != attempts:
+                    raise RuntimeError(f"{accepted} of {attempts} attempts accepted")
+                alone_ms = alone_cpu / attempts * 1e3
+                app_ms = app_cpu / attempts * 1e3
+                ratios.append(alone_ms / app_ms)
+                print(f"round {round_}: the app {app_ms:.2f} ms of CPU an attempt, the verification alone"
+                      f" {alone_ms:.2f} ms: {app_ms - alone_ms:.2f} ms of the app's own, {ratios[-1]:.2f} of it",
+                      flush=True)
+        finally:
+            store.close()
+    print(f"k = {k}, tile {tile}: the verification alone / the app's exchange without HTTP, median of {rounds}:"
+          f" {statistics.median(ratios):.2f} (range {min(ratios):.2f}-{max(ratios):.2f})")
 
 
 def alone(items: Items, procs: int, seconds: float) -> tuple[float, float]:
@@ -266,7 +346,13 @@ def main() -> None:
     parser.add_argument("--server-args", default="", help="more `aggregator serve` options, e.g. '--verify-slots 1'")
     parser.add_argument("--threads-check", action="store_true",
                         help="only compare the verification alone on 2 threads of one process with 2 processes")
+    parser.add_argument("--in-process", action="store_true",
+                        help="only the app's exchange without HTTP against the verification alone, in this process")
+    parser.add_argument("--rounds", type=int, default=5, help="--in-process: rounds of --attempts each")
     args = parser.parse_args()
+    if args.in_process:
+        in_process(args.k, args.tile, args.attempts, args.rounds)
+        return
     if args.threads_check:
         threads_check(args.k, args.tile)
         return
