@@ -71,7 +71,6 @@ def test_challenge_is_a_function_of_key_and_digest_only():
     assert one != challenge_leaves(bytes(32), made.digest, 64, 32)  # the worker cannot compute it without K_v
 
 
-
 @pytest.mark.parametrize("key_length", [32, 63, 64, 65, 200])  # RFC 2104: a key over the block size is hashed first
 def test_challenge_leaves_are_the_spec_hmac_for_any_key_length(key_length):
     import hashlib
@@ -86,6 +85,7 @@ def test_challenge_leaves_are_the_spec_hmac_for_any_key_length(key_length):
         expected = [struct.unpack("<Q", hmac.new(key, b"tops-receipt/2:open\x00" + digest + struct.pack("<I", j),
                                                  hashlib.sha256).digest()[:8])[0] % leaf_count for j in range(64)]
         assert challenge_leaves(key, digest, 64, leaf_count) == expected
+
 
 def test_kept_commitment_reopens_from_leaf_hashes_without_c():
     made = make(m=6, n=20, tile=7)  # ragged tiles

@@ -15,11 +15,11 @@ request. When the database fails as a whole (full, read-only, I/O, the connectio
 would not do: SQLite rolls the whole transaction back on SQLITE_FULL or IOERR. Writes are
 pure functions of the connection, so running one again after a rollback is safe.
 
-A write with nothing else queued or being written runs on its own thread, in a transaction
-of its own: a worker's poll thread serves one request at a time, so its commit had nothing to
-share, and handing each write to the writer thread and waiting for it cost 0.3 ms of CPU an
-exchange (benchmarks/RESULTS.md, tenth round). The writer thread batches whatever arrives
-while a write is under way.
+A write with nothing else queued or being written runs on its caller's thread, in a
+transaction of its own: a worker's poll thread serves one request at a time, so its commit
+had nothing to share, and handing each write to the writer thread and waiting for it cost
+about 0.3 ms of CPU an exchange (benchmarks/RESULTS.md, tenth round). The writer thread
+batches whatever arrives while a write is under way.
 
 Rejection counts (the fleet view's) are not worth a commit each — a client posting invalid
 receipts would turn each into an fsync — so they are summed in memory and written by the same

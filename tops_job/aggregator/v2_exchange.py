@@ -90,7 +90,7 @@ def _steady_epoch() -> str:
     try:
         with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as handle:
             boot = handle.read().strip()
-        time.clock_gettime(time.CLOCK_BOOTTIME)
+        time.clock_gettime(time.CLOCK_BOOTTIME)  # AttributeError where there is none (not Linux)
         return "boot:" + boot
     except (OSError, AttributeError):
         return "process:" + secrets.token_hex(8)
