@@ -187,8 +187,10 @@ def in_process(k: int, tile: int, attempts: int, rounds: int) -> None:
                 previous: tuple[Wire, list[int], str] | None = None
                 accepted, app_cpu, alone_cpu = 0, 0.0, 0.0
                 for wire in [*wires, None]:
-                    body = (f'{{"commit":{wire.commitment_json}' if wire else "{") + (
-                        f'{"," if wire else ""}"open":[{previous[2]}]}}' if previous else "}")
+                    # As a worker sends them: each commitment with the openings of the one before.
+                    items = ([f'"commit":{wire.commitment_json}'] if wire else []) + (
+                        [f'"open":[{previous[2]}]'] if previous else [])
+                    body = "{" + ",".join(items) + "}"
                     started = time.process_time()  # the process's: a write handed to the writer thread counts
                     answer = call("POST", "/v2/exchange", body.encode())
                     app_cpu += time.process_time() - started
