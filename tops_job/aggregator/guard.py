@@ -6,6 +6,7 @@ rate floors.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import threading
@@ -176,11 +177,19 @@ class RateLimiter:
         return wait
 
 
+@functools.cache
+def boot_id() -> str | None:
+    """The kernel's id of this boot (Linux), read once: it cannot change under a running
+    process. None where there is none."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as handle:
+            return handle.read().strip()
+    except OSError:
+        return None
+
+
 def clock_domain() -> str:
     """Names the CLOCK_MONOTONIC this process reads: every process of one boot of one host
     shares it (the kernel's boot id); elsewhere, this process alone."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as handle:
-            return "boot:" + handle.read().strip()
-    except OSError:
-        return f"proc:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
+    boot = boot_id()
+    return "boot:" + boot if boot is not None else f"proc:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
