@@ -76,6 +76,13 @@ class Wire:
         return f'{{"digest":"{self.digest}","openings":[{",".join(self.openings[leaf] for leaf in leaves)}]}}'
 
 
+def exchange_body(attempt: Wire | None, opened_json: str | None) -> str:
+    """An exchange as a worker sends it: an attempt's commitment with the opened set of the one
+    before, either alone (the run's first commitment, its last opened set)."""
+    items = ([f'"commit":{attempt.commitment_json}'] if attempt else []) + ([f'"open":[{opened_json}]'] if opened_json else [])
+    return "{" + ",".join(items) + "}"
+
+
 def _make(args: tuple[bytes, str, str, int, int, int, int]) -> list[Wire]:
     """`count` attempts of one run, encoded for the wire."""
     from tests.spec.v2_helpers import make
@@ -187,10 +194,7 @@ def in_process(k: int, tile: int, attempts: int, rounds: int) -> None:
                 previous: tuple[Wire, list[int], str] | None = None
                 accepted, app_cpu, alone_cpu = 0, 0.0, 0.0
                 for wire in [*wires, None]:
-                    # As a worker sends them: each commitment with the openings of the one before.
-                    items = ([f'"commit":{wire.commitment_json}'] if wire else []) + (
-                        [f'"open":[{previous[2]}]'] if previous else [])
-                    body = "{" + ",".join(items) + "}"
+                    body = exchange_body(wire, previous[2] if previous else None)
                     started = time.process_time()  # the process's: a write handed to the writer thread counts
                     answer = call("POST", "/v2/exchange", body.encode())
                     app_cpu += time.process_time() - started
@@ -283,12 +287,11 @@ def run(workers: int, clients: int, attempts: int, k: int, tile: int, extra: tup
                 buffer = bytearray()
                 previous = None
                 for attempt in made[index]:
-                    body = f'{{"commit":{attempt.commitment_json}' + (f',"open":[{previous}]}}' if previous else "}")
-                    answer = _post(sock, host, port, buffer, body)
+                    answer = _post(sock, host, port, buffer, exchange_body(attempt, previous))
                     accepted[index] += sum(o.get("verdict") == "accepted" for o in answer.get("open", []))
                     leaves = answer["commit"]["challenge"]["leaves"]
                     previous = attempt.opened_json(leaves)
-                answer = _post(sock, host, port, buffer, f'{{"open":[{previous}]}}')
+                answer = _post(sock, host, port, buffer, exchange_body(None, previous))
                 accepted[index] += sum(o.get("verdict") == "accepted" for o in answer.get("open", []))
                 sock.close()
 
