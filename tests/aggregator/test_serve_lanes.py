@@ -8,9 +8,10 @@ import json
 import multiprocessing
 import os
 import socket
+import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 from urllib.parse import parse_qs
@@ -53,8 +54,44 @@ def lanes_app(gate: guard.VerifyGate) -> Any:
     return app
 
 
-def _serve(sock: socket.socket, inline: bool, inline_cost: int, high_watermark: int | None) -> None:
-    server = serve.make_server(lanes_app(guard.VerifyGate(2, inline_cost=inline_cost)), sock, threads=4, limit=200,
+def recording_app(path: str) -> Any:
+    """POST /record?tag=T&sleep=S holds the thread S s (as a verification would), then records
+    T through the group commit on a real SQLite file; GET /transactions: how many write
+    transactions the store has run."""
+    from tops_job.aggregator.group_commit import GroupCommitStore
+    from tops_job.aggregator.store_pg import open_store
+
+    opened = open_store(path)
+    transactions: list[int] = []
+    own_transaction = opened.transaction
+
+    def counted(conn: Any) -> Any:
+        transactions.append(1)
+        return own_transaction(conn)
+
+    opened.transaction = counted
+    store = GroupCommitStore(opened)
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        query = {name: values[0] for name, values in parse_qs(environ.get("QUERY_STRING", "")).items()}
+        if environ["PATH_INFO"] == "/transactions":
+            value: Any = len(transactions)
+        else:
+            time.sleep(float(query.get("sleep", "0")))
+            store.group_write(lambda conn: conn.execute("INSERT INTO v2_runs (run_id, pubkey) VALUES (?, 'x')",
+                                                        (query["tag"],)))
+            value = {"tag": query["tag"], "poll_thread": guard.on_poll_thread()}
+        data = json.dumps(value).encode()
+        start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(data)))])
+        return [data]
+
+    return app
+
+
+def _serve(sock: socket.socket, inline: bool, inline_cost: int, high_watermark: int | None,
+           app: Callable[[], Any] | None = None) -> None:
+    served = app() if app is not None else lanes_app(guard.VerifyGate(2, inline_cost=inline_cost))
+    server = serve.make_server(served, sock, threads=4, limit=200,
                                header_timeout=5.0, body_timeout=5.0, idle_timeout=30, max_request_body_size=1 << 22,
                                inline=inline)
     if high_watermark is not None:
@@ -63,12 +100,14 @@ def _serve(sock: socket.socket, inline: bool, inline_cost: int, high_watermark: 
 
 
 @contextmanager
-def serving(*, inline: bool = True, inline_cost: int = 1000, high_watermark: int | None = None) -> Iterator[str]:
-    """A server in a process of its own, as in production (forked: it shares this one's code)."""
+def serving(*, inline: bool = True, inline_cost: int = 1000, high_watermark: int | None = None,
+            app: Callable[[], Any] | None = None) -> Iterator[str]:
+    """A server in a process of its own, as in production (forked: it shares this one's code);
+    `app` makes its WSGI app there (lanes_app by default)."""
     sock = serve.bind("127.0.0.1", 0)
     base = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    child = multiprocessing.get_context("fork").Process(target=_serve, args=(sock, inline, inline_cost, high_watermark),
-                                                        daemon=True)
+    child = multiprocessing.get_context("fork").Process(target=_serve, args=(sock, inline, inline_cost, high_watermark,
+                                                                             app), daemon=True)
     child.start()
     sock.close()  # the child's now
     try:
@@ -181,6 +220,35 @@ def test_an_answer_over_the_high_watermark_is_sent_from_the_poll_thread():
                 assert chunk, f"the connection closed after {received} bytes"
                 received += len(chunk)
     assert received >= size
+
+
+def test_the_writes_of_requests_served_in_one_turn_share_one_commit_made_before_their_answers(tmp_path):
+    """The first request holds the poll thread while seven more arrive; those seven are served
+    in the next turn, park at their writes, and go out in one transaction (turn_commit.py)."""
+    path = str(tmp_path / "agg.sqlite3")
+    with serving(app=lambda: recording_app(path)) as base:
+        port = int(base.rsplit(":", 1)[1])
+        first: dict[str, Any] = {}
+        holder = threading.Thread(target=lambda: first.update(
+            requests.post(f"{base}/record?tag=first&sleep=0.5", timeout=10).json()))
+        holder.start()
+        time.sleep(0.1)
+        conns = [socket.create_connection(("127.0.0.1", port)) for _ in range(7)]
+        for i, conn in enumerate(conns):
+            conn.sendall(f"POST /record?tag=t{i} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n".encode())
+        answers = []
+        for conn in conns:
+            answers.append(_read_answers(conn, 1)[0])
+            with sqlite3.connect(path) as reader:  # what the answer reports is committed when it arrives
+                assert reader.execute("SELECT COUNT(*) FROM v2_runs WHERE run_id = ?",
+                                      (answers[-1]["tag"],)).fetchone()[0] == 1
+            conn.close()
+        holder.join(10)
+        transactions = requests.get(f"{base}/transactions", timeout=10).json()
+    assert first == {"tag": "first", "poll_thread": True}
+    assert sorted(answer["tag"] for answer in answers) == [f"t{i}" for i in range(7)]
+    assert all(answer["poll_thread"] for answer in answers)
+    assert transactions == 2  # the first's, then one for the seven
 
 
 def test_with_the_lane_off_every_request_runs_on_a_thread():

@@ -16,10 +16,11 @@ would not do: SQLite rolls the whole transaction back on SQLITE_FULL or IOERR. W
 pure functions of the connection, so running one again after a rollback is safe.
 
 A write with nothing else queued or being written runs on its caller's thread, in a
-transaction of its own: a worker's poll thread serves one request at a time, so its commit
-had nothing to share, and handing each write to the writer thread and waiting for it cost
-about 0.3 ms of CPU an exchange (benchmarks/RESULTS.md, tenth round). The writer thread
-batches whatever arrives while a write is under way.
+transaction of its own: handing each write to the writer thread and waiting for it cost about
+0.3 ms of CPU an exchange (benchmarks/RESULTS.md, tenth round). The writer thread batches
+whatever arrives while a write is under way. A worker's poll thread serves one request at a
+time, so its requests share commits differently: each parks at its write, and the writes of
+a turn go out together (turn_commit.py, `write_parked`).
 
 Rejection counts (the fleet view's) are not worth a commit each — a client posting invalid
 receipts would turn each into an fsync — so they are summed in memory and written by the same
@@ -35,6 +36,8 @@ import threading
 import time
 from collections.abc import Callable
 from typing import Any
+
+from tops_job.aggregator.turn_commit import current_turn
 
 MAX_BATCH = 64
 FLUSH_S = 1.0
@@ -53,9 +56,9 @@ class _Pending:
         self.error: BaseException | None = None
 
 
-def _write_all(batch: list[_Pending], conn: Any) -> list[Any]:
-    """Each pending write's outcome, in order, on the one transaction's connection."""
-    return [p.write(conn) for p in batch]
+def _write_all(writes: list[Callable[[Any], Any]], conn: Any) -> list[Any]:
+    """Each write's outcome, in order, on the one transaction's connection."""
+    return [write(conn) for write in writes]
 
 
 class GroupCommitStore:
@@ -83,7 +86,12 @@ class GroupCommitStore:
 
     def group_write(self, write: Callable[[Any], Any]) -> Any:
         """`write(conn)`'s outcome once the transaction it ran in is committed: on this
-        thread when no other write is queued or under way, else in the writer's next batch."""
+        thread when no other write is queued or under way, else in the writer's next batch.
+        From a request a poll thread serves in a turn (turn_commit.py): with the turn's
+        other writes, once its requests have all answered or parked."""
+        turn = current_turn()
+        if turn is not None:
+            return turn.park(self, write)
         if self._turn.acquire(blocking=False):
             try:
                 if not self._handed:
@@ -155,31 +163,36 @@ class GroupCommitStore:
                 break
             batch.append(more)
         try:
-            outcomes = self._store.group_write(functools.partial(_write_all, batch))
-        except Exception as exc:
-            if len(batch) == 1 or self._store.failed_whole(exc):
-                for p in batch:
-                    self._finish(p, error=exc)
-            else:
-                log.warning("a group commit of %d writes failed (%s: %s); writing each alone",
-                            len(batch), type(exc).__name__, exc)
-                for p in batch:
-                    self._write_alone(p)
+            results = self._write_many([p.write for p in batch])
         except BaseException as exc:  # not a write's fault (the interpreter is stopping): no retries
-            for p in batch:
-                self._finish(p, error=exc)
-        else:
-            for p, outcome in zip(batch, outcomes):
-                self._finish(p, outcome=outcome)
+            results = [(None, exc)] * len(batch)
+        for p, (outcome, error) in zip(batch, results):
+            self._finish(p, outcome=outcome, error=error)
         return stop
 
-    def _write_alone(self, pending: _Pending) -> None:
+    def write_parked(self, writes: list[Callable[[Any], Any]]) -> list[tuple[Any, BaseException | None]]:
+        """A poll thread's turn of parked writes (turn_commit.py), after any write under way."""
+        with self._turn:
+            return self._write_many(writes)
+
+    def _write_many(self, writes: list[Callable[[Any], Any]]) -> list[tuple[Any, BaseException | None]]:
+        """Each write's (outcome, error): all in one transaction, or each alone when one
+        write's fault failed them together."""
         try:
-            outcome = self._store.group_write(pending.write)
-        except BaseException as exc:  # the waiting request re-raises it (a 503 for storage errors)
-            self._finish(pending, error=exc)
-        else:
-            self._finish(pending, outcome=outcome)
+            outcomes = self._store.group_write(functools.partial(_write_all, writes))
+        except Exception as exc:
+            if len(writes) == 1 or self._store.failed_whole(exc):
+                return [(None, exc)] * len(writes)
+            log.warning("a group commit of %d writes failed (%s: %s); writing each alone",
+                        len(writes), type(exc).__name__, exc)
+            return [self._write_alone(write) for write in writes]
+        return [(outcome, None) for outcome in outcomes]
+
+    def _write_alone(self, write: Callable[[Any], Any]) -> tuple[Any, BaseException | None]:
+        try:
+            return self._store.group_write(write), None
+        except Exception as exc:  # the waiting request re-raises it (a 503 for storage errors)
+            return None, exc
 
     def _finish(self, pending: _Pending, *, outcome: Any = None, error: BaseException | None = None) -> None:
         pending.outcome, pending.error = outcome, error

@@ -19,6 +19,8 @@ anything but the verification (benchmarks/RESULTS.md, seventh round). A request 
 verification would hold the loop, over the gate's `inline_cost` (guard.VerifyGate), raises
 RunInThread before any work that counts and runs again on a thread of the pool, within the
 gate's slots: the poll thread keeps reading, answering and running cheap requests meanwhile.
+Each request of a turn runs in a greenlet, and parks at its write until the turn's writes are
+committed together (turn_commit.py): one commit for the exchanges of a turn, not one each.
 
 Several processes (`workers`): the parent binds the port once (SO_REUSEPORT, not listening:
 it holds the port), opens the database (and migrates it) to fail fast, then forks workers
@@ -33,6 +35,7 @@ guards above live in one server class, and nothing new is installed.
 from __future__ import annotations
 
 import collections
+import functools
 import heapq
 import logging
 import os
@@ -52,6 +55,7 @@ from waitress.server import TcpWSGIServer
 from waitress.task import ThreadedTaskDispatcher
 
 from tops_job.aggregator.guard import RunInThread, on_poll_thread, serve_inline_here, took_costly_lane
+from tops_job.aggregator.turn_commit import Turn
 from tops_job.cpus import cap_blas_threads
 from tops_job.heap import keep_freed_memory
 
@@ -205,11 +209,15 @@ class GuardedServer(TcpWSGIServer):
             return
         serve_inline_here()
         ready = self.task_dispatcher.ready
+        turn = Turn()
         try:
             while self._map:
                 wasyncore.poll2(0.0 if ready else self.adj.asyncore_loop_timeout, self._map)
                 for _ in range(len(ready)):  # those ready now; the next turn reads the sockets first
-                    self._serve_inline(ready.popleft())
+                    turn.serve(functools.partial(self._serve_inline, ready.popleft()))
+                    if turn.due:
+                        turn.commit()
+                turn.commit()  # every answer of the turn is sent before the sockets are read again
         except (SystemExit, KeyboardInterrupt):
             self.task_dispatcher.shutdown()
 

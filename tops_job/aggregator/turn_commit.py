@@ -1,0 +1,101 @@
+"""One commit for the writes of the requests a poll thread serves in one turn.
+
+A worker's poll thread runs its ready requests one after another (serve.py's inline lane),
+and what an exchange records must be committed before its answer leaves. Committed one by
+one, every exchange paid a commit of its own: an fsync, and with the 16 KiB pages each
+modified page again in the WAL (0.28 ms of CPU an exchange on its own, 0.11 ms in
+transactions of four: benchmarks/RESULTS.md, eleventh round), and the database's write turn,
+which a server's worker processes share, taken once an exchange.
+
+Here each request runs in a greenlet of the poll thread, and its write parks it
+(GroupCommitStore.group_write calls `park`): the loop goes on to the next ready request.
+Once every request of the turn has answered or parked, or the first parked has waited
+`max_hold_s`, one transaction runs the parked writes in the order they parked; after its
+commit each request resumes with its own outcome (or the storage error, a 503) and sends its
+answer. So:
+- no answer leaves before what it reports is committed;
+- the writes run after the turn's verifications, not during them: no transaction, and no
+  write turn of the database, is held open while a request verifies;
+- a parked write is seen by other requests once committed, as with concurrent requests on
+  threads; each write checks the record again when it runs (v2_store.py);
+- a request that writes nothing (a read, a refusal) answers at once.
+
+greenlet rather than a thread per request: the parked requests and the loop share one thread,
+so a switch costs about a microsecond and no hand-over of the GIL, which is what the inline
+lane exists to avoid.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import greenlet
+
+MAX_HOLD_S = 0.02  # the longest an answer waits for others' verifications before its commit
+MAX_PARKED = 64
+
+
+class ParkedWriter(Protocol):
+    def write_parked(self, writes: list[Callable[[Any], Any]]) -> list[tuple[Any, BaseException | None]]:
+        """Each write's (outcome, error), all run and committed together where they can be."""
+
+
+class _Request(greenlet.greenlet):
+    """A request a Turn serves: its writes park (current_turn finds the turn from here)."""
+
+    def __init__(self, run: Callable[[], None], turn: Turn):
+        super().__init__(run)
+        self.turn = turn
+
+
+def current_turn() -> Turn | None:
+    """The turn whose request is running on this thread now, if any."""
+    return getattr(greenlet.getcurrent(), "turn", None)
+
+
+class Turn:
+    def __init__(self, max_hold_s: float = MAX_HOLD_S, max_parked: int = MAX_PARKED):
+        self.max_hold_s = max_hold_s
+        self.max_parked = max_parked
+        self._parked: list[tuple[ParkedWriter, Callable[[Any], Any], greenlet.greenlet]] = []
+        self._first_parked = 0.0
+
+    def serve(self, run: Callable[[], None]) -> None:
+        """Runs `run()` in a greenlet of its own until it returns or parks at a write; what
+        it raises is raised here (or, after a park, from `commit`)."""
+        _Request(run, self).switch()
+
+    @property
+    def due(self) -> bool:
+        """Whether the parked writes should be committed before another request is served."""
+        return bool(self._parked) and (len(self._parked) >= self.max_parked
+                                       or time.monotonic() - self._first_parked >= self.max_hold_s)
+
+    def park(self, writer: ParkedWriter, write: Callable[[Any], Any]) -> Any:
+        """From a request of this turn: `write(conn)`'s outcome once committed (`writer`
+        runs it); the loop serves other requests meanwhile."""
+        current = greenlet.getcurrent()
+        if not self._parked:
+            self._first_parked = time.monotonic()
+        self._parked.append((writer, write, current))
+        return current.parent.switch()
+
+    def commit(self) -> None:
+        """Runs the parked writes, committed, and resumes each request with its outcome; a
+        request that parks again is in the next round of this loop."""
+        while self._parked:
+            parked, self._parked = self._parked, []
+            writers: dict[int, tuple[ParkedWriter, list[int]]] = {}
+            for index, (writer, _, _) in enumerate(parked):
+                writers.setdefault(id(writer), (writer, []))[1].append(index)
+            results: list[tuple[Any, BaseException | None]] = [(None, None)] * len(parked)
+            for writer, indexes in writers.values():
+                for index, result in zip(indexes, writer.write_parked([parked[i][1] for i in indexes])):
+                    results[index] = result
+            for (_, _, request), (outcome, error) in zip(parked, results):
+                if error is None:
+                    request.switch(outcome)
+                else:
+                    request.throw(error)
