@@ -226,16 +226,20 @@ def test_the_writes_of_requests_served_in_one_turn_share_one_commit_made_before_
     """The first request holds the poll thread while seven more arrive; those seven are served
     in the next turn, park at their writes, and go out in one transaction (turn_commit.py)."""
     path = str(tmp_path / "agg.sqlite3")
+
+    def record(conn: socket.socket, query: str) -> None:
+        conn.sendall(f"POST /record?{query} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n".encode())
+
     with serving(app=lambda: recording_app(path)) as base:
         port = int(base.rsplit(":", 1)[1])
-        first: dict[str, Any] = {}
-        holder = threading.Thread(target=lambda: first.update(
-            requests.post(f"{base}/record?tag=first&sleep=0.5", timeout=10).json()))
-        holder.start()
-        time.sleep(0.1)
+        holder = socket.create_connection(("127.0.0.1", port))
+        record(holder, "tag=first&sleep=1.0")
+        time.sleep(0.3)  # the server is in the first request's sleep
         conns = [socket.create_connection(("127.0.0.1", port)) for _ in range(7)]
         for i, conn in enumerate(conns):
-            conn.sendall(f"POST /record?tag=t{i} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n".encode())
+            record(conn, f"tag=t{i}")
+        first = _read_answers(holder, 1)[0]
+        holder.close()
         answers = []
         for conn in conns:
             answers.append(_read_answers(conn, 1)[0])
@@ -243,7 +247,6 @@ def test_the_writes_of_requests_served_in_one_turn_share_one_commit_made_before_
                 assert reader.execute("SELECT COUNT(*) FROM v2_runs WHERE run_id = ?",
                                       (answers[-1]["tag"],)).fetchone()[0] == 1
             conn.close()
-        holder.join(10)
         transactions = requests.get(f"{base}/transactions", timeout=10).json()
     assert first == {"tag": "first", "poll_thread": True}
     assert sorted(answer["tag"] for answer in answers) == [f"t{i}" for i in range(7)]

@@ -153,10 +153,10 @@ def test_a_turn_is_due_when_enough_writes_are_parked_or_the_first_has_waited(tmp
         turn.commit()
         assert not turn.due and results == {0: COMMITTED, 1: COMMITTED, 2: COMMITTED}
 
-        held = Turn(max_hold_s=0.05)
+        held = Turn(max_hold_s=0.3)
         _serve(held, results, 3, lambda: _commit(store, 3, "n3")["state"])
         assert not held.due
-        time.sleep(0.06)
+        time.sleep(0.35)
         assert held.due
         held.commit()
         assert results[3] == COMMITTED
