@@ -12,7 +12,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -243,7 +243,7 @@ def test_the_writes_of_requests_served_in_one_turn_share_one_commit_made_before_
         answers = []
         for conn in conns:
             answers.append(_read_answers(conn, 1)[0])
-            with sqlite3.connect(path) as reader:  # what the answer reports is committed when it arrives
+            with closing(sqlite3.connect(path)) as reader:  # what the answer reports is committed when it arrives
                 assert reader.execute("SELECT COUNT(*) FROM v2_runs WHERE run_id = ?",
                                       (answers[-1]["tag"],)).fetchone()[0] == 1
             conn.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
+from contextlib import closing
 
 import pytest
 
@@ -71,7 +72,7 @@ def test_a_request_resumes_after_its_write_is_committed(tmp_path):
     turn, results = Turn(), {}
 
     def read_elsewhere() -> int:  # a connection of its own: it sees only what is committed
-        with sqlite3.connect(tmp_path / "agg.sqlite3") as other:
+        with closing(sqlite3.connect(tmp_path / "agg.sqlite3")) as other:
             return int(other.execute("SELECT COUNT(*) FROM v2_commitments").fetchone()[0])
 
     try:
