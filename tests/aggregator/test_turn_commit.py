@@ -6,7 +6,9 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import closing
+from typing import NamedTuple
 
 import pytest
 
@@ -16,8 +18,14 @@ from tops_job.aggregator.turn_commit import Turn, current_turn
 from tops_job.aggregator.v2_store import COMMITTED, Conflict, V2Store
 
 
-def _grouped(request, tmp_path, engine: str) -> tuple[GroupCommitStore, list[int]]:
-    """A group-commit store on a real database, and the list its transactions append to."""
+class Opened(NamedTuple):
+    grouped: GroupCommitStore
+    transactions: list[int]  # one entry per write transaction the database ran
+    store: V2Store
+
+
+def _opened(request, tmp_path, engine: str) -> Iterator[Opened]:
+    """A group-commit store on a real database, its transactions counted; closed after."""
     opened = open_store(str(tmp_path / "agg.sqlite3") if engine == "sqlite"
                         else request.getfixturevalue("postgres").new_database())
     transactions: list[int] = []
@@ -28,7 +36,22 @@ def _grouped(request, tmp_path, engine: str) -> tuple[GroupCommitStore, list[int
         return own_transaction(conn)
 
     opened.transaction = counted
-    return GroupCommitStore(opened), transactions
+    grouped = GroupCommitStore(opened)
+    try:
+        yield Opened(grouped, transactions, V2Store(grouped))
+    finally:
+        grouped.close()
+
+
+@pytest.fixture
+def sqlite(request, tmp_path) -> Iterator[Opened]:
+    yield from _opened(request, tmp_path, "sqlite")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def either(request, tmp_path) -> Iterator[Opened]:
+    """The same on each engine."""
+    yield from _opened(request, tmp_path, request.param)
 
 
 def _commit(store: V2Store, i: int, nonce: str) -> dict:
@@ -46,56 +69,42 @@ def _serve(turn: Turn, results: dict, key, call) -> None:
     turn.serve(run)
 
 
-@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
-def test_the_writes_of_a_turn_go_out_in_one_transaction_and_each_request_gets_its_own_outcome(request, tmp_path, engine):
-    grouped, transactions = _grouped(request, tmp_path, engine)
-    store = V2Store(grouped)
+def test_the_writes_of_a_turn_go_out_in_one_transaction_and_each_request_gets_its_own_outcome(either):
+    _, transactions, store = either
     turn, results = Turn(max_hold_s=60), {}
-    try:
-        for i in range(12):  # 0..5 share a nonce: one is recorded, the others are replays
-            _serve(turn, results, i, lambda i=i: _commit(store, i, "shared" if i < 6 else f"n{i}")["state"])
-        assert results == {} and transactions == []  # all parked: nothing written yet
-        assert all(store.commitment(f"{i:064x}") is None for i in range(12))
-        turn.commit()
-        assert transactions == [1]
-        assert results[0] == COMMITTED  # the first to park is the first written
-        assert all(isinstance(results[i], Conflict) and results[i].code == "replayed_nonce" for i in range(1, 6))
-        assert [results[i] for i in range(6, 12)] == [COMMITTED] * 6
-        assert all(store.commitment(f"{i:064x}") is not None for i in (0, *range(6, 12)))
-    finally:
-        grouped.close()
+    for i in range(12):  # 0..5 share a nonce: one is recorded, the others are replays
+        _serve(turn, results, i, lambda i=i: _commit(store, i, "shared" if i < 6 else f"n{i}")["state"])
+    assert results == {} and transactions == []  # all parked: nothing written yet
+    assert all(store.commitment(f"{i:064x}") is None for i in range(12))
+    turn.commit()
+    assert transactions == [1]
+    assert results[0] == COMMITTED  # the first to park is the first written
+    assert all(isinstance(results[i], Conflict) and results[i].code == "replayed_nonce" for i in range(1, 6))
+    assert [results[i] for i in range(6, 12)] == [COMMITTED] * 6
+    assert all(store.commitment(f"{i:064x}") is not None for i in (0, *range(6, 12)))
 
 
-def test_a_request_resumes_after_its_write_is_committed(tmp_path):
-    grouped, _ = _grouped(None, tmp_path, "sqlite")
-    store = V2Store(grouped)
+def test_a_request_resumes_after_its_write_is_committed(sqlite, tmp_path):
     turn, results = Turn(), {}
 
     def read_elsewhere() -> int:  # a connection of its own: it sees only what is committed
         with closing(sqlite3.connect(tmp_path / "agg.sqlite3")) as other:
             return int(other.execute("SELECT COUNT(*) FROM v2_commitments").fetchone()[0])
 
-    try:
-        _serve(turn, results, "seen", lambda: (_commit(store, 1, "n1"), read_elsewhere())[1])
-        assert read_elsewhere() == 0 and results == {}
-        turn.commit()
-        assert results == {"seen": 1}
-    finally:
-        grouped.close()
+    _serve(turn, results, "seen", lambda: (_commit(sqlite.store, 1, "n1"), read_elsewhere())[1])
+    assert read_elsewhere() == 0 and results == {}
+    turn.commit()
+    assert results == {"seen": 1}
 
 
-def test_a_request_that_writes_twice_is_resumed_twice_within_one_commit(tmp_path):
-    grouped, transactions = _grouped(None, tmp_path, "sqlite")
-    store = V2Store(grouped)
+def test_a_request_that_writes_twice_is_resumed_twice_within_one_commit(sqlite):
+    _, transactions, store = sqlite
     turn, results = Turn(), {}
-    try:
-        _serve(turn, results, "twice", lambda: [_commit(store, i, f"n{i}")["state"] for i in (1, 2)])
-        _serve(turn, results, "once", lambda: _commit(store, 3, "n3")["state"])
-        turn.commit()
-        assert results == {"twice": [COMMITTED, COMMITTED], "once": COMMITTED}
-        assert transactions == [1, 1]  # the first writes together, then the second write of "twice"
-    finally:
-        grouped.close()
+    _serve(turn, results, "twice", lambda: [_commit(store, i, f"n{i}")["state"] for i in (1, 2)])
+    _serve(turn, results, "once", lambda: _commit(store, 3, "n3")["state"])
+    turn.commit()
+    assert results == {"twice": [COMMITTED, COMMITTED], "once": COMMITTED}
+    assert transactions == [1, 1]  # the first writes together, then the second write of "twice"
 
 
 def _half_then_a_bug(conn):
@@ -103,83 +112,66 @@ def _half_then_a_bug(conn):
     raise RuntimeError("a bug in one write")
 
 
-@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
-def test_a_write_that_fails_fails_only_its_own_request(request, tmp_path, engine):
-    grouped, transactions = _grouped(request, tmp_path, engine)
-    store = V2Store(grouped)
+def test_a_write_that_fails_fails_only_its_own_request(either):
+    grouped, transactions, store = either
     turn, results = Turn(), {}
-    try:
-        for i in range(3):
-            _serve(turn, results, i, lambda i=i: _commit(store, i, f"n{i}")["state"])
-        _serve(turn, results, "bad", lambda: grouped.group_write(_half_then_a_bug))
-        turn.commit()
-        assert [results[i] for i in range(3)] == [COMMITTED] * 3
-        assert isinstance(results["bad"], RuntimeError) and str(results["bad"]) == "a bug in one write"
-        assert len(transactions) == 1 + 4  # the shared one, rolled back; then each write alone
-        assert grouped._conn().execute("SELECT COUNT(*) FROM v2_runs WHERE run_id = 'half-written'").fetchone()[0] == 0
-    finally:
-        grouped.close()
+    for i in range(3):
+        _serve(turn, results, i, lambda i=i: _commit(store, i, f"n{i}")["state"])
+    _serve(turn, results, "bad", lambda: grouped.group_write(_half_then_a_bug))
+    turn.commit()
+    assert [results[i] for i in range(3)] == [COMMITTED] * 3
+    assert isinstance(results["bad"], RuntimeError) and str(results["bad"]) == "a bug in one write"
+    assert len(transactions) == 1 + 4  # the shared one, rolled back; then each write alone
+    assert grouped._conn().execute("SELECT COUNT(*) FROM v2_runs WHERE run_id = 'half-written'").fetchone()[0] == 0
 
 
-def test_a_database_that_fails_as_a_whole_fails_every_request_of_the_turn_and_records_nothing(tmp_path):
-    grouped, transactions = _grouped(None, tmp_path, "sqlite")
-    store = V2Store(grouped)
+def test_a_database_that_fails_as_a_whole_fails_every_request_of_the_turn_and_records_nothing(sqlite):
+    grouped, transactions, store = sqlite
     turn, results = Turn(), {}
 
     def disk_full(conn):
         raise sqlite3.OperationalError("database or disk is full")
 
-    try:
-        _serve(turn, results, 0, lambda: _commit(store, 0, "n0")["state"])
-        _serve(turn, results, "full", lambda: grouped.group_write(disk_full))
-        turn.commit()
-        assert all(isinstance(results[key], sqlite3.OperationalError) for key in (0, "full"))
-        assert transactions == [1]  # no retries one by one: the database itself failed
-        assert store.commitment(f"{0:064x}") is None
-    finally:
-        grouped.close()
+    _serve(turn, results, 0, lambda: _commit(store, 0, "n0")["state"])
+    _serve(turn, results, "full", lambda: grouped.group_write(disk_full))
+    turn.commit()
+    assert all(isinstance(results[key], sqlite3.OperationalError) for key in (0, "full"))
+    assert transactions == [1]  # no retries one by one: the database itself failed
+    assert store.commitment(f"{0:064x}") is None
 
 
-def test_a_turn_is_due_when_enough_writes_are_parked_or_the_first_has_waited(tmp_path):
-    grouped, _ = _grouped(None, tmp_path, "sqlite")
-    store = V2Store(grouped)
-    try:
-        turn, results = Turn(max_hold_s=60, max_parked=3), {}
-        assert not turn.due
-        for i in range(2):
-            _serve(turn, results, i, lambda i=i: _commit(store, i, f"n{i}")["state"])
-        assert not turn.due
-        _serve(turn, results, 2, lambda: _commit(store, 2, "n2")["state"])
-        assert turn.due
-        turn.commit()
-        assert not turn.due and results == {0: COMMITTED, 1: COMMITTED, 2: COMMITTED}
+def test_a_turn_is_due_when_enough_writes_are_parked_or_the_first_has_waited(sqlite):
+    store = sqlite.store
+    turn, results = Turn(max_hold_s=60, max_parked=3), {}
+    assert not turn.due
+    for i in range(2):
+        _serve(turn, results, i, lambda i=i: _commit(store, i, f"n{i}")["state"])
+    assert not turn.due
+    _serve(turn, results, 2, lambda: _commit(store, 2, "n2")["state"])
+    assert turn.due
+    turn.commit()
+    assert not turn.due and results == {0: COMMITTED, 1: COMMITTED, 2: COMMITTED}
 
-        held = Turn(max_hold_s=0.3)
-        _serve(held, results, 3, lambda: _commit(store, 3, "n3")["state"])
-        assert not held.due
-        time.sleep(0.35)
-        assert held.due
-        held.commit()
-        assert results[3] == COMMITTED
-    finally:
-        grouped.close()
+    held = Turn(max_hold_s=0.3)
+    _serve(held, results, 3, lambda: _commit(store, 3, "n3")["state"])
+    assert not held.due
+    time.sleep(0.35)
+    assert held.due
+    held.commit()
+    assert results[3] == COMMITTED
 
 
-def test_outside_a_turns_requests_a_write_commits_at_once(tmp_path):
-    grouped, transactions = _grouped(None, tmp_path, "sqlite")
-    store = V2Store(grouped)
-    try:
-        assert current_turn() is None
-        assert _commit(store, 1, "n1")["state"] == COMMITTED and transactions == [1]
-        other: list = []
-        turn = Turn()
-        # a thread of the pool, while the poll thread's turn holds parked requests: not parked
-        turn.serve(lambda: other.append(_commit(store, 2, "n2")["state"]))
-        thread = threading.Thread(target=lambda: other.append(_commit(store, 3, "n3")["state"]))
-        thread.start()
-        thread.join(10)
-        assert other == [COMMITTED] and len(transactions) == 2
-        turn.commit()
-        assert other == [COMMITTED, COMMITTED] and len(transactions) == 3
-    finally:
-        grouped.close()
+def test_outside_a_turns_requests_a_write_commits_at_once(sqlite):
+    _, transactions, store = sqlite
+    assert current_turn() is None
+    assert _commit(store, 1, "n1")["state"] == COMMITTED and transactions == [1]
+    other: list = []
+    turn = Turn()
+    # a thread of the pool, while the poll thread's turn holds parked requests: not parked
+    turn.serve(lambda: other.append(_commit(store, 2, "n2")["state"]))
+    thread = threading.Thread(target=lambda: other.append(_commit(store, 3, "n3")["state"]))
+    thread.start()
+    thread.join(10)
+    assert other == [COMMITTED] and len(transactions) == 2
+    turn.commit()
+    assert other == [COMMITTED, COMMITTED] and len(transactions) == 3
