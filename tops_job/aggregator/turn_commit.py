@@ -87,11 +87,11 @@ class Turn:
         request that parks again is in the next round of this loop."""
         while self._parked:
             parked, self._parked = self._parked, []
-            writers: dict[int, tuple[ParkedWriter, list[int]]] = {}
+            by_writer: dict[ParkedWriter, list[int]] = {}  # a writer's parked writes, by index
             for index, (writer, _, _) in enumerate(parked):
-                writers.setdefault(id(writer), (writer, []))[1].append(index)
+                by_writer.setdefault(writer, []).append(index)
             results: list[tuple[Any, BaseException | None]] = [(None, None)] * len(parked)
-            for writer, indexes in writers.values():
+            for writer, indexes in by_writer.items():
                 for index, result in zip(indexes, writer.write_parked([parked[i][1] for i in indexes])):
                     results[index] = result
             for (_, _, request), (outcome, error) in zip(parked, results):
