@@ -27,6 +27,11 @@ process, one at a time, and each opened set the app has just judged is verified 
 at once, so that both see the same drift of this machine's speed. What is left between them
 is the app's own work an exchange (the parse, the reads, the leaves, the commit).
 
+The server counts its own CPU in the checks (`tops_job_aggregator_verify_cpu_seconds_total`,
+read from /metrics at each window's ends). Their share of the server's CPU is measured in the
+same window as the server's CPU, so this machine's drift does not move it; the checks inside
+against the verification alone say whether the product check itself runs slower in the server.
+
 Two windows are reported. "steady" ends when the first run has sent its last attempt, so
 every run is sending throughout; "whole" runs until the last one ends. SO_REUSEPORT hashes
 each keep-alive connection to one worker, and 32 runs rarely split evenly: in the tail the
@@ -255,6 +260,15 @@ def _post(sock: Any, host: str, port: int, buffer: bytearray, body: str) -> dict
     return dict(json.loads(answer))
 
 
+def verify_cpu(host: str, port: int) -> float:
+    """The server's CPU seconds in the checks themselves so far (its /metrics, all workers)."""
+    import requests
+
+    text = requests.get(f"http://{host}:{port}/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith('tops_job_aggregator_verify_cpu_seconds_total{protocol="v2"}'))
+
+
 def run(workers: int, clients: int, attempts: int, k: int, tile: int, extra: tuple[str, ...] = ()) -> dict[str, float]:
     """One server run; prints both windows and returns the steady one's attempts/s, with the
     verification alone's attempts/s in as many processes."""
@@ -303,11 +317,13 @@ def run(workers: int, clients: int, attempts: int, k: int, tile: int, extra: tup
                 finally:
                     first_done.set()
 
+            verify0 = verify_cpu(host, port)
             cpu0, wall0, clients0 = tree_cpu(server.pid), time.perf_counter(), time.process_time()
 
             def window() -> dict[str, float]:
                 return {"wall": time.perf_counter() - wall0, "cpu": tree_cpu(server.pid) - cpu0,
-                        "clients_cpu": time.process_time() - clients0, "done": sum(accepted)}
+                        "clients_cpu": time.process_time() - clients0, "done": sum(accepted),
+                        "verify_cpu": verify_cpu(host, port) - verify0}
 
             pool_ = [threading.Thread(target=client_run, args=(i,)) for i in range(clients)]
             for thread in pool_:
@@ -337,6 +353,13 @@ def run(workers: int, clients: int, attempts: int, k: int, tile: int, extra: tup
               f" {1e3 / per_core_alone:.2f} ms (before {1e3 / alone_before[0]:.2f}, after {1e3 / alone_after[0]:.2f};"
               f" {done / cpu / per_core_alone:.2f} of it per core); the clients' CPU"
               f" {window['clients_cpu'] / done * 1e3:.2f} ms an attempt", flush=True)
+        # The server's own count of its CPU in the checks (tops_job_aggregator_verify_cpu_seconds_total):
+        # the same window and the same speed of this machine as the server's CPU, so their
+        # ratio does not drift as the verification alone measured beside the window does.
+        inside = window["verify_cpu"]
+        print(f"  inside the server, {name}: the checks {inside / done * 1e3:.2f} ms of CPU an attempt,"
+              f" {inside / cpu:.2f} of the server's CPU; {inside / done * per_core_alone:.2f}× the verification"
+              f" alone's", flush=True)
     print(f"  the verification alone in {workers} process(es): {alone_per_s:.0f} attempts/s", flush=True)
     return {"server": steady["done"] / steady["wall"], "alone": alone_per_s}
 

@@ -113,6 +113,7 @@ def test_metrics_count_verdicts_and_pass_promtool(fleet, tmp_path):
     text = requests.get(f"{agg.base}/metrics", timeout=10).text
     assert 'tops_job_aggregator_receipts_total{reason="none",verdict="accepted"} 5.0' in text
     assert 'verdict="rejected"' in text and "tops_job_aggregator_challenges_issued_total 1.0" in text
+    assert float(text.split('tops_job_aggregator_verify_cpu_seconds_total{protocol="v1"} ')[1].split()[0]) > 0
     for name in ("tops_job_aggregator_verify_duration_seconds_bucket", "tops_job_aggregator_db_duration_seconds_bucket",
                  "tops_job_aggregator_connections ", "tops_job_aggregator_challenges_expired_total"):
         assert name in text, name

@@ -78,6 +78,22 @@ def test_commit_and_open_ride_in_one_request(v2):
     assert answer["commit"]["status"] == 200 and "challenge" in answer["commit"]
 
 
+def test_the_server_counts_the_cpu_of_its_checks(v2):
+    """tops_job_aggregator_verify_cpu_seconds_total{protocol="v2"} grows when a commitment is
+    checked and when an opened set is verified, and not for an exchange refused before any
+    check (the benchmark divides it by the server's CPU)."""
+    series = ("tops_job_aggregator_verify_cpu_seconds_total", 'protocol="v2"')
+    before = v2.metric(*series)
+    assert _exchange(v2.base, b'{"commit": ')["error"] == "malformed_json"
+    assert v2.metric(*series) == before
+    made = _honest(v2.base, "cpu-1")
+    leaves = _commit(v2.base, made.commitment)["challenge"]["leaves"]
+    committed = v2.metric(*series)
+    assert committed > before
+    assert _open(v2.base, made.opened(leaves))["verdict"] == "accepted"
+    assert v2.metric(*series) > committed
+
+
 def test_half_skipped_commitments_are_rejected_however_many_are_tried(v2):
     """Attack 1: the worker may regrind as often as it likes; each try is a new commitment
     whose leaves it learns only after the aggregator recorded it."""

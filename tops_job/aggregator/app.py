@@ -50,6 +50,7 @@ from urllib.parse import parse_qs
 from tops_job.aggregator import guard
 from tops_job.aggregator.answers import Response, busy
 from tops_job.aggregator.answers import error as _error
+from tops_job.aggregator.events import Events
 from tops_job.aggregator.migrations import StorageUnavailable
 from tops_job.aggregator.store import ACCEPTED, DUPLICATE, Store, TooManyChallenges
 from tops_job.aggregator.v2_exchange import V2Endpoints
@@ -79,16 +80,6 @@ def _storage_errors() -> tuple[type[BaseException], ...]:
     return (sqlite3.Error, StorageUnavailable)
 
 
-class Events:
-    """Hooks for what only the application sees (metrics.py counts them); no-ops here."""
-
-    def verify_seconds(self, seconds: float) -> None:
-        pass
-
-    def challenges_purged(self, count: int) -> None:
-        pass
-
-
 class AggregatorApp:
     def __init__(self, store: Store, *, max_body: int = DEFAULT_MAX_BODY, min_opens: int = DEFAULT_MIN_OPENS,
                  allow: set[str] | None = None, full: bool = False, clock: Callable[[], float] = time.time,
@@ -102,7 +93,8 @@ class AggregatorApp:
         self.accept = accept
         self.gate = gate or guard.VerifyGate(2)
         # v2 state lives in the same database file, in its own tables
-        self.v2 = v2 or V2Endpoints(V2Store(store), allow=allow, clock=clock, gate=self.gate)
+        self.events = events or Events()
+        self.v2 = v2 or V2Endpoints(V2Store(store), allow=allow, clock=clock, gate=self.gate, events=self.events)
         self._column_key = secrets.token_bytes(32)  # v1 column samples: a function of the digest
         self.max_body = max_body
         self.min_opens = min_opens
@@ -115,7 +107,6 @@ class AggregatorApp:
         self.max_cost = max_cost
         self.challenge_limiter = challenge_limiter or guard.RateLimiter(rate=20.0, burst=100)
         self.challenge_ttl_ms = challenge_ttl_ms
-        self.events = events or Events()
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         try:
@@ -265,7 +256,8 @@ class AggregatorApp:
             return busy()
         began = time.perf_counter()
         try:
-            verified = verify_receipt(receipt, min_opens=self.min_opens, full=self.full, rng=self._columns(digest))
+            with self.events.verifying("v1"):
+                verified = verify_receipt(receipt, min_opens=self.min_opens, full=self.full, rng=self._columns(digest))
         except ReceiptInvalid as exc:
             self._rejected(receipt, exc.code)
             return _error(422, exc.code, exc.detail)

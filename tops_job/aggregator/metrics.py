@@ -3,6 +3,7 @@
     tops_job_aggregator_receipts_total{verdict, reason}   every POST /verify answer
     tops_job_aggregator_requests_total{endpoint, code}
     tops_job_aggregator_verify_duration_seconds           one receipt's verification
+    tops_job_aggregator_verify_cpu_seconds_total{protocol} CPU time in the checks themselves
     tops_job_aggregator_db_duration_seconds{operation}    each store call
     tops_job_aggregator_challenges_issued_total / _expired_total
     tops_job_aggregator_connections / _connection_limit   per process, summed over workers
@@ -25,7 +26,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from tops_job.aggregator.app import Events
+from tops_job.aggregator.events import Events
 
 _LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _ENDPOINTS = {"/verify", "/challenge", "/health", "/metrics", "/dids", "/fleet"}
@@ -54,6 +55,10 @@ class AggregatorMetrics(Events):
                                 ["endpoint", "code"], registry=r)
         self.verify = Histogram("tops_job_aggregator_verify_duration_seconds", "Verification of one receipt",
                                 buckets=_LATENCY, registry=r)
+        self.verify_cpu_seconds = Counter(
+            "tops_job_aggregator_verify_cpu_seconds",
+            "CPU time spent in the checks themselves (v1 receipts; v2 commitments and opened sets); against "
+            "the process's CPU, the share of the aggregator's work that is verification", ["protocol"], registry=r)
         self.db = Histogram("tops_job_aggregator_db_duration_seconds", "One store operation", ["operation"],
                             buckets=_LATENCY, registry=r)
         self.issued = Counter("tops_job_aggregator_challenges_issued", "Run challenges issued", registry=r)
@@ -73,6 +78,9 @@ class AggregatorMetrics(Events):
     # Events (the application's hooks)
     def verify_seconds(self, seconds: float) -> None:
         self.verify.observe(seconds)
+
+    def verify_cpu(self, protocol: str, seconds: float) -> None:
+        self.verify_cpu_seconds.labels(protocol).inc(seconds)
 
     def challenges_purged(self, count: int) -> None:
         if count:

@@ -88,7 +88,8 @@ def build_app(settings: Settings, store: Any, metrics: Any) -> tuple[Any, Any]:
     gate = guard.VerifyGate(settings.verify_slots, cheap_cost=max(1, settings.max_cost // 16),
                             inline_cost=settings.inline_cost)
     v2 = V2Endpoints(V2Store(timed), s=settings.openings, cost_cap=settings.cost_cap, allow=settings.allow,
-                     run_ttl_ms=int(settings.run_ttl * 1000), open_ttl_ms=int(settings.open_ttl * 1000), gate=gate)
+                     run_ttl_ms=int(settings.run_ttl * 1000), open_ttl_ms=int(settings.open_ttl * 1000), gate=gate,
+                     events=metrics)
     app = AggregatorApp(timed, max_body=settings.max_body, min_opens=settings.min_opens, allow=settings.allow,  # type: ignore[arg-type]
                         full=settings.full, max_cost=settings.max_cost, gate=gate,
                         challenge_limiter=guard.RateLimiter(rate=settings.challenge_rate, burst=max(1, int(settings.challenge_rate * 5))),

@@ -19,6 +19,7 @@ from typing import Any
 
 from tops_job.aggregator.answers import Response, busy
 from tops_job.aggregator.answers import error as _error
+from tops_job.aggregator.events import Events
 from tops_job.aggregator.guard import VerifyGate, boot_id
 from tops_job.aggregator.v2_store import (
     ACCEPTED,
@@ -114,7 +115,8 @@ class V2Endpoints:
     def __init__(self, store: V2Store, *, s: int = S_DEFAULT, cost_cap: int = COST_CAP,
                  allow: set[str] | None = None, clock: Callable[[], float] = time.time,
                  steady: Callable[[], tuple[str, int]] = steady_clock, open_ttl_ms: int = OPEN_TTL_MS,
-                 run_ttl_ms: int = RUN_TTL_MS, gate: VerifyGate | None = None, verifier_key: bytes | None = None):
+                 run_ttl_ms: int = RUN_TTL_MS, gate: VerifyGate | None = None, verifier_key: bytes | None = None,
+                 events: Events | None = None):
         self.store = store
         self.s = s
         self.cost_cap = cost_cap
@@ -125,6 +127,7 @@ class V2Endpoints:
         self.run_ttl_ms = run_ttl_ms
         self.verifier_key = verifier_key or secrets.token_bytes(32)  # K_v: drawn leaves are recorded, so it may change
         self.gate = gate or VerifyGate(2)  # bounds the exchanges verifying at once; the app shares its own
+        self.events = events or Events()
 
     def _now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -213,7 +216,8 @@ class V2Endpoints:
 
     def _commit(self, obj: Any) -> Answer:
         try:
-            committed = check_commitment(obj, s=self.s, cost_cap=self.cost_cap)
+            with self.events.verifying("v2"):
+                committed = check_commitment(obj, s=self.s, cost_cap=self.cost_cap)
         except ReceiptInvalid as exc:
             return _item(422, exc.code, exc.detail)
         h, digest = committed.header, committed.digest.hex()
@@ -274,7 +278,8 @@ class V2Endpoints:
             return self._state_answer(digest, record, challenge=False)
         committed = recorded_commitment(json.loads(record["commitment"]), s=record["s"])
         try:
-            verified = check_opened(committed, record["leaves"], opened)
+            with self.events.verifying("v2"):
+                verified = check_opened(committed, record["leaves"], opened)
         except ReceiptInvalid as exc:  # final, remembered: the same digest gets this answer again
             return Pending(self.store.verdict_write(digest, REJECTED, now_ms=self._now_ms(), error=exc.code,
                                                     detail=exc.detail),
