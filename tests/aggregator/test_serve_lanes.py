@@ -88,6 +88,30 @@ def recording_app(path: str) -> Any:
     return app
 
 
+def counting_sends_app() -> Any:
+    """lanes_app, keeping in the server's process what each send() of its connections sent:
+    GET /sends lists them."""
+    sends: list[str] = []
+    own_send = serve.GuardedChannel.send
+
+    def send(self: Any, data: bytes, do_close: bool = True) -> Any:
+        sent = own_send(self, data, do_close)
+        sends.append(bytes(data[:sent]).decode("latin-1"))
+        return sent
+
+    serve.GuardedChannel.send = send  # type: ignore[method-assign]  # the forked server's own class
+    lanes = lanes_app(guard.VerifyGate(2, inline_cost=1000))
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        if environ["PATH_INFO"] == "/sends":
+            data = json.dumps(sends).encode()
+            start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(data)))])
+            return [data]
+        return lanes(environ, start_response)
+
+    return app
+
+
 def _serve(sock: socket.socket, inline: bool, inline_cost: int, high_watermark: int | None,
            app: Callable[[], Any] | None = None) -> None:
     served = app() if app is not None else lanes_app(guard.VerifyGate(2, inline_cost=inline_cost))
@@ -201,6 +225,23 @@ def test_pipelined_requests_on_one_connection_are_answered_in_order(inline):
             answers = _read_answers(conn, 3)
     assert [answer["tag"] for answer in answers] == ["first", "second", "third"]
     assert [answer["poll_thread"] for answer in answers] == ([True, False, False] if inline else [False] * 3)
+
+
+@pytest.mark.parametrize("inline", [True, False], ids=["inline", "threads"])
+def test_each_answer_leaves_whole_in_one_send(inline):
+    """Its header and its body in one send() (waitress alone sends each as it is written: two
+    segments, and the client woken twice), from the poll thread and from a pool thread's
+    request alike: a cheap one, and one over the inline cost."""
+    with serving(inline=inline, app=counting_sends_app) as base, requests.Session() as session:
+        answers = [session.post(f"{base}/work?cost={cost}&tag=t{cost}", data=b"abc", timeout=10).json()
+                   for cost in (1, 5000, 1)]
+        sends = session.get(f"{base}/sends", timeout=10).json()
+    assert [answer["poll_thread"] for answer in answers] == ([True, False, False] if inline else [False] * 3)
+    assert len(sends) == len(answers), sends
+    for sent, answer in zip(sends, answers):
+        head, body = sent.split("\r\n\r\n", 1)
+        assert head.startswith("HTTP/1.1 200 OK\r\n") and f"Content-Length: {len(body)}" in head, sent
+        assert json.loads(body) == answer
 
 
 def test_an_answer_over_the_high_watermark_is_sent_from_the_poll_thread():

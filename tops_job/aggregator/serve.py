@@ -63,6 +63,7 @@ log = logging.getLogger("tops_job.aggregator")
 
 ACCEPT_BATCH = 256
 FD_RESERVE = 64  # descriptors kept for the database, logs, the trigger pipe and the listener
+ANSWER_BUFFER = 1 << 16  # an answer up to this size is sent in one send() (make_server)
 
 
 def raise_fd_limit() -> int:
@@ -283,6 +284,11 @@ def make_server(app: Any, sock: socket.socket, *, threads: int, limit: int, head
                       cleanup_interval=1, asyncore_use_poll=True, max_request_body_size=max_request_body_size,
                       recv_bytes=65536,  # a 100-300 KB receipt in a few reads, not dozens of loop turns
                       backlog=2048, ident="tops-job-aggregator", clear_untrusted_proxy_headers=True)
+    # Waitress sends what a channel has buffered as soon as it holds `send_bytes`, 1 by default:
+    # an answer's header and its body went out in two send()s, two segments that woke the
+    # client twice. Buffered up to this much, an answer leaves whole in one send() when its
+    # request returns (the inline lane's handle_write, or the poll loop that service() wakes).
+    adj.send_bytes = ANSWER_BUFFER
     dispatcher = None
     if inline:
         dispatcher = LaneDispatcher()
