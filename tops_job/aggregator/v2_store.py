@@ -115,22 +115,25 @@ class V2Store:
         Conflict (commitment_outcome raises it)."""
 
         def write(conn: Any) -> dict[str, Any] | Conflict:  # a conflict is an outcome, not a failed batch
-            existing = self._read_commitment(conn, digest)
-            if existing is not None:
-                return existing
+            # The run's owner first: a digest already recorded names the same key and run (the
+            # digest covers both), so its owner check passes and the insert below finds it.
             owner = conn.execute("SELECT pubkey FROM v2_runs WHERE run_id = ?", (run_id,)).fetchone()
             if owner is not None and owner[0] != pubkey:
                 return _run_taken(run_id)
-            if conn.execute("SELECT 1 FROM v2_commitments WHERE pubkey = ? AND did = ? AND nonce = ?",
-                            (pubkey, did, nonce)).fetchone():
-                return _replayed_nonce()
-            # ON CONFLICT: a PostgreSQL replica may record the same run, digest or nonce between
-            # the reads above and these inserts; its row wins and this write reads the outcome.
             if owner is None:
+                # A run's first commitment binds the run to its key, and a refused one records
+                # nothing: a replayed nonce is looked for before the run is bound. A later
+                # commitment's replay is the insert's conflict below.
+                if conn.execute("SELECT 1 FROM v2_commitments WHERE pubkey = ? AND did = ? AND nonce = ?",
+                                (pubkey, did, nonce)).fetchone():
+                    return _replayed_nonce()
                 conn.execute("INSERT INTO v2_runs (run_id, pubkey) VALUES (?, ?) ON CONFLICT DO NOTHING", (run_id, pubkey))
                 owner = conn.execute("SELECT pubkey FROM v2_runs WHERE run_id = ?", (run_id,)).fetchone()
                 if owner[0] != pubkey:
                     return _run_taken(run_id)
+            # ON CONFLICT: the digest (primary key) or the (pubkey, did, nonce) replay key is
+            # recorded already, here or by a PostgreSQL replica since the reads above: that row
+            # wins. The same digest is its record; none is a nonce replayed with another digest.
             inserted = conn.execute(
                 "INSERT INTO v2_commitments (digest, pubkey, did, nonce, run_id, attempt, ops, challenge, s, leaves,"
                 " committed_ms, expires_ms, state, commitment) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
