@@ -265,6 +265,36 @@ def _committed_in_app(tmp_path, run_id: str, attempts: int = 2):
     return app, store, made
 
 
+def test_a_run_challenge_read_once_is_refused_once_expired_and_unknown_once_purged(tmp_path):
+    """The endpoints keep a run challenge they have read while it is unexpired (every
+    commitment of a run names it); expired, it is read again and refused, and purged it is
+    unknown, as if it had never been kept."""
+    from tops_job.aggregator.app import AggregatorApp
+    from tops_job.aggregator.store import Store
+    from tops_job.aggregator.v2_exchange import RETENTION_MS, V2Endpoints
+    from tops_job.aggregator.v2_store import V2Store
+
+    now = [1_000_000.0]
+    store = Store(tmp_path / "agg.sqlite3")
+    app = AggregatorApp(store, v2=V2Endpoints(V2Store(store), clock=lambda: now[0], run_ttl_ms=60_000))
+    status, issued = _call(app, "GET", "/v2/challenge", query=f"did=did:test:worker&pubkey={WORKER_PUB.hex()}")
+    assert status == 200
+
+    def commit(attempt: int) -> dict:
+        made = make(challenge=bytes.fromhex(issued["challenge"]), run_id="kept", attempt=attempt)
+        status, answer = _call(app, "POST", "/v2/exchange", json.dumps({"commit": made.commitment}).encode())
+        assert status == 200
+        return dict(answer["commit"])
+
+    assert commit(0)["status"] == commit(1)["status"] == 200
+    now[0] += 61  # the run challenge has expired
+    assert commit(2)["error"] == "challenge_expired"
+    now[0] += RETENTION_MS / 1000
+    assert _call(app, "GET", "/v2/challenge", query=f"did=did:test:other&pubkey={WORKER_PUB.hex()}")[0] == 200  # purges
+    assert commit(3)["error"] == "unknown_challenge"
+    store.close()
+
+
 def _count_transactions(monkeypatch, store) -> list[int]:
     calls = [0]
     group_write = store.group_write

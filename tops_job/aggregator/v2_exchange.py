@@ -51,6 +51,7 @@ OPEN_TTL_MS = 600_000  # a drawn challenge stays answerable this long (spec §0)
 RUN_TTL_MS = 6 * 3600 * 1000  # a run challenge (spec §0)
 RETENTION_MS = 7 * 24 * 3600 * 1000
 OPEN_ITEMS_MAX = 4
+ISSUED_REMEMBERED = 4096  # run challenges a process keeps read (each a few hundred bytes)
 _DID = re.compile(r"[\x21-\x7e]{1,128}")
 _RUN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
@@ -128,6 +129,7 @@ class V2Endpoints:
         self.verifier_key = verifier_key or secrets.token_bytes(32)  # K_v: drawn leaves are recorded, so it may change
         self.gate = gate or VerifyGate(2)  # bounds the exchanges verifying at once; the app shares its own
         self.events = events or Events()
+        self._issued: dict[str, dict[str, Any]] = {}  # run challenges read, by challenge (_run_challenge)
 
     def _now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -229,7 +231,7 @@ class V2Endpoints:
                 return self._state_answer(digest, record, challenge=True)
             # An opened set in this exchange may decide it: answered after the exchange's writes.
             return Pending(None, lambda _: self._answer_as_recorded(digest, record, challenge=True))
-        issued = self.store.run_challenge(h["challenge"])
+        issued = self._run_challenge(h["challenge"])
         if issued is None or issued["did"] != h["did"] or issued["pubkey"] != h["pubkey"]:
             return _item(422, "unknown_challenge", "this aggregator did not issue that run challenge to this "
                                                    "(did, pubkey)", digest)
@@ -248,6 +250,20 @@ class V2Endpoints:
             except Conflict as exc:
                 return _item(409, exc.code, exc.detail, digest)
         return Pending(write, finish)
+
+    def _run_challenge(self, challenge: str) -> dict[str, Any] | None:
+        """The run challenge's row, read once per process while it is unexpired: a worker's
+        every commitment names its run's challenge. A row never changes once issued, and the
+        purge deletes it only a retention after it expires, so an unexpired row remembered
+        here is the row stored; an expired one is read again (for its 410, or, purged, 422)."""
+        issued = self._issued.get(challenge)
+        if issued is None or issued["expires_ms"] <= self._now_ms():
+            issued = self.store.run_challenge(challenge)
+            if issued is not None:
+                if len(self._issued) >= ISSUED_REMEMBERED:
+                    self._issued.clear()  # the runs under way are read again, once each
+                self._issued[challenge] = issued
+        return issued
 
     def _state_answer(self, digest: str, record: dict[str, Any], *, challenge: bool) -> dict[str, Any]:
         state = record["state"]
