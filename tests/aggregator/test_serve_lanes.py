@@ -58,18 +58,12 @@ def recording_app(path: str) -> Any:
     """POST /record?tag=T&sleep=S holds the thread S s (as a verification would), then records
     T through the group commit on a real SQLite file; GET /transactions: how many write
     transactions the store has run."""
+    from tests.support.transactions import count_transactions
     from tops_job.aggregator.group_commit import GroupCommitStore
     from tops_job.aggregator.store_pg import open_store
 
     opened = open_store(path)
-    transactions: list[int] = []
-    own_transaction = opened.transaction
-
-    def counted(conn: Any) -> Any:
-        transactions.append(1)
-        return own_transaction(conn)
-
-    opened.transaction = counted
+    transactions = count_transactions(opened)
     store = GroupCommitStore(opened)
 
     def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:

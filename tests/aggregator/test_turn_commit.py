@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import pytest
 
+from tests.support.transactions import count_transactions
 from tops_job.aggregator.group_commit import GroupCommitStore
 from tops_job.aggregator.store_pg import open_store
 from tops_job.aggregator.turn_commit import Turn, current_turn
@@ -28,14 +29,7 @@ def _opened(request, tmp_path, engine: str) -> Iterator[Opened]:
     """A group-commit store on a real database, its transactions counted; closed after."""
     opened = open_store(str(tmp_path / "agg.sqlite3") if engine == "sqlite"
                         else request.getfixturevalue("postgres").new_database())
-    transactions: list[int] = []
-    own_transaction = opened.transaction
-
-    def counted(conn):
-        transactions.append(1)
-        return own_transaction(conn)
-
-    opened.transaction = counted
+    transactions = count_transactions(opened)
     grouped = GroupCommitStore(opened)
     try:
         yield Opened(grouped, transactions, V2Store(grouped))

@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from tests.support.transactions import count_transactions
 from tops_job.aggregator.group_commit import GroupCommitStore
 from tops_job.aggregator.migrations import StorageUnavailable
 from tops_job.aggregator.store_pg import open_store
@@ -86,14 +87,7 @@ def _as_one_batch(opened, calls: dict) -> tuple[dict, int, V2Store, GroupCommitS
     queue and go out in one batch when it is released. Each call's result or exception, and
     how many transactions the store opened (the holder's included), and the stores to read
     back from and close."""
-    transactions = []
-    own_transaction = opened.transaction
-
-    def counted(conn):
-        transactions.append(1)
-        return own_transaction(conn)
-
-    opened.transaction = counted
+    transactions = count_transactions(opened)
     grouped = GroupCommitStore(opened)
     store = V2Store(grouped)
     inside, release = threading.Event(), threading.Event()
