@@ -269,9 +269,80 @@ def verify_cpu(host: str, port: int) -> float:
                if line.startswith('tops_job_aggregator_verify_cpu_seconds_total{protocol="v2"}'))
 
 
-def run(workers: int, clients: int, attempts: int, k: int, tile: int, extra: tuple[str, ...] = ()) -> dict[str, float]:
-    """One server run; prints both windows and returns the steady one's attempts/s, with the
-    verification alone's attempts/s in as many processes."""
+_HELD: Items = []
+
+
+def _hold(items: Items) -> None:
+    """A process of the verification alone: the server's process settings, and the samples."""
+    from tops_job.aggregator.serve import tune_process
+
+    tune_process()
+    _HELD[:] = items
+
+
+def _verify_held(seconds: float) -> tuple[int, float]:
+    cpu = time.process_time()
+    done = _verify_loop(_HELD, seconds, start=int.from_bytes(os.urandom(2), "little"))
+    return done, time.process_time() - cpu
+
+
+class Alone:
+    """The verification alone in as many processes as the server has workers, kept for the
+    whole run and measured in windows between the server's."""
+
+    def __init__(self, items: Items, procs: int):
+        self.procs = procs
+        self.pool = ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn"),
+                                        initializer=_hold, initargs=(items,))
+        list(self.pool.map(_verify_held, [0.3] * procs))  # imports, first allocations
+        self.done, self.cpu, self.wall = 0, 0.0, 0.0
+
+    def window(self, seconds: float) -> None:
+        results = list(self.pool.map(_verify_held, [seconds] * self.procs))
+        self.done += sum(done for done, _ in results)
+        self.cpu += sum(cpu for _, cpu in results)
+        self.wall += seconds
+
+    def close(self) -> None:
+        self.pool.shutdown()
+
+
+class Pacer:
+    """Lets the clients send, or holds each before its next request; `pause` returns once no
+    request is in flight, so that the server is idle while the verification alone runs."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._open = False
+        self._busy = 0
+
+    def enter(self) -> None:
+        with self._cond:
+            while not self._open:
+                self._cond.wait()
+            self._busy += 1
+
+    def leave(self) -> None:
+        with self._cond:
+            self._busy -= 1
+            self._cond.notify_all()
+
+    def pause(self) -> None:
+        with self._cond:
+            self._open = False
+            while self._busy:
+                self._cond.wait()
+
+    def resume(self) -> None:
+        with self._cond:
+            self._open = True
+            self._cond.notify_all()
+
+
+def run(workers: int, clients: int, attempts: int, k: int, tile: int, extra: tuple[str, ...] = (),
+        window_s: float = 3.0, alone_s: float = 1.0) -> dict[str, float]:
+    """One server run; prints its numbers and returns its attempts/s, with the verification
+    alone's attempts/s in as many processes."""
     import socket
 
     import requests
@@ -283,6 +354,7 @@ def run(workers: int, clients: int, attempts: int, k: int, tile: int, extra: tup
     with tempfile.TemporaryDirectory() as tmp:
         server, host, port = _started([sys.executable, "-m", "tops_job.cli", "aggregator", "serve", "--port", "0",
                                        "--db", f"{tmp}/agg.sqlite3", "--accept", "v2", "--workers", str(workers), *extra])
+        alone_ = None
         try:
             runs = []
             for c in range(clients):
@@ -293,19 +365,26 @@ def run(workers: int, clients: int, attempts: int, k: int, tile: int, extra: tup
             with ProcessPoolExecutor(os.cpu_count() or 1) as pool:
                 made = list(pool.map(_make, runs))
             accepted = [0] * clients
-            samples = _samples([attempt for run_ in made for attempt in run_][:200])
-            alone_before = alone(samples, workers, 3.0)
+            alone_ = Alone(_samples([attempt for run_ in made for attempt in run_][:200]), workers)
+            pacer = Pacer()
+
+            def post(sock: Any, buffer: bytearray, body: str) -> dict[str, Any]:
+                pacer.enter()
+                try:
+                    return _post(sock, host, port, buffer, body)
+                finally:
+                    pacer.leave()
 
             def client(index: int) -> None:
                 sock = socket.create_connection((host, port))
                 buffer = bytearray()
                 previous = None
                 for attempt in made[index]:
-                    answer = _post(sock, host, port, buffer, exchange_body(attempt, previous))
+                    answer = post(sock, buffer, exchange_body(attempt, previous))
                     accepted[index] += sum(o.get("verdict") == "accepted" for o in answer.get("open", []))
                     leaves = answer["commit"]["challenge"]["leaves"]
                     previous = attempt.opened_json(leaves)
-                answer = _post(sock, host, port, buffer, exchange_body(None, previous))
+                answer = post(sock, buffer, exchange_body(None, previous))
                 accepted[index] += sum(o.get("verdict") == "accepted" for o in answer.get("open", []))
                 sock.close()
 
@@ -317,51 +396,63 @@ def run(workers: int, clients: int, attempts: int, k: int, tile: int, extra: tup
                 finally:
                     first_done.set()
 
-            verify0 = verify_cpu(host, port)
-            cpu0, wall0, clients0 = tree_cpu(server.pid), time.perf_counter(), time.process_time()
-
-            def window() -> dict[str, float]:
-                return {"wall": time.perf_counter() - wall0, "cpu": tree_cpu(server.pid) - cpu0,
-                        "clients_cpu": time.process_time() - clients0, "done": sum(accepted),
-                        "verify_cpu": verify_cpu(host, port) - verify0}
+            def snapshot(starting: bool) -> dict[str, float]:
+                # The clients are held: no request is in flight. The /metrics read is the
+                # server's work too, and is kept out of the window at both ends.
+                checks = verify_cpu(host, port) if starting else 0.0
+                taken = {"wall": time.perf_counter(), "cpu": tree_cpu(server.pid), "clients_cpu": time.process_time(),
+                         "done": sum(accepted)}
+                return {**taken, "verify_cpu": checks if starting else verify_cpu(host, port)}
 
             pool_ = [threading.Thread(target=client_run, args=(i,)) for i in range(clients)]
             for thread in pool_:
                 thread.start()
-            # The steady window ends when the first run has sent its last attempt: until then
-            # every run is sending. After it, fewer connections than workers' threads may be
-            # left, unevenly spread over the workers, and the tail measures that spread.
-            first_done.wait()
-            steady = window()
+            # The server's windows alternate with the verification alone's, both ends alone's:
+            # this machine's speed drifts by a tenth or more within a minute, and interleaved
+            # windows see the same drift. They end when the first run has sent its last
+            # attempt: until then every run is sending. Between windows the clients hold their
+            # next request, so the server is idle while the verification alone runs.
+            steady = dict.fromkeys(("wall", "cpu", "clients_cpu", "done", "verify_cpu"), 0.0)
+            windows = 0
+            alone_.window(alone_s)
+            while not first_done.is_set():
+                before = snapshot(starting=True)
+                pacer.resume()
+                first_done.wait(window_s)
+                pacer.pause()
+                after = snapshot(starting=False)
+                for key in steady:
+                    steady[key] += after[key] - before[key]
+                windows += 1
+                a0, c0 = alone_.done, alone_.cpu
+                alone_.window(alone_s)
+                if os.environ.get("BENCH_DEBUG"):
+                    d = after["done"] - before["done"]
+                    print(f"    window {windows}: server {(after['cpu'] - before['cpu']) / d * 1e3:.2f} ms, checks"
+                          f" {(after['verify_cpu'] - before['verify_cpu']) / d * 1e3:.2f} ms, {d} done in"
+                          f" {after['wall'] - before['wall']:.1f}s; alone {(alone_.cpu - c0) / (alone_.done - a0) * 1e3:.2f} ms", flush=True)
+            pacer.resume()
             for thread in pool_:
                 thread.join()
-            whole = window()
         finally:
             server.terminate()
             server.wait(15)
-    alone_after = alone(samples, workers, 3.0)
-    # The verification alone is measured before and after the server's window, in as many
-    # processes: this machine's speed drifts by a tenth or more over a minute, and the mean of
-    # the two brackets the window better than either.
-    per_core_alone = (alone_before[0] + alone_after[0]) / 2
-    alone_per_s = (alone_before[1] + alone_after[1]) / 2
-    for name, window in (("steady", steady), ("whole", whole)):
-        done, wall, cpu = window["done"], window["wall"], window["cpu"]
-        print(f"v2, {workers} worker(s), {clients} runs × {attempts} attempts (k = {k}, tile {tile}, s = {S}), {name}:"
-              f" {done} accepted in {wall:.1f}s = {done / wall:.0f} attempts/s; server CPU {cpu:.1f}s ="
-              f" {cpu / done * 1e3:.2f} ms an attempt, {cpu / wall:.2f} cores; the verification alone"
-              f" {1e3 / per_core_alone:.2f} ms (before {1e3 / alone_before[0]:.2f}, after {1e3 / alone_after[0]:.2f};"
-              f" {done / cpu / per_core_alone:.2f} of it per core); the clients' CPU"
-              f" {window['clients_cpu'] / done * 1e3:.2f} ms an attempt", flush=True)
-        # The server's own count of its CPU in the checks (tops_job_aggregator_verify_cpu_seconds_total):
-        # the same window and the same speed of this machine as the server's CPU, so their
-        # ratio does not drift as the verification alone measured beside the window does.
-        inside = window["verify_cpu"]
-        print(f"  inside the server, {name}: the checks {inside / done * 1e3:.2f} ms of CPU an attempt,"
-              f" {inside / cpu:.2f} of the server's CPU; {inside / done * per_core_alone:.2f}× the verification"
-              f" alone's", flush=True)
+            if alone_ is not None:
+                alone_.close()
+    done, wall, cpu, inside = steady["done"], steady["wall"], steady["cpu"], steady["verify_cpu"]
+    alone_cpu_ms = alone_.cpu / alone_.done * 1e3
+    alone_per_s = alone_.done / alone_.wall
+    print(f"v2, {workers} worker(s), {clients} runs × {attempts} attempts (k = {k}, tile {tile}, s = {S}), {windows}"
+          f" windows: {done:.0f} accepted in {wall:.1f}s = {done / wall:.0f} attempts/s; server CPU {cpu:.1f}s ="
+          f" {cpu / done * 1e3:.2f} ms an attempt, {cpu / wall:.2f} cores; the verification alone"
+          f" {alone_cpu_ms:.2f} ms in the windows between ({alone_cpu_ms / (cpu / done * 1e3):.2f} of it per core);"
+          f" the clients' CPU {steady['clients_cpu'] / done * 1e3:.2f} ms an attempt", flush=True)
+    # The server's own count of its CPU in the checks (tops_job_aggregator_verify_cpu_seconds_total):
+    # against the server's CPU in the same windows, the share of the serving around them.
+    print(f"  inside the server: the checks {inside / done * 1e3:.2f} ms of CPU an attempt, {inside / cpu:.2f} of"
+          f" the server's CPU; {inside / done * 1e3 / alone_cpu_ms:.2f}× the verification alone's", flush=True)
     print(f"  the verification alone in {workers} process(es): {alone_per_s:.0f} attempts/s", flush=True)
-    return {"server": steady["done"] / steady["wall"], "alone": alone_per_s}
+    return {"server": done / wall, "alone": alone_per_s}
 
 
 def main() -> None:
@@ -370,6 +461,9 @@ def main() -> None:
     parser.add_argument("--tile", type=int, default=64)
     parser.add_argument("--workers", default="1,2")
     parser.add_argument("--clients", type=int, default=32, help="concurrent worker runs")
+    parser.add_argument("--window", type=float, default=3.0, help="seconds of each server window")
+    parser.add_argument("--alone-window", type=float, default=1.0,
+                        help="seconds of each window of the verification alone, between the server's")
     parser.add_argument("--attempts", type=int, default=40, help="attempts per run")
     parser.add_argument("--server-args", default="", help="more `aggregator serve` options, e.g. '--verify-slots 1'")
     parser.add_argument("--threads-check", action="store_true",
@@ -384,14 +478,15 @@ def main() -> None:
     if args.threads_check:
         threads_check(args.k, args.tile)
         return
-    results = {workers: run(workers, args.clients, args.attempts, args.k, args.tile, tuple(args.server_args.split()))
+    results = {workers: run(workers, args.clients, args.attempts, args.k, args.tile, tuple(args.server_args.split()),
+                            args.window, args.alone_window)
                for workers in (int(w) for w in args.workers.split(","))}
     if 1 in results:
         for workers, result in results.items():
             if workers > 1:
                 # The verification alone bounds what more processes can give: on a machine whose
                 # cores share a cache and memory bandwidth it does not scale by `workers` either.
-                print(f"{workers} workers / 1, steady: the server {result['server'] / results[1]['server']:.2f}×;"
+                print(f"{workers} workers / 1: the server {result['server'] / results[1]['server']:.2f}×;"
                       f" the verification alone {result['alone'] / results[1]['alone']:.2f}×")
 
 

@@ -68,6 +68,33 @@ def test_the_server_keeps_freed_memory_on_glibc():
 
 
 
+def test_a_serving_process_freezes_what_it_built_before_it_serves(monkeypatch):
+    """Modules and the app outlive every request: frozen, a full collection does not walk them."""
+    import gc
+    import socket
+
+    from tops_job.aggregator import serve
+
+    seen = []
+
+    class Served(Exception):
+        pass
+
+    def make_server(app, sock, **options):
+        seen.append(gc.get_freeze_count())
+        raise Served
+    monkeypatch.setattr(serve, "make_server", make_server)
+    monkeypatch.setattr(serve, "tune_process", lambda: None)
+    closed = []
+    before = gc.get_freeze_count()
+    try:
+        with socket.socket() as sock, pytest.raises(Served):
+            serve._serve_built(lambda: (object(), lambda: closed.append(True), lambda: None), sock, {})
+    finally:
+        gc.unfreeze()
+    assert before == 0 and seen and seen[0] > 1000 and closed == [True]
+
+
 _FAULTS_PER_V2_VERIFICATION = """
 import resource, sys
 from tops_job import heap

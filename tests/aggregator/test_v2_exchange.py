@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from typing import Any
@@ -378,6 +379,64 @@ def test_a_commitment_resent_with_its_own_opened_set_is_answered_with_the_verdic
     assert answer["open"][0] == {**answer["open"][0], "verdict": "accepted", "duplicate": False}
     assert answer["commit"]["verdict"] == "accepted" and answer["commit"]["duplicate"] is True
     assert transactions == [1]
+
+
+def test_a_new_commitment_is_not_read_first_and_another_process_answers_a_resend_from_the_record(tmp_path, monkeypatch):
+    """A commitment this process has not checked goes straight to the insert (no read of its
+    record first); sent again to another worker process, or a replica, it is answered from the
+    record the insert's conflict finds: the same leaves, and the same verdict once opened."""
+    from tops_job.aggregator.app import AggregatorApp
+    from tops_job.aggregator.store import Store
+
+    here, store, (one, two) = _committed_in_app(tmp_path, "two-processes")
+    there = AggregatorApp(Store(tmp_path / "agg.sqlite3"))  # another worker process on the same database
+    reads = []
+    monkeypatch.setattr(here.v2.store, "commitment", lambda digest, read=here.v2.store.commitment: reads.append(digest) or read(digest))
+    status, first = _call(here, "POST", "/v2/exchange", json.dumps({"commit": one.commitment}).encode())
+    leaves = first["commit"]["challenge"]["leaves"]
+    assert status == 200 and reads == []
+    status, again = _call(there, "POST", "/v2/exchange", json.dumps({"commit": one.commitment}).encode())
+    assert again["commit"] == first["commit"]
+    status, opened = _call(there, "POST", "/v2/exchange", json.dumps({"open": [one.opened(leaves)]}).encode())
+    assert opened["open"][0]["verdict"] == "accepted"
+    status, late = _call(here, "POST", "/v2/exchange", json.dumps({"commit": one.commitment}).encode())
+    assert late["commit"]["verdict"] == "accepted" and late["commit"]["duplicate"] is True
+    assert reads == [one.digest.hex()]  # sent again where it was checked: read, not inserted
+    status, answer = _call(there, "POST", "/v2/exchange", json.dumps({"commit": two.commitment}).encode())
+    status, again = _call(here, "POST", "/v2/exchange", json.dumps({"commit": two.commitment}).encode())
+    assert again["commit"] == answer["commit"] and "challenge" in answer["commit"]
+    there.v2.store.close()
+    store.close()
+
+
+def test_an_opening_uses_the_commitment_its_process_checked_and_rebuilds_one_checked_elsewhere(tmp_path, monkeypatch):
+    """The worker process that checked a commitment keeps it for the opening; another one
+    rebuilds it from the record (recorded_commitment), and so does this one when the record
+    was drawn with another s."""
+    from tops_job.aggregator import v2_exchange
+    from tops_job.aggregator.app import AggregatorApp
+    from tops_job.aggregator.store import Store
+
+    here, store, (one, two, three) = _committed_in_app(tmp_path, "kept", attempts=3)
+    there = AggregatorApp(Store(tmp_path / "agg.sqlite3"))
+    rebuilt = []
+    monkeypatch.setattr(v2_exchange, "recorded_commitment",
+                        lambda obj, s, rebuild=v2_exchange.recorded_commitment: rebuilt.append(obj["attempt"]) or rebuild(obj, s=s))
+
+    def commit_then_open(made, committing, opening) -> dict:
+        status, answer = _call(committing, "POST", "/v2/exchange", json.dumps({"commit": made.commitment}).encode())
+        leaves = answer["commit"]["challenge"]["leaves"]
+        status, answer = _call(opening, "POST", "/v2/exchange", json.dumps({"open": [made.opened(leaves)]}).encode())
+        return dict(answer["open"][0])
+
+    assert commit_then_open(one, here, here)["verdict"] == "accepted" and rebuilt == []
+    assert commit_then_open(two, here, there)["verdict"] == "accepted" and rebuilt == [1]
+    status, answer = _call(here, "POST", "/v2/exchange", json.dumps({"commit": three.commitment}).encode())
+    here.v2._checked[three.digest.hex()] = dataclasses.replace(here.v2._checked[three.digest.hex()], s=65)
+    status, answer = _call(here, "POST", "/v2/exchange", json.dumps({"open": [three.opened(answer["commit"]["challenge"]["leaves"])]}).encode())
+    assert answer["open"][0]["verdict"] == "accepted" and rebuilt == [1, 2]
+    there.v2.store.close()
+    store.close()
 
 
 def test_on_a_poll_thread_an_exchange_over_the_inline_cost_asks_for_a_thread_before_any_work(tmp_path, monkeypatch):

@@ -74,13 +74,18 @@ class AggregatorMetrics(Events):
         self.shed = Counter("tops_job_aggregator_connections_shed", "Idle connections closed at the connection limit",
                             registry=r)
         self._slow_seen = self._shed_seen = 0
+        self._verify_cpu: dict[str, Any] = {}
 
     # Events (the application's hooks)
     def verify_seconds(self, seconds: float) -> None:
         self.verify.observe(seconds)
 
     def verify_cpu(self, protocol: str, seconds: float) -> None:
-        self.verify_cpu_seconds.labels(protocol).inc(seconds)
+        # A labelled child looked up once: this runs twice for every attempt.
+        child = self._verify_cpu.get(protocol)
+        if child is None:
+            child = self._verify_cpu[protocol] = self.verify_cpu_seconds.labels(protocol)
+        child.inc(seconds)
 
     def challenges_purged(self, count: int) -> None:
         if count:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import gc
 import heapq
 import logging
 import os
@@ -349,6 +350,10 @@ def tune_process() -> None:
 def _serve_built(build: Callable[[], Built], sock: socket.socket, server_options: dict[str, Any]) -> None:
     tune_process()
     app, close, tick = build()
+    # What is built by now (modules, the app) lives as long as the process: out of the
+    # collector's sight, a full collection walks a request's leftovers only, not 35,000
+    # objects that are never garbage (about 20 ms each time, three times a minute).
+    gc.freeze()
     try:
         server = make_server(app, sock, **server_options)
         server.on_maintenance = tick

@@ -14,6 +14,7 @@ import logging
 import re
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +36,7 @@ from tops_job.spec.errors import ReceiptInvalid
 from tops_job.spec.v2 import (
     COST_CAP,
     S_DEFAULT,
+    Committed,
     VerifierBusy,
     challenge_leaves,
     check_commitment,
@@ -52,6 +54,7 @@ RUN_TTL_MS = 6 * 3600 * 1000  # a run challenge (spec §0)
 RETENTION_MS = 7 * 24 * 3600 * 1000
 OPEN_ITEMS_MAX = 4
 ISSUED_REMEMBERED = 4096  # run challenges a process keeps read (each a few hundred bytes)
+CHECKED_REMEMBERED = 2048  # commitments a process keeps checked (each a header, about 2 KB)
 _DID = re.compile(r"[\x21-\x7e]{1,128}")
 _RUN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
@@ -130,6 +133,9 @@ class V2Endpoints:
         self.gate = gate or VerifyGate(2)  # bounds the exchanges verifying at once; the app shares its own
         self.events = events or Events()
         self._issued: dict[str, dict[str, Any]] = {}  # run challenges read, by challenge (_run_challenge)
+        # Commitments this process checked lately, by digest: their opening needs no rebuild
+        # from the record, and a digest not here is most likely new (_commit).
+        self._checked: OrderedDict[str, Committed] = OrderedDict()
 
     def _now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -225,19 +231,36 @@ class V2Endpoints:
         h, digest = committed.header, committed.digest.hex()
         if self.allow is not None and h["pubkey"] not in self.allow:
             return _item(403, "pubkey_not_allowed", "this pubkey may not submit here", digest)
-        record = self.store.commitment(digest)
-        if record is not None:
-            if record["state"] != COMMITTED:
-                return self._state_answer(digest, record, challenge=True)
-            # An opened set in this exchange may decide it: answered after the exchange's writes.
-            return Pending(None, lambda _: self._answer_as_recorded(digest, record, challenge=True))
         issued = self._run_challenge(h["challenge"])
+        refusal = None
         if issued is None or issued["did"] != h["did"] or issued["pubkey"] != h["pubkey"]:
-            return _item(422, "unknown_challenge", "this aggregator did not issue that run challenge to this "
-                                                   "(did, pubkey)", digest)
+            refusal = _item(422, "unknown_challenge", "this aggregator did not issue that run challenge to this "
+                                                      "(did, pubkey)", digest)
+        elif issued["expires_ms"] <= self._now_ms():
+            refusal = _item(410, "challenge_expired", f"the run challenge expired at {issued['expires_ms']}", digest)
+        # A commitment sent again is answered from its record, whatever its run challenge has
+        # become. One this process has not checked lately is most likely new: it goes straight
+        # to the insert, whose conflict finds a record there (recorded here before, or by a
+        # replica) as it must anyway when two replicas race. A resend seen here costs a read.
+        if refusal is not None or digest in self._checked:
+            record = self.store.commitment(digest)
+            if record is not None:
+                if record["state"] != COMMITTED:
+                    return self._state_answer(digest, record, challenge=True)
+                # An opened set in this exchange may decide it: answered after the exchange's writes.
+                return Pending(None, lambda _: self._answer_as_recorded(digest, record, challenge=True))
+            if refusal is not None:
+                return refusal
+        self._checked[digest] = committed
+        self._checked.move_to_end(digest)
+        if len(self._checked) > CHECKED_REMEMBERED:
+            self._checked.popitem(last=False)
+        return self._new_commitment(obj, committed)
+
+    def _new_commitment(self, obj: dict[str, Any], committed: Committed) -> Pending:
+        """The write that records a commitment with its drawn leaves, answered once committed."""
+        h, digest = committed.header, committed.digest.hex()
         now = self._now_ms()
-        if issued["expires_ms"] <= now:
-            return _item(410, "challenge_expired", f"the run challenge expired at {issued['expires_ms']}", digest)
         leaves = challenge_leaves(self.verifier_key, committed.digest, self.s, committed.leaf_count)
         write = self.store.commitment_write(
             digest=digest, pubkey=h["pubkey"], did=h["did"], nonce=h["nonce"], run_id=h["run_id"],
@@ -292,7 +315,9 @@ class V2Endpoints:
             return _item(404, "unknown_commitment", "no commitment with this digest here: send it again", digest)
         if record["state"] != COMMITTED or record["expires_ms"] <= self._now_ms():
             return self._state_answer(digest, record, challenge=False)
-        committed = recorded_commitment(json.loads(record["commitment"]), s=record["s"])
+        committed = self._checked.get(digest)
+        if committed is None or committed.s != record["s"]:  # s: a replica's record may have another
+            committed = recorded_commitment(json.loads(record["commitment"]), s=record["s"])
         try:
             with self.events.verifying("v2"):
                 verified = check_opened(committed, record["leaves"], opened)
