@@ -350,9 +350,9 @@ def tune_process() -> None:
 def _serve_built(build: Callable[[], Built], sock: socket.socket, server_options: dict[str, Any]) -> None:
     tune_process()
     app, close, tick = build()
-    # What is built by now (modules, the app) lives as long as the process: out of the
-    # collector's sight, a full collection walks a request's leftovers only, not 35,000
-    # objects that are never garbage (about 20 ms each time, three times a minute).
+    # What is built by now (modules, the app) lives as long as the process. Frozen, it is out
+    # of the collector's sight: a busy worker's full collection, every five seconds or so,
+    # walked 35,000 objects that are never garbage (16-19 ms each, benchmarks/RESULTS.md).
     gc.freeze()
     try:
         server = make_server(app, sock, **server_options)
