@@ -1,7 +1,7 @@
 """Aggregator throughput for tops-receipt/2 challenge mode (the workers' default): attempts
 accepted per second through `/v2/exchange`, against the verification alone.
 
-    python benchmarks/aggregator_v2_bench.py --k 2816 --workers 1,2 --attempts 40
+    python benchmarks/aggregator_v2_bench.py --k 2816 --workers 1,2
     python benchmarks/aggregator_v2_bench.py --k 16384 --tile 63      # at the cost cap, as a GPU's
     python benchmarks/aggregator_v2_bench.py --threads-check          # 2 threads of a process / 1, beside 2 processes / 1
     python benchmarks/aggregator_v2_bench.py --in-process             # the app's exchange without HTTP / the verification alone
@@ -18,8 +18,17 @@ does, each commitment riding with the openings of the one before ({"commit": c_i
 s·(tile+1)·k whatever m and n are, so a short C keeps making them cheap while the aggregator
 does the work of the autotuned shape's k. The verification alone (`check_commitment` and
 `check_opened` on the first 200 attempts, their leaves drawn as the aggregator draws them)
-runs in freshly spawned processes with the server's process settings (`serve.tune_process`),
-as many as the server's workers, before and after the server's window.
+runs in as many processes as the server has workers, with the server's process settings
+(`serve.tune_process`), kept for the whole run.
+
+The server's windows (3 s) alternate with the verification alone's (1 s), both ends alone's.
+This machine's speed drifts by a tenth or more within a minute, and windows taken minutes
+apart (the verification alone before and after the server's, as earlier rounds did) carried
+that drift into the ratio; interleaved, both see the same. Between windows the clients hold
+their next request and the server is idle. The windows end when the first run has sent its
+last attempt, so every run is sending throughout: after it, fewer connections than workers'
+threads may be left, unevenly spread over the workers (SO_REUSEPORT hashes each keep-alive
+connection to one worker), and the tail would measure that spread.
 
 `--in-process` leaves HTTP and the clients out: the app (the same WSGI stack a worker serves,
 its store on a SQLite file, writes committed as in the server) takes each exchange in this
@@ -28,17 +37,11 @@ at once, so that both see the same drift of this machine's speed. What is left b
 is the app's own work an exchange (the parse, the reads, the leaves, the commit).
 
 The server counts its own CPU in the checks (`tops_job_aggregator_verify_cpu_seconds_total`,
-read from /metrics at each window's ends). Their share of the server's CPU is measured in the
-same window as the server's CPU, so this machine's drift does not move it; the checks inside
-against the verification alone say whether the product check itself runs slower in the server.
-
-Two windows are reported. "steady" ends when the first run has sent its last attempt, so
-every run is sending throughout; "whole" runs until the last one ends. SO_REUSEPORT hashes
-each keep-alive connection to one worker, and 32 runs rarely split evenly: in the tail the
-runs of the busier worker are all that is left, and the other worker idles. The clients'
-CPU (this process: joining each exchange from openings encoded beforehand, reading the
-answers) is reported too, because on a 2-core machine it is taken from the cores the server
-would use.
+read from /metrics at each window's ends). Their share of the server's CPU says how much of
+it the serving around them takes; the checks inside against the verification alone say
+whether the product check itself runs slower in the server. The clients' CPU (this process:
+joining each exchange from openings encoded beforehand, reading the answers) is reported
+too, because on a 2-core machine it is taken from the cores the server would use.
 """
 
 from __future__ import annotations
@@ -340,7 +343,7 @@ class Pacer:
 
 
 def run(workers: int, clients: int, attempts: int, k: int, tile: int, extra: tuple[str, ...] = (),
-        window_s: float = 3.0, alone_s: float = 1.0) -> dict[str, float]:
+        window_s: float = 3.0, alone_s: float = 1.0, each_window: bool = False) -> dict[str, float]:
     """One server run; prints its numbers and returns its attempts/s, with the verification
     alone's attempts/s in as many processes."""
     import socket
@@ -424,13 +427,14 @@ def run(workers: int, clients: int, attempts: int, k: int, tile: int, extra: tup
                 for key in steady:
                     steady[key] += after[key] - before[key]
                 windows += 1
-                a0, c0 = alone_.done, alone_.cpu
+                alone_done, alone_cpu = alone_.done, alone_.cpu
                 alone_.window(alone_s)
-                if os.environ.get("BENCH_DEBUG"):
-                    d = after["done"] - before["done"]
-                    print(f"    window {windows}: server {(after['cpu'] - before['cpu']) / d * 1e3:.2f} ms, checks"
-                          f" {(after['verify_cpu'] - before['verify_cpu']) / d * 1e3:.2f} ms, {d} done in"
-                          f" {after['wall'] - before['wall']:.1f}s; alone {(alone_.cpu - c0) / (alone_.done - a0) * 1e3:.2f} ms", flush=True)
+                if each_window:
+                    done = after["done"] - before["done"]
+                    print(f"  window {windows}: the server {(after['cpu'] - before['cpu']) / done * 1e3:.2f} ms of CPU"
+                          f" an attempt, its checks {(after['verify_cpu'] - before['verify_cpu']) / done * 1e3:.2f},"
+                          f" {done:.0f} attempts in {after['wall'] - before['wall']:.1f}s; then the verification"
+                          f" alone {(alone_.cpu - alone_cpu) / (alone_.done - alone_done) * 1e3:.2f} ms", flush=True)
             pacer.resume()
             for thread in pool_:
                 thread.join()
@@ -464,7 +468,8 @@ def main() -> None:
     parser.add_argument("--window", type=float, default=3.0, help="seconds of each server window")
     parser.add_argument("--alone-window", type=float, default=1.0,
                         help="seconds of each window of the verification alone, between the server's")
-    parser.add_argument("--attempts", type=int, default=40, help="attempts per run")
+    parser.add_argument("--each-window", action="store_true", help="print each pair of windows too")
+    parser.add_argument("--attempts", type=int, default=200, help="attempts per run")
     parser.add_argument("--server-args", default="", help="more `aggregator serve` options, e.g. '--verify-slots 1'")
     parser.add_argument("--threads-check", action="store_true",
                         help="only compare the verification alone on 2 threads of one process with 2 processes")
@@ -479,7 +484,7 @@ def main() -> None:
         threads_check(args.k, args.tile)
         return
     results = {workers: run(workers, args.clients, args.attempts, args.k, args.tile, tuple(args.server_args.split()),
-                            args.window, args.alone_window)
+                            args.window, args.alone_window, args.each_window)
                for workers in (int(w) for w in args.workers.split(","))}
     if 1 in results:
         for workers, result in results.items():
