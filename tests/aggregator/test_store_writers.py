@@ -92,7 +92,7 @@ def test_a_serving_process_freezes_what_it_built_before_it_serves(monkeypatch):
             serve._serve_built(lambda: (object(), lambda: closed.append(True), lambda: None), sock, {})
     finally:
         gc.unfreeze()
-    assert before == 0 and seen and seen[0] > 1000 and closed == [True]
+    assert seen and seen[0] > before and closed == [True]
 
 
 _FAULTS_PER_V2_VERIFICATION = """
