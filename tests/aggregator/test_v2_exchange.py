@@ -432,10 +432,105 @@ def test_an_opening_uses_the_commitment_its_process_checked_and_rebuilds_one_che
     assert commit_then_open(one, here, here)["verdict"] == "accepted" and rebuilt == []
     assert commit_then_open(two, here, there)["verdict"] == "accepted" and rebuilt == [1]
     status, answer = _call(here, "POST", "/v2/exchange", json.dumps({"commit": three.commitment}).encode())
-    here.v2._checked[three.digest.hex()] = dataclasses.replace(here.v2._checked[three.digest.hex()], s=65)
+    kept = here.v2._checked[three.digest.hex()]
+    kept.committed, kept.record = dataclasses.replace(kept.committed, s=65), None  # as if a replica's record had s = 64
     status, answer = _call(here, "POST", "/v2/exchange", json.dumps({"open": [three.opened(answer["commit"]["challenge"]["leaves"])]}).encode())
     assert answer["open"][0]["verdict"] == "accepted" and rebuilt == [1, 2]
     there.v2.store.close()
+    store.close()
+
+
+def test_an_opening_of_a_commitment_recorded_here_reads_nothing_first_and_its_resend_reads_the_record(tmp_path, monkeypatch):
+    """The process that recorded a commitment judges its opening against the record it wrote,
+    without reading it; the opened set sent again is read and answered from the record,
+    never verified twice."""
+    from tops_job.aggregator import v2_exchange
+
+    app, store, (one,) = _committed_in_app(tmp_path, "unread", attempts=1)
+    status, answer = _call(app, "POST", "/v2/exchange", json.dumps({"commit": one.commitment}).encode())
+    leaves = answer["commit"]["challenge"]["leaves"]
+    reads, verified = [], []
+    monkeypatch.setattr(app.v2.store, "commitment", lambda digest, read=app.v2.store.commitment: reads.append(digest) or read(digest))
+    monkeypatch.setattr(v2_exchange, "check_opened", lambda *a, check=v2_exchange.check_opened: verified.append(1) or check(*a))
+    body = json.dumps({"open": [one.opened(leaves)]}).encode()
+    status, answer = _call(app, "POST", "/v2/exchange", body)
+    assert answer["open"][0]["verdict"] == "accepted" and answer["open"][0]["duplicate"] is False
+    assert reads == [] and verified == [1]
+    status, again = _call(app, "POST", "/v2/exchange", body)
+    assert again["open"][0] == {**answer["open"][0], "duplicate": True}
+    assert reads and set(reads) == {one.digest.hex()} and verified == [1]
+    store.close()
+
+
+def test_an_opening_here_of_a_commitment_another_process_decided_is_answered_from_the_record(tmp_path, monkeypatch):
+    """A replica (or another worker process) accepted the opened set first: the one sent here
+    too is judged against the record this process wrote, and its verdict's write, which moves
+    only a committed record, finds it accepted: the answer is the record's. A rejection
+    recorded elsewhere stands the same way, and a record deleted by hand is unknown."""
+    from tops_job.aggregator.app import AggregatorApp
+    from tops_job.aggregator.store import Store
+
+    here, store, (one, two, three) = _committed_in_app(tmp_path, "decided-elsewhere", attempts=3)
+    there = AggregatorApp(Store(tmp_path / "agg.sqlite3"))
+    committed = []
+    for made in (one, two, three):
+        status, answer = _call(here, "POST", "/v2/exchange", json.dumps({"commit": made.commitment}).encode())
+        committed.append(answer["commit"]["challenge"]["leaves"])
+    status, first = _call(there, "POST", "/v2/exchange", json.dumps({"open": [one.opened(committed[0])]}).encode())
+    assert first["open"][0]["duplicate"] is False
+    status, answer = _call(here, "POST", "/v2/exchange", json.dumps({"open": [one.opened(committed[0])]}).encode())
+    assert answer["open"][0] == {**first["open"][0], "duplicate": True}
+    forged = two.opened(committed[1])
+    forged["openings"][0]["values"] = forged["openings"][1]["values"]
+    status, rejected = _call(there, "POST", "/v2/exchange", json.dumps({"open": [forged]}).encode())
+    assert rejected["open"][0]["status"] == 422
+    status, answer = _call(here, "POST", "/v2/exchange", json.dumps({"open": [two.opened(committed[1])]}).encode())
+    assert answer["open"][0] == rejected["open"][0]
+    with store._conn() as conn:
+        conn.execute("DELETE FROM v2_commitments WHERE digest = ?", (three.digest.hex(),))
+    status, answer = _call(here, "POST", "/v2/exchange", json.dumps({"open": [three.opened(committed[2])]}).encode())
+    assert status == 200 and answer["open"][0]["status"] == 404 and answer["open"][0]["error"] == "unknown_commitment"
+    there.v2.store.close()
+    store.close()
+
+
+def test_a_run_committed_here_is_not_read_for_its_owner_again_and_a_rolled_back_one_is(tmp_path, monkeypatch):
+    """Once a commitment of a run is committed the run is its key's for good: the run's next
+    commitments skip the owner's read. A write rolled back teaches nothing, and another key
+    is still refused the run."""
+    import sqlite3
+
+    app, store, (one, two) = _committed_in_app(tmp_path, "owned")
+    statements: list[str] = []
+    store._conn().set_trace_callback(statements.append)
+
+    def owner_reads() -> int:
+        return sum("FROM v2_runs" in statement for statement in statements)
+
+    failing = True
+    group_write = store.group_write
+
+    def fails_once(write):
+        if failing:
+            return group_write(lambda conn: (write(conn), conn.execute("SELECT * FROM no_such_table")))
+        return group_write(write)
+    monkeypatch.setattr(store, "group_write", fails_once)
+    with pytest.raises(sqlite3.OperationalError):  # the app's __call__ answers it 503
+        _call(app, "POST", "/v2/exchange", json.dumps({"commit": one.commitment}).encode())
+    assert app.v2.store.commitment(one.digest.hex()) is None
+    failing = False
+    reads = owner_reads()
+    status, answer = _call(app, "POST", "/v2/exchange", json.dumps({"commit": one.commitment}).encode())
+    assert "challenge" in answer["commit"] and owner_reads() > reads  # nothing was learned from the rolled-back write
+    reads = owner_reads()
+    status, answer = _call(app, "POST", "/v2/exchange", json.dumps({"commit": two.commitment}).encode())
+    assert "challenge" in answer["commit"] and owner_reads() == reads
+    status, issued = _call(app, "GET", "/v2/challenge", query=f"did=did:test:thief&pubkey={THIEF_PUB.hex()}")
+    stolen = make(challenge=bytes.fromhex(issued["challenge"]), run_id="owned", attempt=2, secret=THIEF_SECRET,
+                  did="did:test:thief")
+    status, answer = _call(app, "POST", "/v2/exchange", json.dumps({"commit": stolen.commitment}).encode())
+    assert answer["commit"]["status"] == 409 and answer["commit"]["error"] == "run_id_taken"
+    store._conn().set_trace_callback(None)
     store.close()
 
 

@@ -54,7 +54,7 @@ RUN_TTL_MS = 6 * 3600 * 1000  # a run challenge (spec §0)
 RETENTION_MS = 7 * 24 * 3600 * 1000
 OPEN_ITEMS_MAX = 4
 ISSUED_REMEMBERED = 4096  # run challenges a process keeps read (each a few hundred bytes)
-CHECKED_REMEMBERED = 2048  # commitments a process keeps checked (each a header, about 2 KB)
+CHECKED_REMEMBERED = 2048  # commitments a process keeps checked (each a header and its leaves, about 4 KB)
 _DID = re.compile(r"[\x21-\x7e]{1,128}")
 _RUN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
@@ -107,12 +107,14 @@ def _opened_digests(items: list[Any]) -> set[str]:
             if isinstance(item, dict) and isinstance(item.get("digest"), str) and HEX32.fullmatch(item["digest"])}
 
 
-def _opening_cost(record: dict[str, Any] | None) -> int:
-    """What verifying an opened set of this recorded commitment costs (s·(tile+1)·k, §8
-    step 7); 0 when it will not be verified (unknown, or its verdict is already recorded)."""
-    if record is None or record["state"] != COMMITTED:
-        return 0
-    return cost_of(json.loads(record["commitment"]), record["s"])
+class Kept:
+    """A commitment this process checked, and while it waits for its opening here, its record
+    as this process wrote it: that opening reads nothing first (V2Endpoints._open_record)."""
+
+    __slots__ = ("committed", "record")
+
+    def __init__(self, committed: Committed, record: dict[str, Any] | None = None):
+        self.committed, self.record = committed, record
 
 
 class V2Endpoints:
@@ -135,7 +137,7 @@ class V2Endpoints:
         self._issued: dict[str, dict[str, Any]] = {}  # run challenges read, by challenge (_run_challenge)
         # Commitments this process checked lately, by digest: their opening needs no rebuild
         # from the record, and a digest not here is most likely new (_commit).
-        self._checked: OrderedDict[str, Committed] = OrderedDict()
+        self._checked: OrderedDict[str, Kept] = OrderedDict()
 
     def _now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -168,8 +170,8 @@ class V2Endpoints:
             return _error(400, "bad_envelope", f'the body is {{"commit"?: commitment, "open"?: [at most '
                                                f'{OPEN_ITEMS_MAX} opened sets]}}, not empty')
         items = envelope.get("open", [])
-        records = {digest: self.store.commitment(digest) for digest in _opened_digests(items)}
-        token = self.gate.acquire(sum(_opening_cost(record) for record in records.values()))
+        records = {digest: self._open_record(digest) for digest in _opened_digests(items)}
+        token = self.gate.acquire(sum(self._opening_cost(digest, record) for digest, record in records.items()))
         if token is None:
             return busy()
         try:
@@ -209,8 +211,12 @@ class V2Endpoints:
                 item.outcome = outcome
 
     def _answer_as_recorded(self, digest: str, before: dict[str, Any], *, challenge: bool) -> dict[str, Any]:
-        """The answer from the digest's record as it is now (`before` if it has since gone)."""
-        return self._state_answer(digest, self.store.commitment(digest) or before, challenge=challenge)
+        """The answer from the digest's record as it is now (`before` if it has since gone; an
+        opened set whose record has gone, deleted by hand, is unknown)."""
+        record = self.store.commitment(digest)
+        if record is None and not challenge and before["state"] == COMMITTED:
+            return _item(404, "unknown_commitment", "no commitment with this digest here: send it again", digest)
+        return self._state_answer(digest, record or before, challenge=challenge)
 
     def _settled(self, answer: Answer) -> dict[str, Any]:
         """An answer whose write, if any, is recorded now on its own."""
@@ -251,14 +257,15 @@ class V2Endpoints:
                 return Pending(None, lambda _: self._answer_as_recorded(digest, record, challenge=True))
             if refusal is not None:
                 return refusal
-        self._checked[digest] = committed
+        kept = self._checked[digest] = Kept(committed)
         self._checked.move_to_end(digest)
         if len(self._checked) > CHECKED_REMEMBERED:
             self._checked.popitem(last=False)
-        return self._new_commitment(obj, committed)
+        return self._new_commitment(obj, kept)
 
-    def _new_commitment(self, obj: dict[str, Any], committed: Committed) -> Pending:
+    def _new_commitment(self, obj: dict[str, Any], kept: Kept) -> Pending:
         """The write that records a commitment with its drawn leaves, answered once committed."""
+        committed = kept.committed
         h, digest = committed.header, committed.digest.hex()
         now = self._now_ms()
         leaves = challenge_leaves(self.verifier_key, committed.digest, self.s, committed.leaf_count)
@@ -269,9 +276,17 @@ class V2Endpoints:
 
         def finish(outcome: dict[str, Any] | Conflict) -> dict[str, Any]:
             try:
-                return self._state_answer(digest, commitment_outcome(outcome), challenge=True)
+                record = commitment_outcome(outcome)
             except Conflict as exc:
                 return _item(409, exc.code, exc.detail, digest)
+            # Committed: the run is this key's for good (v2_runs rows are never deleted).
+            self.store.run_owned(h["run_id"], h["pubkey"])
+            if record["state"] == COMMITTED and record["s"] == committed.s:
+                # The opening that follows reads nothing first. Should a replica or another
+                # process decide the record meanwhile, the verdict's write finds it decided (it
+                # moves only a committed record) and that opening is answered from the record.
+                kept.record = {**record, "commitment": None}  # the checked commitment stands in for its text
+            return self._state_answer(digest, record, challenge=True)
         return Pending(write, finish)
 
     def _run_challenge(self, challenge: str) -> dict[str, Any] | None:
@@ -305,18 +320,41 @@ class V2Endpoints:
         return {"status": 200, "digest": digest,
                 "challenge": {"leaves": record["leaves"], "s": record["s"], "expires_ms": record["expires_ms"]}}
 
+    def _open_record(self, digest: str) -> dict[str, Any] | None:
+        """The record an opened set is judged against: the one this process wrote, while the
+        commitment waits for its opening here; else the store's."""
+        kept = self._checked.get(digest)
+        if kept is not None and kept.record is not None:
+            return kept.record
+        return self.store.commitment(digest)
+
+    def _opening_cost(self, digest: str, record: dict[str, Any] | None) -> int:
+        """What verifying an opened set of this recorded commitment costs (s·(tile+1)·k, §8
+        step 7); 0 when it will not be verified (unknown, or its verdict is already recorded)."""
+        if record is None or record["state"] != COMMITTED:
+            return 0
+        kept = self._checked.get(digest)
+        header = kept.committed.header if kept is not None else json.loads(record["commitment"])
+        return cost_of(header, record["s"])
+
     def _open(self, opened: Any, read: dict[str, Any] | None = None) -> Answer:
         """An opened set's answer; `read`: records this exchange read already, by digest."""
         digest = opened.get("digest") if isinstance(opened, dict) else None
         if not isinstance(digest, str) or not HEX32.fullmatch(digest):
             return _item(422, "bad_opening", "an opened set is {digest: 64 hex, openings: [...]}")
-        record = read[digest] if read is not None and digest in read else self.store.commitment(digest)
+        record = read[digest] if read is not None and digest in read else self._open_record(digest)
+        kept = self._checked.get(digest)
+        if kept is not None:
+            # One opening at most is judged against the kept record: whatever it records, the
+            # next one (a resend) reads the store's, and a duplicate is answered before any work.
+            kept.record = None
         if record is None:
             return _item(404, "unknown_commitment", "no commitment with this digest here: send it again", digest)
         if record["state"] != COMMITTED or record["expires_ms"] <= self._now_ms():
             return self._state_answer(digest, record, challenge=False)
-        committed = self._checked.get(digest)
-        if committed is None or committed.s != record["s"]:  # s: a replica's record may have another
+        if kept is not None and kept.committed.s == record["s"]:  # s: a replica's record may have another
+            committed = kept.committed
+        else:
             committed = recorded_commitment(json.loads(record["commitment"]), s=record["s"])
         try:
             with self.events.verifying("v2"):
@@ -324,7 +362,7 @@ class V2Endpoints:
         except ReceiptInvalid as exc:  # final, remembered: the same digest gets this answer again
             return Pending(self.store.verdict_write(digest, REJECTED, now_ms=self._now_ms(), error=exc.code,
                                                     detail=exc.detail),
-                           lambda state: self._answer_as_recorded(digest, record, challenge=False))
+                           lambda outcome: self._answer_as_recorded(digest, record, challenge=False))
         except (VerifierBusy, MemoryError) as exc:
             return _item(503, "verifier_busy", f"verification ran out of resources ({exc}); retry", digest)
         except Exception:  # a bug is never a verdict on the worker
@@ -332,8 +370,8 @@ class V2Endpoints:
             return _item(503, "verifier_busy", "the verifier failed; retry", digest)
         epoch, steady_ms = self.steady()
 
-        def finish(state: str) -> dict[str, Any]:
-            if state != ACCEPTED:  # another request recorded a verdict first
+        def finish(outcome: tuple[str, bool]) -> dict[str, Any]:
+            if not outcome[1]:  # another request (a replica's, another process's) recorded a verdict first
                 return self._answer_as_recorded(digest, record, challenge=False)
             return {"status": 200, "digest": digest, "verdict": "accepted", "duplicate": False, "ops": verified.ops,
                     "soundness": verified.soundness}

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 COMMITTED, ACCEPTED, REJECTED, EXPIRED = "committed", "accepted", "rejected", "expired"
+OWNERS_REMEMBERED = 4096  # runs whose owner a process keeps (each a run id and a key)
 
 
 class Conflict(Exception):
@@ -48,6 +49,7 @@ class V2Store:
         """`store`: the aggregator's Store (SQLite or PostgreSQL), migrated; its connections,
         one per thread, and its write-transaction statement are used here."""
         self._store = store
+        self._owners: dict[str, str] = {}  # run id -> the key that owns it, learned from committed writes
 
     def _conn(self) -> Any:
         return self._store._conn()
@@ -78,6 +80,15 @@ class V2Store:
 
     # ---- commitments
 
+    def run_owned(self, run_id: str, pubkey: str) -> None:
+        """A commitment of the run by this key is committed: the run is the key's for good
+        (v2_runs rows are never deleted), and its next commitments skip the owner's read.
+        Called after the commit, never from inside a write: a write rolled back binds nothing."""
+        if self._owners.get(run_id) != pubkey:
+            if len(self._owners) >= OWNERS_REMEMBERED:
+                self._owners.clear()  # the runs under way are read again, once each
+            self._owners[run_id] = pubkey
+
     def commitment(self, digest: str) -> dict[str, Any] | None:
         return self._read_commitment(self._conn(), digest)
 
@@ -101,7 +112,7 @@ class V2Store:
     def set_verdict(self, digest: str, state: str, **fields: Any) -> str:
         """Move a COMMITTED record to its final state; returns the state it ends in (a verdict
         recorded first by another request wins)."""
-        return str(self.write_together([self.verdict_write(digest, state, **fields)])[0])
+        return str(self.write_together([self.verdict_write(digest, state, **fields)])[0][0])
 
     def write_together(self, writes: list[Write]) -> list[Any]:
         """Each write's outcome, all of them run in one transaction and committed: in the
@@ -117,7 +128,9 @@ class V2Store:
         def write(conn: Any) -> dict[str, Any] | Conflict:  # a conflict is an outcome, not a failed batch
             # The run's owner first: a digest already recorded names the same key and run (the
             # digest covers both), so its owner check passes and the insert below finds it.
-            owner = conn.execute("SELECT pubkey FROM v2_runs WHERE run_id = ?", (run_id,)).fetchone()
+            # A run this process saw committed for this key is the key's: nothing to read.
+            owner = (pubkey,) if self._owners.get(run_id) == pubkey else \
+                conn.execute("SELECT pubkey FROM v2_runs WHERE run_id = ?", (run_id,)).fetchone()
             if owner is not None and owner[0] != pubkey:
                 return _run_taken(run_id)
             if owner is None:
@@ -150,17 +163,18 @@ class V2Store:
 
     def verdict_write(self, digest: str, state: str, *, now_ms: int, error: str | None = None, detail: str | None = None,
                       clock_epoch: str | None = None, clock_ms: int | None = None) -> Write:
-        """set_verdict's write, for write_together: its outcome is the state the record ends in."""
+        """set_verdict's write, for write_together: its outcome is the state the record ends in,
+        and whether this write moved it there (not: another request's verdict came first)."""
 
-        def write(conn: Any) -> str:
+        def write(conn: Any) -> tuple[str, bool]:
             moved = conn.execute(
                 "UPDATE v2_commitments SET state = ?, error = ?, detail = ?, verdict_ms = ?, clock_epoch = ?,"
                 " accepted_clock_ms = ? WHERE digest = ? AND state = ?",
                 (state, error, detail, now_ms, clock_epoch, clock_ms, digest, COMMITTED)).rowcount == 1
             if moved:
-                return state
+                return state, True
             row = conn.execute("SELECT state FROM v2_commitments WHERE digest = ?", (digest,)).fetchone()
-            return EXPIRED if row is None else str(row[0])  # gone (deleted by hand): nothing to accept
+            return (EXPIRED if row is None else str(row[0])), False  # gone (deleted by hand): nothing to accept
 
         return write
 
