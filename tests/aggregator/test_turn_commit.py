@@ -169,3 +169,47 @@ def test_outside_a_turns_requests_a_write_commits_at_once(sqlite):
     assert other == [COMMITTED] and len(transactions) == 2
     turn.commit()
     assert other == [COMMITTED, COMMITTED] and len(transactions) == 3
+
+
+def test_a_turn_serves_its_next_requests_in_the_greenlets_of_those_that_returned(sqlite):
+    """A request greenlet that has returned serves the next request: no greenlet (and Python
+    data stack) made and torn down for each. What a request raises still comes out of `serve`,
+    or after a park out of `commit`, and the greenlet goes on serving."""
+    import greenlet
+
+    store = sqlite.store
+    turn, seen = Turn(), []
+    turn.serve(lambda: seen.append(greenlet.getcurrent()))
+    turn.serve(lambda: seen.append(greenlet.getcurrent()))
+    assert len(seen) == 2 and seen[0] is seen[1] and seen[0] is not greenlet.getcurrent()
+
+    def fails() -> None:
+        seen.append(greenlet.getcurrent())
+        raise ValueError("a request's own failure")
+
+    with pytest.raises(ValueError, match="a request's own failure"):
+        turn.serve(fails)
+    assert seen[2] is seen[0]
+
+    def fails_after_its_write() -> None:
+        _commit(store, 1, "n1")
+        raise KeyError("after the write")
+
+    turn.serve(fails_after_its_write)  # parked
+    with pytest.raises(KeyError, match="after the write"):
+        turn.commit()
+    turn.serve(lambda: seen.append(greenlet.getcurrent()))
+    assert seen[3] is seen[0]
+
+
+def test_a_turn_keeps_at_most_max_idle_greenlets(sqlite):
+    from tops_job.aggregator import turn_commit
+
+    store = sqlite.store
+    turn, results = Turn(max_hold_s=60, max_parked=1000), {}
+    for i in range(turn_commit.MAX_IDLE + 6):
+        _serve(turn, results, i, lambda i=i: _commit(store, i, f"n{i}")["state"])
+    assert results == {} and turn._idle == []  # every one parked, each in a greenlet of its own
+    turn.commit()
+    assert list(results.values()) == [COMMITTED] * (turn_commit.MAX_IDLE + 6)
+    assert len(turn._idle) == turn_commit.MAX_IDLE

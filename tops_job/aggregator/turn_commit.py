@@ -42,12 +42,41 @@ class ParkedWriter(Protocol):
         """Each write's (outcome, error), all run and committed together where they can be."""
 
 
-class _Request(greenlet.greenlet):
-    """A request a Turn serves: its writes park (current_turn finds the turn from here)."""
+MAX_IDLE = 64  # request greenlets a turn keeps for the next requests
 
-    def __init__(self, run: Callable[[], None], turn: Turn):
-        super().__init__(run)
+
+class _Finished:
+    """What a request greenlet hands back when its request has returned (`error`: what it raised)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception | None):
+        self.error = error
+
+
+_PARKED = object()  # what a request greenlet hands back when its request parks at a write
+
+
+class _Request(greenlet.greenlet):
+    """A greenlet that runs a Turn's requests, one after another (current_turn finds the turn
+    from here). Kept between requests: a new greenlet for each one cost a Python data stack
+    mapped and unmapped, and its setting up and tearing down."""
+
+    def __init__(self, turn: Turn):
+        super().__init__(self._serve_each)
         self.turn = turn
+
+    def _serve_each(self, run: Callable[[], None]) -> _Finished:
+        while True:
+            try:
+                run()
+                finished = _Finished(None)
+            except Exception as exc:  # handed to whoever switched here last, and raised there
+                finished = _Finished(exc)
+            if len(self.turn._idle) >= MAX_IDLE:
+                return finished  # this greenlet ends
+            self.turn._idle.append(self)
+            run = self.parent.switch(finished)
 
 
 def current_turn() -> Turn | None:
@@ -61,11 +90,19 @@ class Turn:
         self.max_parked = max_parked
         self._parked: list[tuple[ParkedWriter, Callable[[Any], Any], greenlet.greenlet]] = []
         self._first_parked = 0.0
+        self._idle: list[_Request] = []  # request greenlets between requests
 
     def serve(self, run: Callable[[], None]) -> None:
-        """Runs `run()` in a greenlet of its own until it returns or parks at a write; what
-        it raises is raised here (or, after a park, from `commit`)."""
-        _Request(run, self).switch()
+        """Runs `run()` in a request greenlet until it returns or parks at a write; what it
+        raises is raised here (or, after a park, from `commit`)."""
+        request = self._idle.pop() if self._idle else _Request(self)
+        request.parent = greenlet.getcurrent()
+        self._handed_back(request.switch(run))
+
+    @staticmethod
+    def _handed_back(result: Any) -> None:
+        if result is not _PARKED and result.error is not None:
+            raise result.error
 
     @property
     def due(self) -> bool:
@@ -80,7 +117,7 @@ class Turn:
         if not self._parked:
             self._first_parked = time.monotonic()
         self._parked.append((writer, write, current))
-        return current.parent.switch()
+        return current.parent.switch(_PARKED)
 
     def commit(self) -> None:
         """Runs the parked writes, committed, and resumes each request with its outcome; a
@@ -95,7 +132,4 @@ class Turn:
                 for index, result in zip(indexes, writer.write_parked([parked[i][1] for i in indexes])):
                     results[index] = result
             for (_, _, request), (outcome, error) in zip(parked, results):
-                if error is None:
-                    request.switch(outcome)
-                else:
-                    request.throw(error)
+                self._handed_back(request.switch(outcome) if error is None else request.throw(error))
