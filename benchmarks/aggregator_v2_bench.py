@@ -115,16 +115,6 @@ def _verify_loop(items: Items, seconds: float, start: int = 0) -> int:
     return done
 
 
-def _verify_for(args: tuple[Items, float]) -> tuple[int, float]:
-    from tops_job.aggregator.serve import tune_process
-
-    tune_process()
-    items, seconds = args
-    cpu = time.process_time()
-    done = _verify_loop(items, seconds)
-    return done, time.process_time() - cpu
-
-
 def _threads_for(args: tuple[Items, float]) -> tuple[int, int]:
     """Attempts verified in `seconds` on one thread, then on two threads of this process at once."""
     from tops_job.aggregator.serve import tune_process
@@ -153,7 +143,7 @@ def threads_check(k: int, tile: int, seconds: float = 4.0) -> None:
     samples = _samples(wires)
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         one, two = pool.submit(_threads_for, (samples, seconds)).result()
-    procs_one, procs_two = alone(samples, 1, seconds)[1], alone(samples, 2, seconds)[1]
+    procs_one, procs_two = (_alone_per_s(samples, procs, seconds) for procs in (1, 2))
     print(f"k = {k}, tile {tile}: the verification alone, 2 threads of one process / 1 thread: {two / one:.2f}×"
           f" ({one / seconds:.0f} and {two / seconds:.0f} attempts/s); 2 processes / 1: {procs_two / procs_one:.2f}×"
           f" ({procs_one:.0f} and {procs_two:.0f} attempts/s)", flush=True)
@@ -231,16 +221,6 @@ def in_process(k: int, tile: int, attempts: int, rounds: int) -> None:
           f" {statistics.median(ratios):.2f} (range {min(ratios):.2f}-{max(ratios):.2f})")
 
 
-def alone(items: Items, procs: int, seconds: float) -> tuple[float, float]:
-    """The verification alone in `procs` fresh processes at once: attempts per CPU-second,
-    and attempts per wall second (all processes together)."""
-    with ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        list(pool.map(_verify_for, [(items[:2], 0.2)] * procs))
-        results = list(pool.map(_verify_for, [(items, seconds)] * procs))
-    done = sum(r[0] for r in results)
-    return done / sum(r[1] for r in results), done / seconds
-
-
 def _samples(wires: list[Wire]) -> Items:
     """(commitment, leaves, opened set) for the verification alone, leaves drawn as the
     aggregator draws them (its own key here)."""
@@ -308,6 +288,16 @@ class Alone:
 
     def close(self) -> None:
         self.pool.shutdown()
+
+
+def _alone_per_s(items: Items, procs: int, seconds: float) -> float:
+    """The verification alone in `procs` processes at once: attempts per wall second, all together."""
+    kept = Alone(items, procs)
+    try:
+        kept.window(seconds)
+    finally:
+        kept.close()
+    return kept.done / kept.wall
 
 
 class Pacer:
