@@ -297,7 +297,7 @@ def test_a_run_challenge_read_once_is_refused_once_expired_and_unknown_once_purg
     store.close()
 
 
-def test_an_exchange_records_its_verdict_and_commitment_in_one_transaction(tmp_path, monkeypatch):
+def test_an_exchange_records_its_verdict_and_commitment_in_one_transaction(tmp_path):
     """A worker's usual exchange (the next commitment with the last openings) is one commit and
     one fsync, not one per item."""
     app, store, (one, two) = _committed_in_app(tmp_path, "one-transaction")
@@ -355,7 +355,7 @@ def test_a_failed_transaction_records_neither_item_and_the_resend_succeeds(tmp_p
     assert answer["commit"]["status"] == 200 and "challenge" in answer["commit"]
 
 
-def test_a_commitment_resent_with_its_own_opened_set_is_answered_with_the_verdict(tmp_path, monkeypatch):
+def test_a_commitment_resent_with_its_own_opened_set_is_answered_with_the_verdict(tmp_path):
     """The opened sets are judged before the commitment (§10.2), as when each was written on
     its own; a resent commitment alone costs no transaction."""
     app, store, (one,) = _committed_in_app(tmp_path, "own-set", attempts=1)
@@ -452,7 +452,7 @@ def test_an_opening_of_a_commitment_recorded_here_reads_nothing_first_and_its_re
     store.close()
 
 
-def test_an_opening_here_of_a_commitment_another_process_decided_is_answered_from_the_record(tmp_path, monkeypatch):
+def test_an_opening_here_of_a_commitment_another_process_decided_is_answered_from_the_record(tmp_path):
     """A replica (or another worker process) accepted the opened set first: the one sent here
     too is judged against the record this process wrote, and its verdict's write, which moves
     only a committed record, finds it accepted: the answer is the record's. A rejection
