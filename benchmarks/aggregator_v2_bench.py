@@ -15,12 +15,12 @@ Each client is one worker run: it takes a run challenge, then sends its attempts
 does, each commitment riding with the openings of the one before ({"commit": c_i,
 "open": [o_{i-1}]}), and the last openings alone. An attempt counts when its verdict is
 `accepted`. One thread drives every run's connection (a selector): with a thread per run,
-the clients took 0.21 ms of CPU an attempt on the server's cores, against 0.14. Attempts
-have m = 16 rows: the verification of an opened set costs s·(tile+1)·k whatever m and n
-are, so a short C keeps making them cheap while the aggregator does the work of the
-autotuned shape's k. The verification alone (`check_commitment` and
-`check_opened` on the first 200 attempts, their leaves drawn as the aggregator draws them)
-runs in as many processes as the server has workers, with the server's process settings
+the clients took 0.17–0.21 ms of CPU an attempt on the server's cores, against 0.13–0.19.
+Attempts have m = 16 rows: the verification of an opened set costs s·(tile+1)·k whatever
+m and n are, so a short C keeps making them cheap while the aggregator does the work of the
+autotuned shape's k. The verification alone (`check_commitment` and `check_opened` on the
+first 200 attempts, their leaves drawn as the aggregator draws them) runs in as many
+processes as the server has workers, with the server's process settings
 (`serve.tune_process`), kept for the whole run.
 
 The server's windows (3 s) alternate with the verification alone's (1 s), both ends alone's.
@@ -338,10 +338,10 @@ class _Run:
 
 class Clients:
     """The worker runs, all driven by one thread, each on a keep-alive connection sending its
-    exchanges one after another. One thread, not one a run: 32 threads woken by their answers
-    took the GIL from each other and, scheduled on the server's cores, preempted its workers.
-    `pause` returns once no request is in flight (the server is then idle) and holds each run
-    before its next request until `resume`."""
+    exchanges one after another. One thread, not one a run: 32 threads, each woken by its
+    answer and taking the GIL from the others, spent 0.17-0.21 ms of CPU an attempt on the
+    server's cores, against 0.13-0.19 for one. `pause` returns once no request is in flight
+    (the server is then idle) and holds each run before its next request until `resume`."""
 
     def __init__(self, host: str, port: int, made: list[list[Wire]]):
         import selectors
