@@ -117,22 +117,29 @@ def _request(host: str, port: int, body: bytes, path: str = "/verify") -> bytes:
             f"Content-Length: {len(body)}\r\n\r\n").encode() + body
 
 
+def split_answer(buffer: bytearray) -> tuple[int, bytes] | None:
+    """The first whole answer in `buffer` (status, body), taken out of it; None until all of
+    it has arrived."""
+    head_end = buffer.find(b"\r\n\r\n")
+    if head_end < 0:
+        return None
+    head = bytes(buffer[:head_end])
+    length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))
+    end = head_end + 4 + length
+    if len(buffer) < end:
+        return None
+    body = bytes(buffer[head_end + 4:end])
+    del buffer[:end]
+    return int(head.split(b" ", 2)[1]), body
+
+
 def _read_answer(sock: socket.socket, buffer: bytearray) -> tuple[int, bytes]:
-    while b"\r\n\r\n" not in buffer:
+    while (answer := split_answer(buffer)) is None:
         chunk = sock.recv(65536)
         if not chunk:
             raise ConnectionError("closed")
         buffer += chunk
-    head, _, rest = bytes(buffer).partition(b"\r\n\r\n")
-    status = int(head.split(b" ", 2)[1])
-    length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))
-    while len(rest) < length:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise ConnectionError("closed")
-        rest += chunk
-    buffer[:] = rest[length:]
-    return status, rest[:length]
+    return answer
 
 
 def _drive(server: subprocess.Popen, host: str, port: int, bodies: list[bytes], clients: int, seconds: float,

@@ -64,7 +64,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from aggregator_bench import _request, _started, tree_cpu  # noqa: E402
+from aggregator_bench import _request, _started, split_answer, tree_cpu  # noqa: E402
 
 from tops_job.spec.v2 import S_DEFAULT as S  # noqa: E402  (the aggregator's default openings per commitment)
 
@@ -314,18 +314,10 @@ class _Run:
 
     def answer(self) -> dict[str, Any] | None:
         """The answer, once all of it has been read."""
-        head_end = self.buffer.find(b"\r\n\r\n")
-        if head_end < 0:
+        whole = split_answer(self.buffer)
+        if whole is None:
             return None
-        head = bytes(self.buffer[:head_end])
-        length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
-                      if line.lower().startswith(b"content-length:"))
-        end = head_end + 4 + length
-        if len(self.buffer) < end:
-            return None
-        body = bytes(self.buffer[head_end + 4:end])
-        del self.buffer[:end]
-        status = int(head.split(b" ", 2)[1])
+        status, body = whole
         if status != 200:
             raise RuntimeError(f"/v2/exchange answered {status}: {body[:200]!r}")
         answer = dict(json.loads(body))
