@@ -52,6 +52,8 @@ import argparse
 import json
 import multiprocessing
 import os
+import selectors
+import socket
 import sys
 import tempfile
 import threading
@@ -336,9 +338,6 @@ class Clients:
     (the server is then idle) and holds each run before its next request until `resume`."""
 
     def __init__(self, host: str, port: int, made: list[list[Wire]]):
-        import selectors
-        import socket
-
         self.host, self.port = host, port
         self.selector = selectors.DefaultSelector()
         self.accepted = [0] * len(made)
@@ -408,8 +407,6 @@ class Clients:
         self._send(run_)
 
     def _send(self, run_: _Run) -> None:
-        import selectors
-
         try:
             run_.out = run_.out[run_.sock.send(run_.out):]
         except BlockingIOError:
