@@ -28,6 +28,9 @@ class Openable(Protocol):
 
 def make_openings(source: Openable, leaves: Sequence[int]) -> list[dict[str, Any]]:
     """Opening j of leaf ℓ_j, in order, one entry per j (§7.4)."""
+    prefetch = getattr(source, "prefetch", None)  # a device commitment: two transfers, not two a leaf
+    if prefetch is not None:
+        prefetch(leaves)
     cache: dict[int, dict[str, Any]] = {}
     out = []
     for leaf in leaves:
