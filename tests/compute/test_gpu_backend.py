@@ -8,6 +8,7 @@ import pytest
 
 cp = pytest.importorskip("cupy")
 
+from tests.support.device_checks import selftest_and_self_audit_pass  # noqa: E402
 from tops_job.compute.base import Shape  # noqa: E402
 from tops_job.compute.cuda_kernels import GPU_DTYPES, bf16_to_float32  # noqa: E402
 from tops_job.spec.commitment import HostCommitment, make_openings  # noqa: E402
@@ -132,20 +133,4 @@ def test_a_gpu_receipt_verifies(backend):
 
 
 def test_the_selftest_and_the_self_audit_pass_on_the_card(backend):
-    from tops_job.compute import selftest
-    from tops_job.job.attempt import Identity, run_attempt
-    from tops_job.job.device_guard import DeviceGuard
-    from tops_job.spec.signing import LocalKeySigner
-
-    guard = DeviceGuard(backend, selftest=True, audit_every=1)
-    guard.start()
-    assert guard.selftest_result.ok and guard.selftest_result.checked == list(selftest.STAGES)
-    identity = Identity(did="did:peaq:0xgpu", signer=LocalKeySigner(bytes(range(1, 33))))
-    delivered = []
-    for attempt in range(3):
-        result = run_attempt(backend, Shape(1024, 2048, 512), identity, run_id="gpu-audit", attempt=attempt,
-                             tile=backend.default_tile, opens=16)
-        delivered += guard.take(attempt, result)
-    delivered += guard.finish()
-    assert guard.failure is None and guard.audited == 3 and len(delivered) == 3
-    assert backend.pci_bus_id and backend.pci_bus_id in guard.device
+    selftest_and_self_audit_pass(backend, Shape(1024, 2048, 512))
