@@ -149,6 +149,7 @@ class CupyBackend:
         self._last_telemetry: dict[str, int] = {}
         self._nodes = None
         self._nodes_key: tuple | None = None
+        self._read_stream = None
         self._warm = False
         self.shape: Shape | None = None
 
@@ -224,9 +225,30 @@ class CupyBackend:
         except Exception as exc:
             raise DeviceError(f"cuBLAS GEMM ({self.dtype}, {self.shape}) failed: {exc}") from None
 
-    def commit(self, tile: int) -> DeviceCommitment | HostCommitment:
+    @property
+    def keeps_trees(self) -> bool:
+        """Whether commit(keep=True) leaves the tree on the device (not on the host path)."""
+        return self._host is None
+
+    def commit(self, tile: int, *, keep: bool = False) -> DeviceCommitment | HostCommitment:
+        """The commitment of the last product. keep=True (tops-receipt/2's challenge mode):
+        the tree goes into a buffer of its own that the commitment holds, so it outlives
+        the next attempts until the challenge comes back and its audit paths are read
+        (DeviceCommitment.audit_paths on `read_stream`); the shared buffer is reused
+        otherwise. CuPy's pool hands a freed tree's memory to the next one."""
         shape = self.shape
         assert shape is not None, "commit() before prepare()"
+        if keep and self._host is None:
+            words = node_buffer_words(shape.m, shape.n, tile)
+            try:
+                nodes = self._cp.empty(words, self._cp.uint32)
+            except self._cp.cuda.memory.OutOfMemoryError:
+                self._cp.get_default_memory_pool().free_all_blocks()  # the pool's cached blocks back, once
+                try:
+                    nodes = self._cp.empty(words, self._cp.uint32)
+                except self._cp.cuda.memory.OutOfMemoryError as exc:
+                    raise DeviceError(f"no room to keep the commitment tree of {shape} / tile {tile}: {exc}") from None
+            return self._device_commitment(tile, nodes)
         key = (shape, tile)
         if self._nodes_key != key:
             self._nodes = None
@@ -235,16 +257,29 @@ class CupyBackend:
             except self._cp.cuda.memory.OutOfMemoryError as exc:
                 raise DeviceError(f"no room for the commitment tree of {shape} / tile {tile}: {exc}") from None
             self._nodes_key = key
-        ev = self._events
-        ev["commit_start"].record(self._stream)
         if self._host is not None:
+            ev = self._events
+            ev["commit_start"].record(self._stream)
             host_commitment = self._host.commit(self.c, self._stream, tile)
             ev["commit_end"].record(self._stream)
             return host_commitment
-        commitment = DeviceCommitment(self._cp, self.c, tile, self._nodes, self._leaf_kernel,
+        return self._device_commitment(tile, self._nodes)
+
+    def _device_commitment(self, tile: int, nodes) -> DeviceCommitment:
+        ev = self._events
+        ev["commit_start"].record(self._stream)
+        commitment = DeviceCommitment(self._cp, self.c, tile, nodes, self._leaf_kernel,
                                       self._level_kernel, self._stream)
         ev["commit_end"].record(self._stream)
         return commitment
+
+    @property
+    def read_stream(self):
+        """The stream kept trees are read on: not the attempts', so an opening never waits
+        behind a running product."""
+        if self._read_stream is None:
+            self._read_stream = self._cp.cuda.Stream(non_blocking=True)
+        return self._read_stream
 
     # ---- readings --------------------------------------------------------------------------
 

@@ -128,6 +128,26 @@ class DeviceCommitment:
             at_value += hi - lo
             at_node += len(path)
 
+    def audit_paths(self, leaves: Sequence[int], stream=None) -> dict[int, list[bytes]]:
+        """The audit paths of `leaves`, gathered from the tree in one transfer, read on
+        `stream` (default: the commitment's). Reads the tree only, never C, so it holds for a
+        kept tree (CupyBackend.commit(keep=True)) after C is overwritten by later attempts;
+        another stream may read it because the constructor waited for the tree's kernels."""
+        wanted = sorted(set(leaves))
+        positions = [path_positions(leaf, self.sizes) for leaf in wanted]
+        nodes = np.asarray([self.offsets[level] + node for path in positions for level, node in path], np.int64)
+        stream = stream or self._stream
+        words = np.empty((0, NODE_WORDS), np.uint32)
+        if nodes.size:
+            with stream:
+                words = (self._nodes[: self.offsets[-1] * NODE_WORDS].reshape(-1, NODE_WORDS)
+                         [self._cp.asarray(nodes)].get(stream=stream))
+        out, at = {}, 0
+        for leaf, path in zip(wanted, positions):
+            out[leaf] = [digest_from_words(w) for w in words[at:at + len(path)]]
+            at += len(path)
+        return out
+
     def leaf_data(self, leaf: int) -> bytes:
         if leaf not in self._opened:
             self.prefetch([leaf])

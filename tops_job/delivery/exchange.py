@@ -1,10 +1,13 @@
 """Delivery for tops-receipt/2's challenge mode (docs/spec/receipt-v2.md §10.3).
 
-The attempt loop only writes each signed commitment (and its leaf hashes) to the outbox.
+The attempt loop only writes each signed commitment to the outbox, with its leaf hashes
+when its tree was built on the host; a GPU's tree stays on the device (kept_trees.py).
 Sender threads post `{"commit": newest, "open": [earlier commitments whose challenge came
 back]}`: one request per attempt, no round trip inside the attempt loop. Openings are
-computed here, off the loop, from the kept leaf hashes and the seed. Every state change is
-in the outbox before the next message, so a kill -9 anywhere resumes where it stopped.
+computed here, off the loop, from the kept tree or leaf hashes and the seed; where neither
+is left (a crash, a tree let go), from the commitment recomputed by `recommit`. Every state
+change is in the outbox before the next message, so a kill -9 anywhere resumes where it
+stopped.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from tops_job.delivery.backend import ExchangeStore
 from tops_job.delivery.drain_threads import drain
 from tops_job.delivery.exchange_http import FINAL_ITEM, HttpExchange
 from tops_job.delivery.exchange_outbox import CHALLENGED, OPENED, SIGNED
+from tops_job.delivery.kept_trees import KeptTree, KeptTrees, Recommit
 from tops_job.delivery.outcomes import Outcome
 from tops_job.delivery.protocol import DeliveryReport
 from tops_job.delivery.ratelimit import TokenBucket
@@ -65,6 +69,10 @@ class ExchangeDelivery:
         self._withheld = 0  # failed the self-audit: in v2/withheld/, never sent
         self._send_errors: Counter[str] = Counter()
         self._last_error: str | None = None
+        self.kept = KeptTrees()  # GPU trees awaiting their challenge
+        self.recommit: Recommit | None = None  # set by the run: a commitment recomputed on its backend
+        self._recomputed = 0
+        self._unopenable: set[str] = set()  # no backend could recompute these in this run
 
     # ---- the Delivery protocol
 
@@ -85,10 +93,12 @@ class ExchangeDelivery:
             self._threads.append(thread)
 
     def enqueue(self, receipt: dict[str, Any], digest: bytes, leaf_hashes: bytes | None = None, *,
-                held: bool = False) -> None:
+                held: bool = False, kept: KeptTree | None = None) -> None:
         # durable before anything else happens to it; a held one is not even committed until
         # its self-audit verifies it (see `release`)
         self.outbox.put(receipt, digest.hex(), leaf_hashes, held=held)
+        if kept is not None:
+            self.kept.put(digest.hex(), kept)
         if not held:
             self.release(digest, durable=True)
 
@@ -105,6 +115,7 @@ class ExchangeDelivery:
 
     def withhold(self, digest: bytes, reason: str) -> None:
         self.outbox.withhold(digest.hex(), reason)
+        self.kept.discard(digest.hex())
         with self._cond:
             self._withheld += 1
 
@@ -128,6 +139,9 @@ class ExchangeDelivery:
         self.report.pending = sum(states.values())
         self.report.detail.update(self.state())
         self.report.detail["earlier_runs"] = self._earlier
+        if self._recomputed or self.kept.let_go:
+            self.report.detail["recomputed_to_open"] = self._recomputed
+            self.report.detail["trees_let_go"] = self.kept.let_go
         if self._withheld:
             self.report.detail["withheld"] = self._withheld
             self.report.detail["withheld_in"] = self.outbox.withheld_location
@@ -211,14 +225,15 @@ class ExchangeDelivery:
             return opened
         commitment = self.outbox.load(digest, "commit.json")
         challenge = self.outbox.load(digest, "challenge.json")
-        hashes = self.outbox.leaf_hashes(digest)
-        if commitment is None or challenge is None or hashes is None:
+        if commitment is None or challenge is None:
             return None
         try:
-            kept = KeptCommitment(header_of(commitment), hashes)
-            opened = {"digest": digest, "openings": kept.open(challenge["leaves"])}
+            source = self._opener(digest, commitment)
+            if source is None:
+                return None
+            opened = {"digest": digest, "openings": source.open(challenge["leaves"])}
         except (ValueError, KeyError, TypeError, IndexError) as exc:
-            log.warning("[exchange] %s: the kept leaf hashes cannot open it (%s)", digest[:16], exc)
+            log.warning("[exchange] %s: what was kept cannot open it (%s)", digest[:16], exc)
             return None
         self.outbox.put_opened(digest, opened)
         with self._cond:
@@ -226,12 +241,36 @@ class ExchangeDelivery:
                 self._tracked[digest] = OPENED
         return opened
 
+    def _opener(self, digest: str, commitment: dict[str, Any]) -> KeptTree | KeptCommitment | None:
+        """What opens `digest`: its tree still on the device, else its leaf hashes in the
+        outbox, else its commitment recomputed from the seed (after a crash, or a tree let go)."""
+        tree = self.kept.take(digest)
+        if tree is not None:
+            return tree
+        hashes = self.outbox.leaf_hashes(digest)
+        if hashes is not None:
+            return KeptCommitment(header_of(commitment), hashes)
+        if self.recommit is None or digest in self._unopenable:
+            log.warning("[exchange] %s: no leaf hashes kept and no backend here to recompute its commitment: "
+                        "left pending for a run on its device", digest[:16])
+            return None
+        try:
+            tree = self.recommit(commitment)
+        except ValueError:  # recomputed, but not to the header's root: not again in this run
+            self._unopenable.add(digest)
+            raise
+        if tree is None:
+            self._unopenable.add(digest)
+        else:
+            self._recomputed += 1
+        return tree
+
     def _send(self, commit: str | None, opens: list[str]) -> None:
         sets, sent = [], []
         for digest in opens:
             opened = self._opened_set(digest)
             if opened is None:
-                log.warning("[exchange] %s cannot be opened (its files are incomplete): left pending", digest[:16])
+                log.warning("[exchange] %s cannot be opened by this run: left pending", digest[:16])
                 continue
             sets.append(opened)
             sent.append(digest)
@@ -319,6 +358,7 @@ class ExchangeDelivery:
 
     def _final(self, digest: str, verdict: str, outcome: Outcome, item: dict[str, Any]) -> None:
         self.outbox.finish(digest, verdict, item)
+        self.kept.discard(digest)  # a commitment refused before its opening
         with self._cond:
             self._tracked.pop(digest, None)
             self._busy.discard(digest)

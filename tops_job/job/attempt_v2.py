@@ -15,6 +15,7 @@ from typing import Any
 from opentelemetry import trace
 
 from tops_job.compute.base import Backend, Shape
+from tops_job.delivery.kept_trees import KeptTree
 from tops_job.errors import ConfigError, ErrorClass, ExitCode, TopsJobError
 from tops_job.job.attempt import Identity, _error_class_on, _lap, compute_product, sign
 from tops_job.spec.v2 import (
@@ -47,7 +48,8 @@ class CommitResult:
     digest: bytes
     elapsed_ns: int
     wall_ns: int
-    leaf_hashes: bytes | None = None  # 32 bytes a leaf, kept to open later (challenge mode)
+    leaf_hashes: bytes | None = None  # 32 bytes a leaf, kept to open later (challenge mode, host tree)
+    kept: KeptTree | None = None  # challenge mode on a GPU: the tree left on the device instead
     stages_ns: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -81,8 +83,9 @@ def run_commit_attempt(backend: Backend, shape: Shape, identity: Identity, *, ru
     with tracer.start_as_current_span("attempt", attributes={"tops_job.attempt": attempt}) as span, \
             _error_class_on(span):
         elapsed_ns, mark = compute_product(backend, shape, attempt_seed(pubkey, identity.did, nonce), stages)
+        keep = mode == CHALLENGE and getattr(backend, "keeps_trees", False)
         with tracer.start_as_current_span("commitment"):
-            commitment = backend.commit(tile)
+            commitment = backend.commit(tile, keep=True) if keep else backend.commit(tile)  # type: ignore[call-arg]
             header = build_header(mode=mode, did=identity.did, pubkey=pubkey, run_id=run_id, attempt=attempt,
                                   nonce=nonce, challenge=challenge, m=shape.m, n=shape.n, k=shape.k, tile=tile,
                                   dtype=backend.dtype, backend=backend.name, device=backend.device_model,
@@ -90,7 +93,8 @@ def run_commit_attempt(backend: Backend, shape: Shape, identity: Identity, *, ru
                                   telemetry=backend.telemetry())
             digest = digest_of(header)
             openings = make_openings(commitment, fs_leaves(digest, commitment.leaf_count)) if mode == FIAT_SHAMIR else None
-            hashes = leaf_hashes_of(commitment) if mode == CHALLENGE else None
+            kept = KeptTree(header, commitment, getattr(backend, "read_stream", None)) if keep else None
+            hashes = leaf_hashes_of(commitment) if mode == CHALLENGE and not keep else None
         mark = _lap(stages, "commitment", mark)
         with tracer.start_as_current_span("signing"):
             sig = sign(identity, digest)
@@ -100,7 +104,8 @@ def run_commit_attempt(backend: Backend, shape: Shape, identity: Identity, *, ru
     if openings is not None:
         receipt["openings"] = openings
     return CommitResult(receipt=receipt, digest=digest, elapsed_ns=elapsed_ns,
-                        wall_ns=time.perf_counter_ns() - wall_start, leaf_hashes=hashes, stages_ns=stages)
+                        wall_ns=time.perf_counter_ns() - wall_start, leaf_hashes=hashes, kept=kept,
+                        stages_ns=stages)
 
 
 class RunChallengeUnavailable(TopsJobError):

@@ -38,6 +38,7 @@ from tops_job.spec.errors import ReceiptInvalid
 from tops_job.spec.merkle import leaf_hash
 from tops_job.spec.receipt import DEFAULT_MIN_OPENS
 from tops_job.spec.v2 import S_MIN, KeptCommitment, check_commitment, header_of, verify_fs_receipt
+from tops_job.spec.v2.openings import check_openings
 from tops_job.spec.verify import verify_receipt
 
 log = logging.getLogger("tops_job.device")
@@ -232,13 +233,20 @@ class DeviceGuard:
 def audit_v2(result: Signed, *, leaves: int) -> None:
     """A tops-receipt/2 attempt checked on the CPU: a fiat-shamir receipt as any verifier does;
     a challenge-mode commitment by recomputing `leaves` random tiles from the seed and comparing
-    their hashes with the leaf hashes the device produced (and the header's root with theirs).
+    their hashes with the leaf hashes the device produced (and the header's root with theirs);
+    where the tree stayed on the device, by opening `leaves` random leaves from it and checking
+    them as the verifier does (the recomputed tiles' hashes, up their device paths, give the root).
     Raises ReceiptInvalid (or ValueError for a tree that does not give the root)."""
     receipt = result.receipt
     if "openings" in receipt:
         verify_fs_receipt(receipt, cost_cap=1 << 62)
         return
     check_commitment(receipt, s=S_MIN, cost_cap=1 << 62)
+    kept = getattr(result, "kept", None)
+    if kept is not None:  # the tree is on the device: open random leaves and check them as the verifier does
+        chosen = [int.from_bytes(os.urandom(8), "little") % kept.leaf_count for _ in range(leaves)]
+        check_openings(header_of(receipt), chosen, kept.open(chosen))
+        return
     blob = getattr(result, "leaf_hashes", None) or b""
     hashes = [blob[i: i + 32] for i in range(0, len(blob), 32)]
     kept = KeptCommitment(header_of(receipt), hashes)

@@ -7,7 +7,9 @@ reporters) and calls `JobRun.run()`; nothing here prints or exits.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -16,10 +18,11 @@ from opentelemetry import trace
 from tops_job.compute.autotune import ProfileCache, resolve_profile
 from tops_job.compute.base import Backend, Shape
 from tops_job.config import Config
+from tops_job.delivery.kept_trees import KeptTree
 from tops_job.delivery.outcomes import Outcome
 from tops_job.delivery.protocol import Delivery, DeliveryReport
 from tops_job.errors import LIBRARY_ERRORS, ConfigError, DeviceError, ErrorClass, ExitCode, TopsJobError, error_class_of, exit_code_of
-from tops_job.job.attempt import Identity, run_attempt
+from tops_job.job.attempt import Identity, compute_product, run_attempt
 from tops_job.job.attempt_v2 import RunChallengeUnavailable, V2Attempts
 from tops_job.job.device_guard import DeviceGuard, Settled
 from tops_job.job.stats import RunStats
@@ -27,6 +30,8 @@ from tops_job.job.stop import StopSignal
 from tops_job.job.summary import build_summary, write_summary
 from tops_job.observability.events import AttemptEvent, ReceiptEvent, Reporters, RunInfo
 from tops_job.observability.logs import current_attempt
+from tops_job.spec.v2 import header_of
+from tops_job.spec.v2.header import seed_of
 
 log = logging.getLogger("tops_job.run")
 tracer = trace.get_tracer("tops_job.run")
@@ -67,7 +72,14 @@ class JobRun:
         # Self-test before the first attempt, self-audit of a sample of receipts (device_guard.py).
         self.guard = guard or DeviceGuard(backend, selftest=False, audit_every=0)
         self.guard.attach(self.stats.record_failure)
+        # The backend is the attempt loop's, lent between two attempts to the exchange's
+        # senders when one must recompute a commitment whose tree is gone (`recommit`).
+        self._backend_lock = threading.Lock()
+        self._turn_gate = threading.Lock()
+        self._backend_closed = False
         self.delivery = make_delivery(self._on_receipt)
+        if hasattr(self.delivery, "recommit"):
+            self.delivery.recommit = self.recommit
         self.reporters.on_delivery(self.delivery)
 
     def _on_receipt(self, event: ReceiptEvent) -> None:
@@ -85,9 +97,13 @@ class JobRun:
         with tracer.start_as_current_span("run", attributes={"tops_job.run_id": config.run_id}) as span:
             self.reporters.on_run_start(info)
             self.delivery.start()
+            # A GPU's kept trees are opened during the drain, and a lost one recomputed on
+            # the backend: it closes after the drain (the CPU backend's helpers, before).
+            close_after_drain = getattr(self.backend, "keeps_trees", False)
             try:
-                self.guard.start()
-                shape, profile_info = self._shape()
+                with self._backend_lock:
+                    self.guard.start()
+                    shape, profile_info = self._shape()
                 self.reporters.on_profile(profile_info)
                 fatal = self._attempts(shape)
             except LIBRARY_ERRORS as exc:
@@ -100,9 +116,12 @@ class JobRun:
             finally:
                 current_attempt.set(None)
                 fatal = self._finish_guard(fatal)
-                self.backend.close()  # helper processes and threads; the receipts are all signed
+                if not close_after_drain:
+                    self._close_backend()  # helper processes and threads; the receipts are all signed
                 with tracer.start_as_current_span("drain"):
                     delivery_report = self.delivery.finish(config.drain_timeout)
+                if close_after_drain:
+                    self._close_backend()
             if delivery_report.pending:
                 self.stats.receipts[Outcome.PENDING.value] = delivery_report.pending
             exit_code = self._exit_code(fatal, delivery_report)
@@ -131,6 +150,41 @@ class JobRun:
             self.run_finished(summary)
         return RunResult(exit_code=exit_code, summary=summary, summary_path=path, error=fatal)
 
+    def _close_backend(self) -> None:
+        with self._backend_lock:
+            self._backend_closed = True
+            self.backend.close()
+
+    @contextmanager
+    def _backend_turn(self) -> Iterator[None]:
+        """The backend for a recomputation: taken ahead of the next attempt (the gate stops
+        the attempt loop from taking the lock again first)."""
+        with self._turn_gate:
+            self._backend_lock.acquire()
+        try:
+            yield
+        finally:
+            self._backend_lock.release()
+
+    def recommit(self, commitment: Mapping[str, Any]) -> KeptTree | None:
+        """A tops-receipt/2 challenge-mode commitment recomputed on this run's backend from
+        its seed (C is a function of the seed, spec §9.2), to open it when its tree is gone:
+        after a crash, or let go to bound device memory. None where this backend keeps no
+        trees or computes another dtype; ValueError when the recomputed root differs."""
+        backend = self.backend
+        if not getattr(backend, "keeps_trees", False) or commitment.get("dtype") != backend.dtype:
+            return None
+        header = header_of(commitment)
+        shape = Shape(int(header["m"]), int(header["n"]), int(header["k"]))
+        with self._backend_turn():
+            if self._backend_closed:
+                return None
+            compute_product(backend, shape, seed_of(header), {})
+            tree = backend.commit(int(header["tile"]), keep=True)  # type: ignore[call-arg]
+        log.info("[exchange] recomputed the commitment of attempt %s of run %s on %s to open it",
+                 header.get("attempt"), header.get("run_id"), backend.device_model)
+        return KeptTree(header, tree, getattr(backend, "read_stream", None))
+
     def _shape(self) -> tuple[Shape, dict[str, Any]]:
         if self.config.size:
             m, n, k = self.config.size
@@ -158,7 +212,10 @@ class JobRun:
             if self.guard.failure is not None:
                 return self.guard.pending_failure()
             try:
-                result = self._run_attempt(shape, attempt, tile, challenge)
+                with self._turn_gate:  # a recomputation asked for goes first
+                    pass
+                with self._backend_lock:
+                    result = self._run_attempt(shape, attempt, tile, challenge)
                 if result is None:  # stopped while waiting for a run challenge (v2)
                     return None
             except RunChallengeUnavailable as exc:  # every later attempt would wait the same
@@ -207,10 +264,10 @@ class JobRun:
     def _deliver(self, result: Any, *, held: bool) -> None:
         """Into the outbox (held: kept there unsent until its audit settles), then out to
         --receipts-out and the other sinks: a receipt anyone outside has seen is durable."""
-        hashes = getattr(result, "leaf_hashes", None)
-        if hashes is not None:  # v2 challenge mode: kept to open when the challenge comes back
+        hashes, kept = getattr(result, "leaf_hashes", None), getattr(result, "kept", None)
+        if hashes is not None or kept is not None:  # v2 challenge mode: to open when the challenge comes back
             self.delivery.enqueue(result.receipt, result.digest, leaf_hashes=hashes,  # type: ignore[call-arg]
-                                  held=held)
+                                  held=held, kept=kept)
         else:
             self.delivery.enqueue(result.receipt, result.digest, held=held)
         for sink in self.receipt_sinks:
