@@ -85,11 +85,11 @@ def test_the_self_audit_opens_a_kept_tree_and_catches_a_wrong_product(backend, d
         audit_v2(wrong, leaves=4)
 
 
-def _run(tmp_path, url, name, attempts):
+def _run(tmp_path, url, name, attempts, dtype="float32"):
     env = worker_env(tmp_path, TOPS_JOB_DRAIN_TIMEOUT="3")
     env.pop("TOPS_JOB_PROTOCOL")  # the default: v2, the challenge mode with an aggregator
-    return invoke("run", "--backend", "cupy", "--size", f"{SHAPE.m},{SHAPE.n},{SHAPE.k}", "--attempts", str(attempts),
-                  "--aggregator-url", url, "--receipts-out", str(tmp_path / f"{name}.jsonl"),
+    return invoke("run", "--backend", "cupy", "--dtype", dtype, "--size", f"{SHAPE.m},{SHAPE.n},{SHAPE.k}",
+                  "--attempts", str(attempts), "--aggregator-url", url, "--receipts-out", str(tmp_path / f"{name}.jsonl"),
                   "--summary", str(tmp_path / f"{name}.summary.json"), env=env)
 
 
@@ -103,11 +103,17 @@ def test_a_run_on_the_gpu_writes_no_leaf_hashes_and_recomputes_what_a_crash_lost
         assert len(list(outbox.glob("*.commit.json"))) == 3
         assert list(outbox.glob("*.leaves")) == []  # the trees were on the device only, and are gone now
 
+        other = _run(tmp_path, agg.base, "other", 1, dtype="bfloat16")  # cannot recompute float32 attempts
+        assert other.exit_code == ExitCode.PENDING, other.output[-3000:]
+        assert "left pending for a run on its device" in other.output
+        assert len(list(outbox.glob("*.commit.json"))) == 3
+
         again = _run(tmp_path, agg.base, "again", 1)  # a new run: the earlier trees must be recomputed
         assert again.exit_code == ExitCode.OK, again.output[-3000:]
         summary = json.loads((tmp_path / "again.summary.json").read_text())
         assert summary["delivery"]["recomputed_to_open"] == 3 and summary["receipts"]["accepted"] == 4
-        signed = signed_digests(tmp_path / "first.jsonl") + signed_digests(tmp_path / "again.jsonl")
+        signed = [*signed_digests(tmp_path / "first.jsonl"), *signed_digests(tmp_path / "other.jsonl"),
+                  *signed_digests(tmp_path / "again.jsonl")]
         assert sorted(agg.v2_accepted()) == sorted(signed)
         assert list(outbox.glob("*.commit.json")) == []
     finally:

@@ -175,12 +175,17 @@ class JobRun:
         if not getattr(backend, "keeps_trees", False) or commitment.get("dtype") != backend.dtype:
             return None
         header = header_of(commitment)
-        shape = Shape(int(header["m"]), int(header["n"]), int(header["k"]))
         with self._backend_turn():
             if self._backend_closed:
                 return None
-            compute_product(backend, shape, seed_of(header), {})
-            tree = backend.commit(int(header["tile"]), keep=True)  # type: ignore[call-arg]
+            try:
+                shape = Shape(int(header["m"]), int(header["n"]), int(header["k"]))
+                compute_product(backend, shape, seed_of(header), {})
+                tree = backend.commit(int(header["tile"]), keep=True)  # type: ignore[call-arg]
+            except (TopsJobError, KeyError, TypeError, ValueError) as exc:  # a shape this card cannot hold, say
+                log.warning("[exchange] cannot recompute the commitment of attempt %s of run %s here: %s",
+                            header.get("attempt"), header.get("run_id"), exc)
+                return None
         log.info("[exchange] recomputed the commitment of attempt %s of run %s on %s to open it",
                  header.get("attempt"), header.get("run_id"), backend.device_model)
         return KeptTree(header, tree, getattr(backend, "read_stream", None))
