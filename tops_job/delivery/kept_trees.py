@@ -103,4 +103,4 @@ class KeptTrees:
             return len(self._trees)
 
 
-Recommit = Callable[[Mapping[str, Any]], "KeptTree | None"]  # a header -> its tree recomputed, or None
+Recommit = Callable[[Mapping[str, Any]], "KeptTree | None"]  # a signed commitment -> its tree recomputed, or None
