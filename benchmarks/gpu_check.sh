@@ -20,12 +20,13 @@
 #   4. gpu_check.py: self-test per dtype and shape, then speed against raw cuBLAS, ≤ CHECK_S.
 # Logs and results land in $OUT when set (pytest.log, run.log, run_summary.json,
 # challenge.log, challenge_summary.json, aggregator.log, gpu_check.json, gpu_check.md).
-# BACKEND=numpy runs stages 2 and 3 on the CPU (a dry run of this script without a GPU).
+# BACKEND=numpy runs stages 2 and 3 on the CPU (a dry run of this script without a GPU);
+# DTYPE (float32) is their --dtype.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 PYTEST_S=${PYTEST_S:-100} RUN_S=${RUN_S:-120} CHALLENGE_S=${CHALLENGE_S:-120} CHECK_S=${CHECK_S:-200}
-BACKEND=${BACKEND:-cupy} ATTEMPTS=${ATTEMPTS:-4} CHALLENGE_ATTEMPTS=${CHALLENGE_ATTEMPTS:-10}
+BACKEND=${BACKEND:-cupy} DTYPE=${DTYPE:-float32} ATTEMPTS=${ATTEMPTS:-4} CHALLENGE_ATTEMPTS=${CHALLENGE_ATTEMPTS:-10}
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/tops-site .whl/*.whl || exit 1
@@ -46,10 +47,15 @@ tail -n 25 "$OUT_DIR/pytest.log"
 echo "== 2. tops-job run --backend $BACKEND end to end, no aggregator (≤ ${RUN_S} s)"
 # Its own data, cache and config directories: the profile is tuned here, not taken from elsewhere.
 export TOPS_JOB_DATA_DIR=/tmp/tops-e2e/data TOPS_JOB_CACHE_DIR=/tmp/tops-e2e/cache TOPS_JOB_CONFIG_DIR=/tmp/tops-e2e/config
-timeout "$RUN_S" python3 -m tops_job run --backend "$BACKEND" --strict-device --attempts "$ATTEMPTS" --audit-every 2 \
+timeout "$RUN_S" python3 -m tops_job run --backend "$BACKEND" --dtype "$DTYPE" --strict-device --attempts "$ATTEMPTS" --audit-every 2 \
     --summary "$OUT_DIR/run_summary.json" >"$OUT_DIR/run.log" 2>&1
 echo "tops-job run: exit $?"
 grep -E "autotune\] chosen|self-test|summary|attempts:|receipts:|self-audit|product time|achieved|Error|error" "$OUT_DIR/run.log" | tail -n 20
+python3 - "$OUT_DIR/run_summary.json" <<'PY' || true
+import json, sys
+t = json.load(open(sys.argv[1]))["timings"]
+print("attempt ms", t["attempt_ms"], "\nstages ms", t["stages_ms_mean"], "\nduty", t["duty_cycle"])
+PY
 
 if [ "$CHALLENGE_S" -gt 0 ]; then
     echo "== 3. challenge mode against an aggregator on loopback (≤ ${CHALLENGE_S} s)"
@@ -66,7 +72,8 @@ if [ "$CHALLENGE_S" -gt 0 ]; then
         size=$(du -sb "$TOPS_JOB_DATA_DIR" 2>/dev/null | cut -f1); [ "${size:-0}" -gt "$peak" ] && peak=$size
         echo "$peak" >"$OUT_DIR/challenge_peak_bytes"; done ) &
     sampler=$!
-    timeout "$CHALLENGE_S" python3 -m tops_job run --backend "$BACKEND" --strict-device --attempts "$CHALLENGE_ATTEMPTS" \
+    timeout "$CHALLENGE_S" python3 -m tops_job run --backend "$BACKEND" --dtype "$DTYPE" --strict-device \
+        --attempts "$CHALLENGE_ATTEMPTS" \
         --aggregator-url http://127.0.0.1:18081/verify --drain-timeout 60 \
         --summary "$OUT_DIR/challenge_summary.json" >"$OUT_DIR/challenge.log" 2>&1
     echo "tops-job run (challenge mode): exit $?; data dir peak $(cat "$OUT_DIR/challenge_peak_bytes" 2>/dev/null) bytes"

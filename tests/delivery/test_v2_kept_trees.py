@@ -66,12 +66,36 @@ def test_a_tree_from_another_commitment_is_refused(backend):
         KeptTree(first.receipt, second.kept._commitment)
 
 
-def test_kept_trees_are_bounded_and_the_oldest_is_let_go():
+class Sized:
+    def __init__(self, nbytes):
+        self.nbytes = nbytes
+
+
+def test_kept_trees_are_bounded_by_count_and_the_oldest_is_let_go():
     trees = KeptTrees(limit=2)
     for name in "abc":
-        trees.put(name, object())  # type: ignore[arg-type]
+        trees.put(name, Sized(10))  # type: ignore[arg-type]
     assert len(trees) == 2 and trees.let_go == 1
     assert trees.take("a") is None and trees.take("b") is not None and trees.take("b") is None
+
+
+def test_kept_trees_are_bounded_by_device_memory_but_the_newest_always_stays():
+    # A bfloat16 tree at an H200's autotuned side is ~8 GB: eight of them would not fit beside
+    # the product's buffers on an 80 GB card.
+    trees = KeptTrees(limit=8, limit_bytes=250)
+    for name in "abc":
+        trees.put(name, Sized(100))  # type: ignore[arg-type]
+    assert len(trees) == 2 and trees.let_go == 1 and trees.take("a") is None
+    trees.put("huge", Sized(1000))  # over the budget alone: kept, every older one let go
+    assert len(trees) == 1 and trees.let_go == 3 and trees.take("huge") is not None
+    trees.put("d", Sized(100))
+    assert len(trees) == 1  # what was taken no longer counts
+
+
+def test_the_run_bounds_kept_trees_by_the_cards_memory(backend):
+    tree = commit(backend, 0).kept
+    assert tree.nbytes > 0
+    assert 0 < backend.keep_budget_bytes < backend.memory_budget_bytes
 
 
 def test_the_self_audit_opens_a_kept_tree_and_catches_a_wrong_product(backend, device):

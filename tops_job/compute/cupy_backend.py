@@ -47,6 +47,7 @@ __all__ = ["CupyBackend", "GPU_DTYPES", "gemm_arguments", "check_shape"]
 CUBLAS_OP_N, CUBLAS_OP_T = 0, 1
 CUBLAS_GEMM_DEFAULT = -1
 CUBLAS_POINTER_MODE_HOST = 0
+KEEP_SHARE = 0.25  # of the free device memory at start, for kept challenge-mode trees
 
 
 def check_shape(dtype: str, shape: Shape) -> None:
@@ -117,6 +118,10 @@ class CupyBackend:
         self.device_uuid = _uuid_text(props.get("uuid"))
         # Autotune's bound: a side whose buffers (about 16 bytes per C element) fit in memory.
         self.memory_budget_bytes = int(free * 0.85)
+        # Challenge-mode trees kept on the device until their challenges come back: at most
+        # this much of them (delivery/kept_trees.py lets the oldest go beyond it). A bfloat16
+        # tree at an H200's autotuned ~50k side is about 8 GB.
+        self.keep_budget_bytes = int(free * KEEP_SHARE)
         # alpha = 1, beta = 0 in the compute type, read through host pointers.
         scalar = np.int32 if self._gemm.compute == 72 else np.float32
         self._alpha, self._beta = np.ones(1, scalar), np.zeros(1, scalar)

@@ -128,6 +128,11 @@ class DeviceCommitment:
             at_value += hi - lo
             at_node += len(path)
 
+    @property
+    def tree_bytes(self) -> int:
+        """Device memory of the node buffer this commitment reads."""
+        return int(self._nodes.nbytes)
+
     def audit_paths(self, leaves: Sequence[int], stream=None) -> dict[int, list[bytes]]:
         """The audit paths of `leaves`, gathered from the tree in one transfer, read on
         `stream` (default: the commitment's). Reads the tree only, never C, so it holds for a

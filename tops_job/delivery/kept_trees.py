@@ -49,6 +49,11 @@ class KeptTree:
     def leaf_count(self) -> int:
         return self._commitment.leaf_count
 
+    @property
+    def nbytes(self) -> int:
+        """Device memory the kept tree holds."""
+        return int(getattr(self._commitment, "tree_bytes", 0))
+
     def prefetch(self, leaves: Sequence[int]) -> None:
         """Values recomputed from the seed in one pass, paths read from the device in one
         transfer (make_openings calls this first)."""
@@ -73,27 +78,39 @@ class KeptTree:
 
 
 class KeptTrees:
-    """The run's kept trees by digest (hex), at most `limit`: putting one more lets the
-    oldest go. Thread-safe: the attempt loop puts, the exchange's senders take."""
+    """The run's kept trees by digest (hex): at most `limit` of them and `limit_bytes` of
+    device memory (None: no byte bound), beyond which the oldest are let go. Thread-safe: the
+    attempt loop puts, the exchange's senders take."""
 
-    def __init__(self, limit: int = KEEP_MAX):
+    def __init__(self, limit: int = KEEP_MAX, limit_bytes: int | None = None):
         self.limit = max(1, limit)
+        self.limit_bytes = limit_bytes
         self._trees: OrderedDict[str, KeptTree] = OrderedDict()
+        self._bytes = 0
         self._lock = threading.Lock()
         self.let_go = 0  # trees dropped to stay under the limit (their openings recompute)
 
     def put(self, digest: str, tree: KeptTree) -> None:
         with self._lock:
             self._trees[digest] = tree
-            while len(self._trees) > self.limit:
-                old, _ = self._trees.popitem(last=False)
+            self._bytes += tree.nbytes
+            while len(self._trees) > 1 and (len(self._trees) > self.limit or self._over_bytes()):
+                old, gone = self._trees.popitem(last=False)
+                self._bytes -= gone.nbytes
                 self.let_go += 1
-                log.info("[exchange] %s: its tree was let go to keep at most %d on the device; its opening "
-                         "will recompute the product", old[:16], self.limit)
+                log.info("[exchange] %s: its tree was let go to keep at most %d trees, %s MB, on the device; "
+                         "its opening will recompute the product", old[:16], self.limit,
+                         "any" if self.limit_bytes is None else self.limit_bytes >> 20)
+
+    def _over_bytes(self) -> bool:
+        return self.limit_bytes is not None and self._bytes > self.limit_bytes
 
     def take(self, digest: str) -> KeptTree | None:
         with self._lock:
-            return self._trees.pop(digest, None)
+            tree = self._trees.pop(digest, None)
+            if tree is not None:
+                self._bytes -= tree.nbytes
+            return tree
 
     def discard(self, digest: str) -> None:
         self.take(digest)

@@ -78,8 +78,10 @@ class JobRun:
         self._turn_gate = threading.Lock()
         self._backend_closed = False
         self.delivery = make_delivery(self._on_receipt)
-        if hasattr(self.delivery, "recommit"):
-            self.delivery.recommit = self.recommit
+        kept = getattr(self.delivery, "kept", None)
+        if kept is not None:  # the challenge mode's delivery: trees kept on this backend's device
+            self.delivery.recommit = self.recommit  # type: ignore[attr-defined]
+            kept.limit_bytes = getattr(backend, "keep_budget_bytes", None)
         self.reporters.on_delivery(self.delivery)
 
     def _on_receipt(self, event: ReceiptEvent) -> None:
