@@ -8,7 +8,7 @@ import pytest
 
 cp = pytest.importorskip("cupy")
 
-from tests.support.device_checks import selftest_and_self_audit_pass  # noqa: E402
+from tests.support.device_checks import kept_tree_opens_after_later_attempts, selftest_and_self_audit_pass  # noqa: E402
 from tops_job.compute.base import Shape  # noqa: E402
 from tops_job.compute.cuda_kernels import GPU_DTYPES, bf16_to_float32  # noqa: E402
 from tops_job.spec.commitment import HostCommitment, make_openings  # noqa: E402
@@ -134,3 +134,8 @@ def test_a_gpu_receipt_verifies(backend):
 
 def test_the_selftest_and_the_self_audit_pass_on_the_card(backend):
     selftest_and_self_audit_pass(backend, Shape(1024, 2048, 512))
+
+
+def test_a_challenge_mode_tree_stays_on_the_card_and_opens_after_later_attempts(backend):
+    kept_tree_opens_after_later_attempts(backend, Shape(1024, 2048, 512))
+
