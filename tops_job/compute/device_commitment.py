@@ -110,23 +110,16 @@ class DeviceCommitment:
         wanted = sorted({leaf for leaf in leaves if leaf not in self._opened})
         if not wanted:
             return
-        cp = self._cp
         spans = [leaf_columns(leaf, self.n, self.tile) for leaf in wanted]
         elements = np.concatenate([np.arange(row * self.n + lo, row * self.n + hi, dtype=np.int64)
                                    for row, lo, hi in spans])
-        positions = [path_positions(leaf, self.sizes) for leaf in wanted]
-        nodes = np.asarray([self.offsets[level] + node for path in positions for level, node in path], np.int64)
         with self._stream:
-            values = self._c.reshape(-1)[cp.asarray(elements)].get(stream=self._stream)
-            words = (self._nodes[: self.offsets[-1] * NODE_WORDS].reshape(-1, NODE_WORDS)[cp.asarray(nodes)]
-                     .get(stream=self._stream) if nodes.size else np.empty((0, NODE_WORDS), np.uint32))
-        at_value = at_node = 0
-        for leaf, (_row, lo, hi), path in zip(wanted, spans, positions):
-            data = _leaf_bytes(values[at_value:at_value + hi - lo])
-            digests = [digest_from_words(w) for w in words[at_node:at_node + len(path)]]
-            self._opened[leaf] = (data, digests)
+            values = self._c.reshape(-1)[self._cp.asarray(elements)].get(stream=self._stream)
+        paths = self.audit_paths(wanted)
+        at_value = 0
+        for leaf, (_row, lo, hi) in zip(wanted, spans):
+            self._opened[leaf] = (_leaf_bytes(values[at_value:at_value + hi - lo]), paths[leaf])
             at_value += hi - lo
-            at_node += len(path)
 
     @property
     def tree_bytes(self) -> int:
