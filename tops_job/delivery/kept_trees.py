@@ -22,9 +22,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from tops_job.spec.v2 import header_of
-from tops_job.spec.v2.header import leaf_count, seed_of
-from tops_job.spec.v2.openings import make_openings
-from tops_job.spec.v2.product import tile_values
+from tops_job.spec.v2.header import leaf_count
+from tops_job.spec.v2.openings import make_openings, recomputed_leaf_data
 
 log = logging.getLogger("tops_job.exchange")
 
@@ -60,9 +59,7 @@ class KeptTree:
         wanted = sorted({leaf for leaf in leaves if leaf not in self._values})
         if not wanted:
             return
-        h = self.header
-        values = tile_values(seed_of(h), n=h["n"], k=h["k"], tile=h["tile"], leaves=wanted)
-        self._values.update({leaf: data.astype("<i4").tobytes() for leaf, data in values.items()})
+        self._values.update(recomputed_leaf_data(self.header, wanted))
         self._paths.update(self._commitment.audit_paths(wanted, stream=self._stream))
 
     def leaf_data(self, leaf: int) -> bytes:

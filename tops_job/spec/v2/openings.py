@@ -41,6 +41,14 @@ def make_openings(source: Openable, leaves: Sequence[int]) -> list[dict[str, Any
     return out
 
 
+def recomputed_leaf_data(header: Mapping[str, Any], leaves: Sequence[int]) -> dict[int, bytes]:
+    """Each leaf's data (its tile of C as int32 little-endian) recomputed from the header's
+    seed at (tile + 1)·k per leaf (§9.2), in one pass: rows generated once."""
+    h = header
+    values = tile_values(seed_of(h), n=h["n"], k=h["k"], tile=h["tile"], leaves=leaves)
+    return {leaf: data.astype("<i4").tobytes() for leaf, data in values.items()}
+
+
 class KeptCommitment:
     """A commitment reopened from its header and its leaf hashes: audit paths from the tree,
     tile values recomputed from the seed at (tile + 1)·k per leaf (spec §9.2). C itself is
@@ -57,9 +65,7 @@ class KeptCommitment:
 
     def prepare(self, leaves: Sequence[int]) -> None:
         """Recompute the data of `leaves` in one pass (rows generated once)."""
-        h = self.header
-        values = tile_values(seed_of(h), n=h["n"], k=h["k"], tile=h["tile"], leaves=leaves)
-        self._values.update({leaf: data.astype("<i4").tobytes() for leaf, data in values.items()})
+        self._values.update(recomputed_leaf_data(self.header, leaves))
 
     def leaf_data(self, leaf: int) -> bytes:
         if leaf not in self._values:
