@@ -27,6 +27,14 @@ def make_backend(dtype="float32"):
     return CupyBackend(dtype, telemetry=False)
 
 
+def committed(backend, shape: Shape, tile: int):
+    """`backend`'s commitment of the product of inputs 1 and 2 at `shape`."""
+    backend.prepare(shape)
+    backend.generate_inputs(1, 2)
+    backend.multiply()
+    return backend.commit(tile)
+
+
 def cpu_matrix(key: int, rows: int, cols: int) -> np.ndarray:
     out = np.empty(padded_size(rows * cols), np.float32)
     fill_elements(key, out)
@@ -58,10 +66,7 @@ def test_root_and_openings_equal_the_cpu_with_commit_before_any_host_read(device
 def test_every_device_operation_runs_on_the_backend_stream(device):
     backend = make_backend()
     try:
-        backend.prepare(Shape(16, 16, 16))
-        backend.generate_inputs(1, 2)
-        backend.multiply()
-        commitment = backend.commit(4)
+        commitment = committed(backend, Shape(16, 16, 16), 4)
         make_openings(commitment, bytes(32), 4)
         assert device.gemm_calls and set(device.gemm_calls) == {backend._stream.ptr}
         assert not device.null.queue  # nothing was ever left for the null stream
@@ -72,10 +77,7 @@ def test_every_device_operation_runs_on_the_backend_stream(device):
 def test_openings_are_fetched_in_two_transfers(device):
     backend = make_backend()
     try:
-        backend.prepare(Shape(32, 64, 8))
-        backend.generate_inputs(1, 2)
-        backend.multiply()
-        commitment = backend.commit(8)
+        commitment = committed(backend, Shape(32, 64, 8), 8)
         before = device.transfers
         openings = make_openings(commitment, bytes(range(32)), 16)
         assert len({o["leaf"] for o in openings}) > 8
@@ -92,10 +94,7 @@ def test_v2_fiat_shamir_openings_are_fetched_in_two_transfers(device):
 
     backend = make_backend()
     try:
-        backend.prepare(Shape(32, 64, 8))
-        backend.generate_inputs(1, 2)
-        backend.multiply()
-        commitment = backend.commit(8)
+        commitment = committed(backend, Shape(32, 64, 8), 8)
         leaves = fs_leaves(bytes(range(32)), commitment.leaf_count)
         before = device.transfers
         openings = make_v2_openings(commitment, leaves)
