@@ -38,6 +38,17 @@ OUT_DIR="${OUT:-/tmp/gpu-check}"
 mkdir -p "$OUT_DIR"
 nvidia-smi --query-gpu=name,uuid,driver_version,clocks.max.sm,power.limit --format=csv,noheader || true
 
+# A run summary's timings, duration and delivery, on a few lines.
+timings() {
+    python3 - "$1" <<'PY' || true
+import json, sys
+s = json.load(open(sys.argv[1]))
+t = s["timings"]
+print("attempt ms", t["attempt_ms"], "\nstages ms", t["stages_ms_mean"], "\nduty", t["duty_cycle"],
+      "\nduration s", s["duration_s"], "delivery", s["delivery"])
+PY
+}
+
 echo "== 1. GPU tests (≤ ${PYTEST_S} s)"
 timeout "$PYTEST_S" python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/compute/test_gpu_backend.py \
     tests/compute/test_gpu_emulated.py tests/compute/test_selftest.py >"$OUT_DIR/pytest.log" 2>&1 \
@@ -51,11 +62,7 @@ timeout "$RUN_S" python3 -m tops_job run --backend "$BACKEND" --dtype "$DTYPE" -
     --summary "$OUT_DIR/run_summary.json" >"$OUT_DIR/run.log" 2>&1
 echo "tops-job run: exit $?"
 grep -E "autotune\] chosen|self-test|summary|attempts:|receipts:|self-audit|product time|achieved|Error|error" "$OUT_DIR/run.log" | tail -n 20
-python3 - "$OUT_DIR/run_summary.json" <<'PY' || true
-import json, sys
-t = json.load(open(sys.argv[1]))["timings"]
-print("attempt ms", t["attempt_ms"], "\nstages ms", t["stages_ms_mean"], "\nduty", t["duty_cycle"])
-PY
+timings "$OUT_DIR/run_summary.json"
 
 if [ "$CHALLENGE_S" -gt 0 ]; then
     echo "== 3. challenge mode against an aggregator on loopback (≤ ${CHALLENGE_S} s)"
@@ -79,13 +86,7 @@ if [ "$CHALLENGE_S" -gt 0 ]; then
     echo "tops-job run (challenge mode): exit $?; data dir peak $(cat "$OUT_DIR/challenge_peak_bytes" 2>/dev/null) bytes"
     kill "$sampler" "$aggregator" 2>/dev/null; wait "$aggregator" 2>/dev/null
     grep -E "summary|attempts:|receipts:|product time|achieved|Error|error|Traceback" "$OUT_DIR/challenge.log" | tail -n 12
-    python3 - "$OUT_DIR/challenge_summary.json" <<'PY' || true
-import json, sys
-s = json.load(open(sys.argv[1]))
-t = s["timings"]
-print("attempt ms", t["attempt_ms"], "\nstages ms", t["stages_ms_mean"], "\nduty", t["duty_cycle"],
-      "\nduration s", s["duration_s"], "delivery", s["delivery"])
-PY
+    timings "$OUT_DIR/challenge_summary.json"
 fi
 
 echo "== 4. gpu_check.py (≤ ${CHECK_S} s)"
