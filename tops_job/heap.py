@@ -10,7 +10,7 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 KEEP_FREED_BYTES = 128 << 20  # free heap kept at the top before glibc returns it to the kernel
 # Larger allocations get their own mapping, zeroed by the kernel at every first touch. 32 MiB
 # holds the verifier's largest arrays: a tops-receipt/2 product check generates its rows in
-# chunks of CHUNK_ELEMENTS float32 (16 MiB, spec/v2/product.py); mapped afresh, those cost 40 %
+# chunks of CHUNK_ELEMENTS float32 (8 MiB, spec/v2/product.py); mapped afresh, those cost 40 %
 # of a k = 2816 opened set's verification here (benchmarks/RESULTS.md).
 HEAP_ALLOCATIONS_UP_TO = 32 << 20
 

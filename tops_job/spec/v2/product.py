@@ -15,7 +15,12 @@ import numpy.typing as npt
 from ..inputs import element_rows, matrix_key
 from .header import leaf_columns
 
-CHUNK_ELEMENTS = 1 << 22  # elements generated per chunk: 16 MiB of float32
+# Elements generated per chunk: 8 MiB of float32. Each chunk is written by the generation and
+# read back by the tiles' products. Chunks of 16 MiB made the check 1.1-1.5 times as long (at
+# the cost cap, k = 16384 and 64 tiles of 63 columns: 81 ms against 63 in one process, 97
+# against 63 in each of two at once); 1 MiB ones cost more in calls than they saved (92 ms)
+# (benchmarks/RESULTS.md, seventeenth round).
+CHUNK_ELEMENTS = 1 << 21
 
 
 def tile_values(seed: bytes, *, n: int, k: int, tile: int, leaves: Iterable[int],
