@@ -364,11 +364,14 @@ class _CheatingBackend(NumpyBackend):
         return elapsed
 
 
-def test_costly_receipts_within_the_cap_do_not_hold_up_cheap_honest_ones(tmp_path, capsys):
+@pytest.mark.parametrize("lane", ["thread", "poll"])
+def test_costly_receipts_within_the_cap_do_not_hold_up_cheap_honest_ones(tmp_path, capsys, lane):
+    """Costly requests in either lane (serve.py): on threads within the verification slots, or
+    on the poll thread one a turn, where an honest request waits behind one of them at most."""
     from tests.support.load import identity
     from tops_job.job.attempt import run_attempt
 
-    agg = Aggregator(tmp_path / "agg.sqlite3")  # the default cap, 2^25
+    agg = Aggregator(tmp_path / "agg.sqlite3", "--costly-lane", lane)  # the default cap, 2^25
     try:
         costly = run_attempt(_CheatingBackend("float32"), Shape(16, 16, 131072), identity(), run_id="cheat", attempt=0,
                              tile=16, opens=16).receipt  # 16 × 131072 × 9 = 18.9 M elements: under the cap
@@ -403,7 +406,7 @@ def test_costly_receipts_within_the_cap_do_not_hold_up_cheap_honest_ones(tmp_pat
                 thread.join()
         assert {code for _, code in seen} <= {"wrong_product", "busy"} and any(c == "wrong_product" for _, c in seen)
         with capsys.disabled():
-            print(f"\n[abuse] 16 clients posting costly forged receipts ({len(seen)} verified and refused):"
+            print(f"\n[abuse] 16 clients posting costly forged receipts, costly lane {lane} ({len(seen)} verified and refused):"
                   f" {len(latencies)} new honest receipts, p50 {sorted(latencies)[len(latencies) // 2] * 1000:.1f} ms,"
                   f" p99 {_p99(latencies) * 1000:.1f} ms")
         # Each honest receipt is itself verified while 16 full verifications compete for the

@@ -43,6 +43,11 @@ def lanes_app(gate: guard.VerifyGate) -> Any:
         body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
         entered.append(query.get("tag", ""))
         token = gate.acquire(int(query.get("cost", "1")))  # raises RunInThread on the poll thread when costly
+        if token is None:  # no slot, or no costly turn, in time
+            data = json.dumps({"tag": query.get("tag", ""), "busy": True}).encode()
+            start_response("503 Service Unavailable", [("Content-Type", "application/json"),
+                                                       ("Content-Length", str(len(data)))])
+            return [data]
         try:
             time.sleep(float(query.get("sleep", "0")))
         finally:
@@ -107,11 +112,13 @@ def counting_sends_app() -> Any:
 
 
 def _serve(sock: socket.socket, inline: bool, inline_cost: int, high_watermark: int | None,
-           app: Callable[[], Any] | None = None) -> None:
+           app: Callable[[], Any] | None = None, costly_on_poll: bool = False, slot_wait_s: float | None = None) -> None:
+    if slot_wait_s is not None:
+        serve.SLOT_WAIT_S = slot_wait_s  # this forked server's own module
     served = app() if app is not None else lanes_app(guard.VerifyGate(2, inline_cost=inline_cost))
     server = serve.make_server(served, sock, threads=4, limit=200,
                                header_timeout=5.0, body_timeout=5.0, idle_timeout=30, max_request_body_size=1 << 22,
-                               inline=inline)
+                               inline=inline, costly_on_poll=costly_on_poll)
     if high_watermark is not None:
         server.adj.outbuf_high_watermark = high_watermark
     server.run()
@@ -119,13 +126,15 @@ def _serve(sock: socket.socket, inline: bool, inline_cost: int, high_watermark: 
 
 @contextmanager
 def serving(*, inline: bool = True, inline_cost: int = 1000, high_watermark: int | None = None,
-            app: Callable[[], Any] | None = None) -> Iterator[str]:
+            app: Callable[[], Any] | None = None, costly_on_poll: bool = False,
+            slot_wait_s: float | None = None) -> Iterator[str]:
     """A server in a process of its own, as in production (forked: it shares this one's code);
     `app` makes its WSGI app there (lanes_app by default)."""
     sock = serve.bind("127.0.0.1", 0)
     base = f"http://127.0.0.1:{sock.getsockname()[1]}"
     child = multiprocessing.get_context("fork").Process(target=_serve, args=(sock, inline, inline_cost, high_watermark,
-                                                                             app), daemon=True)
+                                                                             app, costly_on_poll, slot_wait_s),
+                                                        daemon=True)
     child.start()
     sock.close()  # the child's now
     try:
@@ -185,6 +194,82 @@ def test_a_connection_whose_request_needed_a_thread_sends_the_next_to_one_direct
         entered = _entered(base)
     assert where == [False, False, False, True]
     assert entered == ["a", "a", "b", "c", "d"]  # only the first was started on the poll thread
+
+
+def test_with_costly_on_poll_a_costly_request_runs_in_the_poll_threads_costly_turn_with_its_body():
+    """A worker per core: the costly request is parsed in the cheap turn, raises RunInThread,
+    and runs again from the start in its own turn on the poll thread; the connection's next
+    costly request goes to that turn at once, and a cheap one takes it back to the cheap turn."""
+    body = bytes(range(256)) * 1200
+    with serving(costly_on_poll=True) as base:
+        session = requests.Session()
+        answers = [session.post(f"{base}/work?cost={cost}&tag={tag}", data=body, timeout=10).json()
+                   for cost, tag in ((5000, "a"), (5000, "b"), (1, "c"), (1, "d"))]
+        entered = _entered(base)
+    assert [answer["poll_thread"] for answer in answers] == [True] * 4
+    assert [answer["token"] for answer in answers] == ["inline"] * 4  # no slot: the poll thread is the lane
+    assert {answer["body_sha256"] for answer in answers} == {hashlib.sha256(body).hexdigest()}
+    assert entered == ["a", "a", "b", "c", "d"]
+
+
+def test_with_costly_on_poll_a_cheap_request_waits_behind_one_costly_request_at_most():
+    """Three costly requests of 0.6 s each arrive together: they run one a turn, and the cheap
+    requests sent meanwhile on an open connection are answered between them, not after all
+    three."""
+    with serving(costly_on_poll=True) as base:
+        costly: dict[str, Any] = {}
+
+        def post_costly(tag: str) -> None:
+            costly[tag] = requests.post(f"{base}/work?cost=5000&sleep=0.6&tag={tag}", timeout=20).json()
+
+        posters = [threading.Thread(target=post_costly, args=(f"slow{i}",)) for i in range(3)]
+        for poster in posters:
+            poster.start()
+        session, waits = requests.Session(), []
+        session.post(f"{base}/work?cost=1&tag=connect", timeout=10)  # an open connection, as a worker's
+        time.sleep(0.2)
+        began = time.monotonic()
+        while time.monotonic() - began < 1.6:
+            sent = time.monotonic()
+            assert session.post(f"{base}/work?cost=1&tag=quick", timeout=10).json()["poll_thread"] is True
+            waits.append(time.monotonic() - sent)
+        for poster in posters:
+            poster.join()
+    assert sorted(costly) == ["slow0", "slow1", "slow2"] and all(a["poll_thread"] for a in costly.values())
+    assert max(waits) < 0.6 + 0.3, f"a cheap request waited {max(waits):.2f} s: behind more than one costly one"
+    assert len(waits) >= 3  # answered between the costly ones, not only after the last
+
+
+def test_with_costly_on_poll_a_costly_request_that_waited_past_the_slot_wait_is_answered_busy():
+    """As a thread's wait for a verification slot is bounded, so is a costly request's wait for
+    its turn: past it, 503 without running the work. Three costly requests arrive while a
+    fourth runs (0.8 s each, a wait of 0.3 s allowed): one runs next, the two behind it have
+    waited 0.8 s by their turn."""
+    with serving(costly_on_poll=True, slot_wait_s=0.3) as base:
+        answers: dict[str, requests.Response] = {}
+        seconds: dict[str, float] = {}
+
+        def post_costly(tag: str) -> None:
+            began = time.monotonic()
+            answers[tag] = requests.post(f"{base}/work?cost=5000&sleep=0.8&tag={tag}", timeout=20)
+            seconds[tag] = time.monotonic() - began
+
+        first = threading.Thread(target=post_costly, args=("first",))
+        first.start()
+        time.sleep(0.3)  # running its turn now
+        behind = [threading.Thread(target=post_costly, args=(f"c{i}",)) for i in range(3)]
+        for poster in behind:
+            poster.start()
+        for poster in [first, *behind]:
+            poster.join()
+    assert answers["first"].status_code == 200
+    statuses = sorted(answers[f"c{i}"].status_code for i in range(3))
+    assert statuses == [200, 503, 503], statuses
+    for tag, answer in answers.items():
+        if answer.status_code == 503:
+            assert answer.json()["busy"] is True
+            # Refused at its turn, 1.3 s after it was sent; run, it would have taken 2.1 s.
+            assert seconds[tag] < 1.8, seconds
 
 
 def _read_answers(conn: socket.socket, count: int) -> list[dict[str, Any]]:
@@ -371,3 +456,15 @@ def test_a_thread_that_finishes_after_the_server_closed_writes_to_no_descriptor(
     finally:
         for fd in {read_end, write_end, trigger_write_fd}:
             os.close(fd)
+
+
+@pytest.mark.parametrize(("lane", "workers", "cpus", "on_poll"), [
+    ("auto", 2, 2, True), ("auto", 4, 2, True), ("auto", 1, 2, False), ("auto", 1, 1, True),
+    ("poll", 1, 8, True), ("thread", 8, 8, False),
+])
+def test_the_costly_lane_is_the_poll_thread_when_every_cpu_has_a_worker(monkeypatch, lane, workers, cpus, on_poll):
+    from tops_job import cpus as cpus_module
+    from tops_job.aggregator.service import Settings, costly_on_poll
+
+    monkeypatch.setattr(cpus_module, "usable_cpus", lambda: cpus)
+    assert costly_on_poll(Settings(db="x", workers=workers, costly_lane=lane)) is on_poll

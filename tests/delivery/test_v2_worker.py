@@ -55,6 +55,22 @@ def test_default_run_commits_opens_and_is_accepted_once_each(tmp_path, agg):
     assert _pending(tmp_path / "outbox") == []
 
 
+@pytest.mark.parametrize("lane", ["poll", "thread"])
+def test_exchanges_over_the_inline_cost_are_accepted_in_either_costly_lane(tmp_path, lane):
+    """Every exchange over --inline-cost 1, so each runs in the costly lane: on the poll thread
+    in its own turn, or on a thread; two workers sharing the port."""
+    server = Aggregator(tmp_path / "agg.sqlite3", "--workers", "2", "--inline-cost", "1", "--costly-lane", lane,
+                        accept="v2")
+    try:
+        result = _run(tmp_path, server.base, "--attempts", "6")
+        assert result.returncode == 0, result.stderr[-3000:]
+        summary = json.loads((tmp_path / "run.summary.json").read_text())
+        assert summary["receipts"]["accepted"] == 6
+        assert sorted(signed_digests(tmp_path / "run.jsonl")) == sorted(server.v2_accepted())
+    finally:
+        server.stop()
+
+
 def test_commitments_whose_challenge_never_comes_back_stay_pending_and_say_so(tmp_path, agg):
     proxy = FaultProxy(agg.base, default="503")  # run challenges pass, every exchange fails
     try:

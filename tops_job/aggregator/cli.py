@@ -76,6 +76,10 @@ def aggregator() -> None:
 @click.option("--inline-cost", type=click.IntRange(0), default=1 << 24, show_default=True,
               help="Requests whose verification costs at most this run on the worker's poll thread, without "
                    "a thread hand-over; costlier ones on its threads. 0: every request on a thread.")
+@click.option("--costly-lane", type=click.Choice(["auto", "poll", "thread"]), default="auto", show_default=True,
+              help="Where requests over --inline-cost run: on the worker's threads, within --verify-slots, or on its "
+                   "poll thread, one a turn, so that cheap ones wait behind one at most. auto: poll when there is a "
+                   "worker per CPU, else thread.")
 @click.option("--challenge-ttl", type=click.IntRange(1), default=24 * 3600, show_default=True, help="Challenge lifetime, seconds.")
 @click.option("--challenge-rate", type=click.FloatRange(0.01), default=20.0, show_default=True,
               help="Challenges per second per client address (bursts of 5 s worth).")

@@ -23,10 +23,12 @@ MAX_TELEMETRY_ENTRIES = 32
 MAX_TELEMETRY_KEY = 64
 
 # Verification cost (elements generated) a request may have and still run on its worker's
-# poll thread (serve.py's inline lane): a CPU worker's tops-receipt/2 attempt at k = 2816,
-# 64 × 65 × 2816 = 11.7 M, takes 6 ms to check; an attempt at the cost cap (2^26) goes to a
-# thread, so no connection of the worker waits behind one.
+# poll thread among the turn's cheap requests (serve.py's inline lane): a CPU worker's
+# tops-receipt/2 attempt at k = 2816, 64 × 65 × 2816 = 11.7 M, takes 5 ms to check. A
+# costlier one, such as an attempt at the cost cap (2^26), runs where the costly lane puts it.
 DEFAULT_INLINE_COST = 1 << 24
+
+SLOT_WAIT_S = 5.0  # the longest a costly verification waits for its turn before a 503
 
 # Elements of A and B generated to check one receipt: per opening one row of A and one row
 # of Bt per checked column, k elements each (spec §8.5). 2^25 int32 elements ≈ 128 MiB of
@@ -75,7 +77,8 @@ class RunInThread(BaseException):
     that no handler meant for the request's own failures answers it."""
 
 
-_lane = threading.local()  # .poll: this is a poll thread; .costly: the last acquire here was over the inline cost
+_lane = threading.local()  # .poll: this is a poll thread; .costly: the last acquire here was over the inline cost;
+# .costly_turn: on a poll thread, what its next acquire over the inline cost does (costly_turn_here)
 
 
 def serve_inline_here() -> None:
@@ -86,6 +89,14 @@ def serve_inline_here() -> None:
 
 def on_poll_thread() -> bool:
     return getattr(_lane, "poll", False)
+
+
+def costly_turn_here(turn: str | None) -> None:
+    """On a poll thread whose server runs costly requests itself (serve.py, `costly_on_poll`):
+    the request it runs next has its turn. "run": its next acquire over the inline cost takes
+    it here, whatever its cost; "busy": that acquire answers None (a 503), the request having
+    waited past SLOT_WAIT_S for its turn; None: back to raising RunInThread. Used once."""
+    _lane.costly_turn = turn
 
 
 def took_costly_lane(*, reset: bool = False) -> bool:
@@ -106,9 +117,10 @@ class VerifyGate:
     On a poll thread (serve.py's inline lane) a verification of cost ≤ `inline_cost` runs at
     once, without a slot: the poll thread runs one request at a time, so it is a lane of its
     own. A costlier one, or one whose cost is unknown, raises RunInThread: a poll thread
-    never waits for a slot, which would stall every connection it serves."""
+    never waits for a slot, which would stall every connection it serves. The server then
+    queues it for a thread, or for its own costly turn (`costly_turn_here`)."""
 
-    def __init__(self, slots: int, wait_s: float = 5.0, cheap_cost: int = DEFAULT_MAX_COST // 16,
+    def __init__(self, slots: int, wait_s: float = SLOT_WAIT_S, cheap_cost: int = DEFAULT_MAX_COST // 16,
                  inline_cost: int = DEFAULT_INLINE_COST):
         self.slots = slots
         self.wait_s = wait_s
@@ -125,7 +137,12 @@ class VerifyGate:
         costly = cost is None or cost > self.inline_cost
         if on_poll_thread():
             if costly:
-                raise RunInThread
+                turn, _lane.costly_turn = getattr(_lane, "costly_turn", None), None
+                if turn is None:
+                    raise RunInThread
+                _lane.costly = True
+                if turn == "busy":
+                    return None
             token = "inline"
         else:
             _lane.costly = costly

@@ -17,8 +17,17 @@ thread of its pool and wake the poll thread to send the answer; in a process ser
 CPU-bound Python, those hand-overs of the GIL cost a tops-receipt/2 attempt more CPU than
 anything but the verification (benchmarks/RESULTS.md, seventh round). A request whose
 verification would hold the loop, over the gate's `inline_cost` (guard.VerifyGate), raises
-RunInThread before any work that counts and runs again on a thread of the pool, within the
-gate's slots: the poll thread keeps reading, answering and running cheap requests meanwhile.
+RunInThread before any work that counts and runs again from the start in the costly lane:
+- on a thread of the pool, within the gate's slots (`costly_on_poll` false): the poll thread
+  keeps reading, answering and running cheap requests meanwhile. That is how one worker
+  process uses several cores (NumPy releases the GIL in the product check);
+- or on the poll thread, one costly request a turn of the loop after the turn's cheap ones
+  (`costly_on_poll`, for a worker per core): a cheap request waits behind one costly
+  verification at most, and the costly ones run one at a time, as a core can. On a thread
+  beside the poll thread, with every core already serving a worker, the checks at the cost
+  cap took 1.2-1.5 times as long as alone (benchmarks/RESULTS.md, seventeenth round). One
+  that waited past guard.SLOT_WAIT_S for its turn is answered 503, as a thread's wait for a
+  slot would be.
 Each request of a turn runs in a greenlet, and parks at its write until the turn's writes are
 committed together (turn_commit.py): one commit for the exchanges of a turn, not one each.
 
@@ -55,7 +64,14 @@ from waitress.channel import HTTPChannel
 from waitress.server import TcpWSGIServer
 from waitress.task import ThreadedTaskDispatcher
 
-from tops_job.aggregator.guard import RunInThread, on_poll_thread, serve_inline_here, took_costly_lane
+from tops_job.aggregator.guard import (
+    SLOT_WAIT_S,
+    RunInThread,
+    costly_turn_here,
+    on_poll_thread,
+    serve_inline_here,
+    took_costly_lane,
+)
 from tops_job.aggregator.turn_commit import Turn
 from tops_job.cpus import cap_blas_threads
 from tops_job.heap import keep_freed_memory
@@ -89,7 +105,7 @@ def connection_limit(requested: int | None, threads: int) -> int:
 
 class GuardedChannel(HTTPChannel):
     request_began = 0.0  # monotonic time the first byte of the request being read arrived
-    needs_thread = False  # its last request ran on a pool thread for its cost (the inline lane)
+    costly_next = False  # its last request was over the inline cost: the next goes to the costly lane at once
 
     def received(self, data: bytes) -> bool:
         if self.request is None and data:
@@ -107,7 +123,7 @@ class GuardedChannel(HTTPChannel):
             # cap) most likely sends another such: the next goes to a thread directly, not
             # first to the poll thread to be parsed and handed over. Set before the answer
             # can reach the client, which may send its next request at once.
-            self.needs_thread = took_costly_lane()
+            self.costly_next = took_costly_lane()
         return int(super().write_soon(data))
 
     def _flush_outbufs_below_high_watermark(self) -> None:
@@ -118,26 +134,33 @@ class GuardedChannel(HTTPChannel):
 
 
 class LaneDispatcher(ThreadedTaskDispatcher):
-    """Waitress's thread pool, and before it the poll thread's own queue: a request (`add_task`,
-    called when one is complete or its channel's previous one is answered) waits there for
-    the poll thread, unless its connection's last request needed a thread; `to_thread` hands
-    one to the pool."""
+    """Waitress's thread pool, and before it the poll thread's own queues: a request
+    (`add_task`, called when one is complete or its channel's previous one is answered) waits
+    in `ready` for the poll thread, unless its connection's last request was costly;
+    `to_costly_lane` hands one to the pool, or with `costly_on_poll` to the poll thread's
+    `costly` queue (each with the monotonic time it joined)."""
 
-    def __init__(self) -> None:
+    def __init__(self, costly_on_poll: bool = False) -> None:
         super().__init__()
+        self.costly_on_poll = costly_on_poll
         self.ready: collections.deque[GuardedChannel] = collections.deque()
+        self.costly: collections.deque[tuple[float, GuardedChannel]] = collections.deque()
 
     def add_task(self, task: Any) -> None:
-        if task.needs_thread:
-            super().add_task(task)
+        if task.costly_next:
+            self.to_costly_lane(task)
         else:
             self.ready.append(task)  # from a pool thread too: the channel's service() then wakes the loop
 
-    def to_thread(self, channel: GuardedChannel) -> None:
-        super().add_task(channel)
+    def to_costly_lane(self, channel: GuardedChannel) -> None:
+        if self.costly_on_poll:
+            self.costly.append((time.monotonic(), channel))
+        else:
+            super().add_task(channel)
 
     def shutdown(self, cancel_pending: bool = True, timeout: int = 5) -> bool:
         self.ready.clear()
+        self.costly.clear()
         return bool(super().shutdown(cancel_pending, timeout))
 
 
@@ -148,6 +171,7 @@ class GuardedServer(TcpWSGIServer):
     on_maintenance: Callable[[GuardedServer], None] | None = None
     shed_count = 0
     slow_closed = 0
+    accepted = False  # a connection was accepted since the costly turn last looked
 
     def __init__(self, *args: Any, **kwargs: Any):
         # Waitress closes the trigger pipe without a lock against a pull: a pool thread that
@@ -187,6 +211,7 @@ class GuardedServer(TcpWSGIServer):
             except OSError:
                 return
             self.channel_class(self, conn, self.fix_addr(addr), self.adj, map=self._map)
+            self.accepted = True
 
     def readable(self) -> bool:
         if self.accepting:
@@ -210,33 +235,53 @@ class GuardedServer(TcpWSGIServer):
             super().run()
             return
         serve_inline_here()
-        ready = self.task_dispatcher.ready
+        ready, costly = self.task_dispatcher.ready, self.task_dispatcher.costly
         turn = Turn()
         try:
             while self._map:
-                wasyncore.poll2(0.0 if ready else self.adj.asyncore_loop_timeout, self._map)
-                for _ in range(len(ready)):  # those ready now; the next turn reads the sockets first
-                    turn.serve(functools.partial(self._serve_inline, ready.popleft()))
-                    if turn.due:
-                        turn.commit()
+                wasyncore.poll2(0.0 if ready or costly else self.adj.asyncore_loop_timeout, self._map)
+                self._serve_ready(turn, ready)
+                if costly:  # one a turn: the cheap requests of the next turn wait behind this one only
+                    if self.accepted:
+                        # A new connection's request is read a poll after its accept: read it
+                        # now, so that it does not wait behind this costly request too.
+                        self.accepted = False
+                        wasyncore.poll2(0.0, self._map)
+                        self._serve_ready(turn, ready)
+                    queued_at, channel = costly.popleft()
+                    costly_turn_here("busy" if time.monotonic() - queued_at > SLOT_WAIT_S else "run")
+                    try:
+                        turn.serve(functools.partial(self._serve_inline, channel, costly_turn=True))
+                    finally:
+                        costly_turn_here(None)  # unused when the request took no verification
                 turn.commit()  # every answer of the turn is sent before the sockets are read again
         except (SystemExit, KeyboardInterrupt):
             self.task_dispatcher.shutdown()
 
-    def _serve_inline(self, channel: GuardedChannel) -> None:
-        """Runs the channel's next request here and sends its answer; to the pool when it
-        raises RunInThread (nothing was written: its body is read again from the start)."""
+    def _serve_ready(self, turn: Turn, ready: collections.deque[GuardedChannel]) -> None:
+        for _ in range(len(ready)):  # those ready now; the next turn reads the sockets first
+            turn.serve(functools.partial(self._serve_inline, ready.popleft()))
+            if turn.due:
+                turn.commit()
+
+    def _serve_inline(self, channel: GuardedChannel, costly_turn: bool = False) -> None:
+        """Runs the channel's next request here and sends its answer; to the costly lane when
+        it raises RunInThread (nothing was written: its body is read again from the start).
+        In its costly turn, whether it was costly decides where the connection's next goes."""
         if not channel.requests:  # cancelled since it was queued
             return
         try:
             channel.service()
         except RunInThread:
             channel.requests[0].get_body_stream().seek(0)
-            self.task_dispatcher.to_thread(channel)
+            self.task_dispatcher.to_costly_lane(channel)
             return
         except Exception:  # waitress's own failures, outside the app: that connection ends, the loop goes on
             log.exception("serving a request on the poll thread failed; closing its connection")
             channel.will_close = True
+        finally:
+            if costly_turn:
+                channel.costly_next = took_costly_lane(reset=True)
         if channel.connected and (channel.total_outbufs_len or channel.will_close or channel.close_when_flushed):
             channel.handle_write()
 
@@ -279,7 +324,8 @@ def quiet_queue_warnings() -> None:
 
 
 def make_server(app: Any, sock: socket.socket, *, threads: int, limit: int, header_timeout: float, body_timeout: float,
-                idle_timeout: int, max_request_body_size: int, inline: bool = True) -> GuardedServer:
+                idle_timeout: int, max_request_body_size: int, inline: bool = True,
+                costly_on_poll: bool = False) -> GuardedServer:
     quiet_queue_warnings()
     adj = Adjustments(sockets=[sock], threads=threads, connection_limit=limit, channel_timeout=idle_timeout,
                       cleanup_interval=1, asyncore_use_poll=True, max_request_body_size=max_request_body_size,
@@ -292,7 +338,7 @@ def make_server(app: Any, sock: socket.socket, *, threads: int, limit: int, head
     adj.send_bytes = ANSWER_BUFFER
     dispatcher = None
     if inline:
-        dispatcher = LaneDispatcher()
+        dispatcher = LaneDispatcher(costly_on_poll)
         dispatcher.set_thread_count(threads)
     server = GuardedServer(app, map={}, _start=True, _sock=sock, adj=adj, dispatcher=dispatcher,
                            sockinfo=(sock.family, sock.type, sock.proto, sock.getsockname()), bind_socket=False)

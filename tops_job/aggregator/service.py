@@ -39,6 +39,7 @@ class Settings:
     max_cost: int = guard.DEFAULT_MAX_COST
     verify_slots: int = 2
     inline_cost: int = guard.DEFAULT_INLINE_COST  # 0: every request on a thread (serve.py)
+    costly_lane: str = "auto"  # where requests over the inline cost run: "thread", "poll", or "auto" (costly_on_poll)
     challenge_ttl_s: int = 24 * 3600
     challenge_rate: float = 20.0
     accept: str = "v2"  # receipt schemas taken: v1, v2 or both
@@ -99,6 +100,18 @@ def build_app(settings: Settings, store: Any, metrics: Any) -> tuple[Any, Any]:
     return MetricsMiddleware(FleetViews(app, timed), metrics, gate), gate
 
 
+def costly_on_poll(settings: Settings) -> bool:
+    """Whether a worker runs its requests over the inline cost on its poll thread, one a turn
+    (serve.py), rather than on its threads. "auto": when there is a worker for every CPU this
+    process may use, a worker's threads have no core of their own to run on; with fewer
+    workers, threads are how a worker's verifications use the other cores."""
+    if settings.costly_lane != "auto":
+        return settings.costly_lane == "poll"
+    from tops_job.cpus import usable_cpus
+
+    return settings.workers >= usable_cpus()
+
+
 def start(settings: Settings, announce: Callable[[str], None]) -> int:
     """Check the database, bind, announce, serve until TERM/INT. Raises UnusableDatabase
     (and OSError when the port cannot be bound) before serving."""
@@ -130,12 +143,15 @@ def start(settings: Settings, announce: Callable[[str], None]) -> int:
             multiprocess.mark_process_dead(pid, multiproc_dir)
 
     host, port = sock.getsockname()[:2]
+    on_poll = settings.inline_cost > 0 and costly_on_poll(settings)
     announce(f"serving on http://{settings.host if ':' not in settings.host else '[' + settings.host + ']'}:{port}"
              f" (db {describe(settings.db)}, accepts {settings.accept}, v2 openings {settings.openings},"
              f" min v1 opens {settings.min_opens}, {settings.workers} worker"
-             f"{'s' if settings.workers != 1 else ''}, connection limit {limit} each"
+             f"{'s' if settings.workers != 1 else ''}, connection limit {limit} each, costly requests on"
+             f" {'the poll thread' if on_poll else 'threads'}"
              + (f", {len(settings.allow)} allowed keys" if settings.allow is not None else "") + ")")
-    options = {"threads": settings.threads, "inline": settings.inline_cost > 0, "limit": limit, "header_timeout": settings.header_timeout,
+    options = {"threads": settings.threads, "inline": settings.inline_cost > 0, "costly_on_poll": on_poll,
+               "limit": limit, "header_timeout": settings.header_timeout,
                "body_timeout": settings.body_timeout, "idle_timeout": settings.idle_timeout,
                # waitress answers its own (plain) 413 only far above our limit; up to there the app answers in JSON
                "max_request_body_size": 4 * settings.max_body + 65536}
