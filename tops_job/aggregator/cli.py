@@ -75,7 +75,7 @@ def aggregator() -> None:
               help="Verifications at once per worker (503 busy when none frees within 5 s).")
 @click.option("--inline-cost", type=click.IntRange(0), default=1 << 24, show_default=True,
               help="Requests whose verification costs at most this run on the worker's poll thread, without "
-                   "a thread hand-over; costlier ones on its threads. 0: every request on a thread.")
+                   "a thread hand-over; costlier ones in the costly lane (--costly-lane). 0: every request on a thread.")
 @click.option("--costly-lane", type=click.Choice(["auto", "poll", "thread"]), default="auto", show_default=True,
               help="Where requests over --inline-cost run: on the worker's threads, within --verify-slots, or on its "
                    "poll thread, one a turn, so that cheap ones wait behind one at most. auto: poll when there is a "

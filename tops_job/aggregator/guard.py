@@ -100,8 +100,9 @@ def costly_turn_here(turn: str | None) -> None:
 
 
 def took_costly_lane(*, reset: bool = False) -> bool:
-    """Whether this (pool) thread's gate acquire since the last reset was over the inline
-    cost: the server then sends that connection's next request to a thread directly."""
+    """Whether this thread's gate acquire since the last reset was over the inline cost (on a
+    pool thread, or on a poll thread in its costly turn): the server then sends that
+    connection's next request to the costly lane directly."""
     costly = getattr(_lane, "costly", False)
     if reset:
         _lane.costly = False
