@@ -244,17 +244,22 @@ def audit_v2(result: Signed, *, leaves: int) -> None:
     check_commitment(receipt, s=S_MIN, cost_cap=1 << 62)
     kept = getattr(result, "kept", None)
     if kept is not None:  # the tree is on the device: open random leaves and check them as the verifier does
-        chosen = [int.from_bytes(os.urandom(8), "little") % kept.leaf_count for _ in range(leaves)]
+        chosen = _random_leaves(leaves, kept.leaf_count)
         check_openings(header_of(receipt), chosen, kept.open(chosen))
         return
     blob = getattr(result, "leaf_hashes", None) or b""
     hashes = [blob[i: i + 32] for i in range(0, len(blob), 32)]
-    kept = KeptCommitment(header_of(receipt), hashes)
-    chosen = [int.from_bytes(os.urandom(8), "little") % len(hashes) for _ in range(leaves)]
-    kept.prepare(chosen)
+    reopened = KeptCommitment(header_of(receipt), hashes)
+    chosen = _random_leaves(leaves, len(hashes))
+    reopened.prepare(chosen)
     for leaf in chosen:
-        if leaf_hash(kept.leaf_data(leaf)) != hashes[leaf]:
+        if leaf_hash(reopened.leaf_data(leaf)) != hashes[leaf]:
             raise ReceiptInvalid("wrong_product", f"leaf {leaf}: the device's tile is not A·B")
+
+
+def _random_leaves(count: int, total: int) -> list[int]:
+    """`count` leaves of `total`, drawn independently (repeats allowed) from the OS's randomness."""
+    return [int.from_bytes(os.urandom(8), "little") % total for _ in range(count)]
 
 
 def selftest_device(backend: Backend) -> str:
