@@ -2,6 +2,7 @@
 accepted per second through `/v2/exchange`, against the verification alone.
 
     python benchmarks/aggregator_v2_bench.py --k 2816 --workers 1,2
+    python benchmarks/aggregator_v2_bench.py --k 2816 --workers 1,2 --repeat 4   # the table's medians
     python benchmarks/aggregator_v2_bench.py --k 16384 --tile 63      # at the cost cap, as a GPU's
     python benchmarks/aggregator_v2_bench.py --threads-check          # 2 threads of a process / 1, beside 2 processes / 1
     python benchmarks/aggregator_v2_bench.py --in-process             # the app's exchange without HTTP / the verification alone
@@ -526,7 +527,8 @@ def run(workers: int, clients: int, attempts: int, k: int, tile: int, extra: tup
     print(f"  inside the server: the checks {inside / done * 1e3:.2f} ms of CPU an attempt, {inside / cpu:.2f} of"
           f" the server's CPU; {inside / done * 1e3 / alone_cpu_ms:.2f}× the verification alone's", flush=True)
     print(f"  the verification alone in {workers} process(es): {alone_per_s:.0f} attempts/s", flush=True)
-    return {"server": done / wall, "alone": alone_per_s}
+    return {"server": done / wall, "alone": alone_per_s, "per_core": alone_cpu_ms / (cpu / done * 1e3),
+            "cores": cpu / wall}
 
 
 def main() -> None:
@@ -546,6 +548,8 @@ def main() -> None:
     parser.add_argument("--in-process", action="store_true",
                         help="only the app's exchange without HTTP against the verification alone, in this process")
     parser.add_argument("--rounds", type=int, default=5, help="--in-process: rounds of --attempts each")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run the --workers list this many times; the table ends with each column's median")
     args = parser.parse_args()
     if args.in_process:
         in_process(args.k, args.tile, args.attempts, args.rounds)
@@ -553,16 +557,41 @@ def main() -> None:
     if args.threads_check:
         threads_check(args.k, args.tile)
         return
-    results = {workers: run(workers, args.clients, args.attempts, args.k, args.tile, tuple(args.server_args.split()),
-                            args.window, args.alone_window, args.each_window)
-               for workers in (int(w) for w in args.workers.split(","))}
-    if 1 in results:
-        for workers, result in results.items():
-            if workers > 1:
-                # The verification alone bounds what more processes can give: on a machine whose
-                # cores share a cache and memory bandwidth it does not scale by `workers` either.
-                print(f"{workers} workers / 1: the server {result['server'] / results[1]['server']:.2f}×;"
-                      f" the verification alone {result['alone'] / results[1]['alone']:.2f}×")
+    rounds = []
+    for _ in range(args.repeat):
+        results = {workers: run(workers, args.clients, args.attempts, args.k, args.tile, tuple(args.server_args.split()),
+                                args.window, args.alone_window, args.each_window)
+                   for workers in (int(w) for w in args.workers.split(","))}
+        if 1 in results:
+            for workers, result in results.items():
+                if workers > 1:
+                    # The verification alone bounds what more processes can give: on a machine whose
+                    # cores share a cache and memory bandwidth it does not scale by `workers` either.
+                    print(f"{workers} workers / 1: the server {result['server'] / results[1]['server']:.2f}×;"
+                          f" the verification alone {result['alone'] / results[1]['alone']:.2f}×")
+        rounds.append(results)
+    print_table(rounds)
+
+
+def print_table(rounds: list[dict[int, dict[str, float]]]) -> None:
+    """Each run's ratios against the verification alone, and their medians: this machine's speed
+    drifts from one run to the next, so one run says little about a target near its spread."""
+    import statistics
+
+    rows = [(index, workers, result) for index, results in enumerate(rounds, 1) for workers, result in results.items()]
+    print("\n| run | workers | attempts/s | the verification alone's | of its rate | per server core | server cores |")
+    print("|---|---|---|---|---|---|---|")
+    for index, workers, result in rows:
+        print(f"| {index} | {workers} | {result['server']:.0f} | {result['alone']:.0f} |"
+              f" {result['server'] / result['alone']:.3f} | {result['per_core']:.3f} | {result['cores']:.2f} |")
+    if len(rounds) > 1:
+        for workers in rounds[0]:
+            results = [r[workers] for r in rounds]
+            print(f"| median | {workers} | {statistics.median(r['server'] for r in results):.0f} |"
+                  f" {statistics.median(r['alone'] for r in results):.0f} |"
+                  f" {statistics.median(r['server'] / r['alone'] for r in results):.3f} |"
+                  f" {statistics.median(r['per_core'] for r in results):.3f} |"
+                  f" {statistics.median(r['cores'] for r in results):.2f} |")
 
 
 if __name__ == "__main__":
