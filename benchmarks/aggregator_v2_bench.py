@@ -551,6 +551,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1,
                         help="run the --workers list this many times; the table ends with each column's median")
     args = parser.parse_args()
+    if args.repeat < 1:
+        parser.error(f"--repeat takes a count of 1 or more, not {args.repeat}")
     if args.in_process:
         in_process(args.k, args.tile, args.attempts, args.rounds)
         return
